@@ -1,0 +1,35 @@
+"""fewbits: quantize trained PyTorch networks and measure what it costs.
+
+The numerics core (this package's top level) imports only torch and numpy.
+"""
+from .numerics import (
+    choose_qparams,
+    dequantize,
+    fake_quantize,
+    fixed_point_multiplier,
+    pack,
+    quantize,
+    requantize,
+    unpack,
+)
+from .observe import (
+    CalibrationMethod,
+    HistogramObserver,
+    MinMaxObserver,
+    MovingAverageObserver,
+    calibrate_qparams,
+    estimate_range,
+    make_observer,
+    sample_stats,
+)
+from .spec import PerChannel, PerGroup, PerTensor, QuantSpec, Rounding
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "Rounding",
+    "choose_qparams", "quantize", "dequantize", "fake_quantize",
+    "fixed_point_multiplier", "requantize", "pack", "unpack",
+    "MinMaxObserver", "MovingAverageObserver", "HistogramObserver", "CalibrationMethod",
+    "make_observer", "estimate_range", "calibrate_qparams", "sample_stats",
+]

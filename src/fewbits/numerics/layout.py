@@ -1,0 +1,94 @@
+"""Where the quantization parameters of a granularity live relative to the tensor.
+
+Every granularity is viewed the same way: the tensor reshaped into ``rows`` (one row per
+scale) so that statistics and searches run once, vectorised over rows; results come back in
+the *qparam shape* and are expanded to broadcast against the tensor.
+
+===============  =========================  ===================================
+granularity      qparam shape (x: [O, I])   rows
+===============  =========================  ===================================
+PerTensor()      ()                         [1, O*I]
+PerChannel(0)    (O,)                       [O, I]
+PerGroup(g, -1)  (O, I // g)                [O * I // g, g]
+===============  =========================  ===================================
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..spec import Granularity, PerChannel, PerGroup, PerTensor
+
+
+def resolve_axis(axis: int, ndim: int, field: str) -> int:
+    """``axis`` as a non-negative index, or a ValueError naming ``field``."""
+    if not -ndim <= axis < ndim:
+        raise ValueError(f"{field}={axis} is out of range for a tensor with {ndim} dims")
+    return axis % ndim
+
+
+def check_granularity(shape: tuple[int, ...], g: Granularity) -> None:
+    """Raise ValueError if ``g`` cannot apply to a tensor of ``shape``."""
+    if isinstance(g, PerChannel):
+        resolve_axis(g.axis, len(shape), "PerChannel.axis")
+    elif isinstance(g, PerGroup):
+        axis = resolve_axis(g.axis, len(shape), "PerGroup.axis")
+        if shape[axis] % g.size:
+            raise ValueError(
+                f"PerGroup.size={g.size} does not divide dim {axis} of size {shape[axis]} "
+                f"(tensor shape {tuple(shape)})"
+            )
+
+
+def qparam_shape(shape: tuple[int, ...], g: Granularity) -> tuple[int, ...]:
+    """Shape of the scale / zero-point tensors for a tensor of ``shape``."""
+    check_granularity(shape, g)
+    if isinstance(g, PerTensor):
+        return ()
+    if isinstance(g, PerChannel):
+        return (shape[g.axis % len(shape)],)
+    axis = g.axis % len(shape)
+    return tuple(n // g.size if d == axis else n for d, n in enumerate(shape))
+
+
+def to_rows(x: torch.Tensor, g: Granularity) -> torch.Tensor:
+    """View ``x`` as ``[rows, elements]``, one row per quantization parameter."""
+    check_granularity(tuple(x.shape), g)
+    if isinstance(g, PerTensor):
+        return x.reshape(1, -1)
+    if isinstance(g, PerChannel):
+        return x.movedim(g.axis, 0).reshape(x.shape[g.axis], -1)
+    moved = x.movedim(g.axis, -1)
+    return moved.reshape(-1, g.size)
+
+
+def from_rows(values: torch.Tensor, shape: tuple[int, ...], g: Granularity) -> torch.Tensor:
+    """Per-row values ``[rows]`` back in the qparam shape for a tensor of ``shape``."""
+    qshape = qparam_shape(shape, g)
+    if not isinstance(g, PerGroup):
+        return values.reshape(qshape)
+    axis = g.axis % len(shape)
+    others = [n for d, n in enumerate(shape) if d != axis]
+    return values.reshape(*others, shape[axis] // g.size).movedim(-1, axis)
+
+
+def expand(p: torch.Tensor, shape: tuple[int, ...], g: Granularity) -> torch.Tensor:
+    """Broadcast a qparam tensor against a tensor of ``shape``."""
+    qshape = qparam_shape(shape, g)
+    p = torch.as_tensor(p)
+    if tuple(p.shape) != qshape and not (isinstance(g, PerTensor) and p.numel() == 1):
+        raise ValueError(
+            f"quantization parameter of shape {tuple(p.shape)} does not match {g} for a tensor of "
+            f"shape {tuple(shape)} (expected {qshape})"
+        )
+    if isinstance(g, PerTensor):
+        return p.reshape(())
+    axis = g.axis % len(shape)
+    if isinstance(g, PerChannel):
+        return p.reshape([n if d == axis else 1 for d, n in enumerate(shape)])
+    return p.repeat_interleave(g.size, dim=axis)
+
+
+def num_rows(shape: tuple[int, ...], g: Granularity) -> int:
+    return math.prod(qparam_shape(shape, g))

@@ -1,0 +1,74 @@
+"""A streaming histogram on a dyadic lattice: bounded memory, exactly mergeable.
+
+Bin edges are multiples of ``2^k``; a row keeps ``bins`` counts starting at the lattice cell
+that holds its minimum. When data arrives outside the covered span, ``k`` grows and pairs of
+cells merge exactly (no proportional re-splitting). The state is canonical — ``k`` is the
+smallest level at which ``[min, max]`` spans at most ``bins`` cells, and the origin is the cell
+of ``min`` — so it depends only on the multiset of values seen, never on their order or on how
+the stream was split: merging two histograms equals observing both streams, bit for bit.
+At the chosen level the data spans more than ``bins / 2`` cells, so resolution is within a
+factor two of an ideal ``bins``-bin histogram over ``[min, max]``.
+
+All arithmetic is in float64 and int64: scaling by ``2^-k`` is exact, and ``k`` is kept at
+least ``log2(max|x|) − 40`` so cell indices stay far below 2^53.
+"""
+from __future__ import annotations
+
+import torch
+
+_K_FLOOR = -200  # finest level, used only while every value seen is 0
+_INDEX_BITS = 40  # cells are at least max|x| / 2^40 wide
+_MAX_SHIFT = 62
+
+
+def _cells(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """Lattice cell index ``floor(x / 2^k)`` (x float64 [R, N], k int64 [R])."""
+    return torch.floor(torch.ldexp(x, -k[:, None].to(torch.float64))).to(torch.int64)
+
+
+def fit_level(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
+    """Smallest level ``k`` at which ``[lo, hi]`` spans at most ``bins`` cells, per row."""
+    amax = torch.maximum(lo.abs(), hi.abs())
+    floor_abs = torch.where(
+        amax > 0, torch.floor(torch.log2(amax.clamp_min(1e-300))).to(torch.int64) - _INDEX_BITS,
+        torch.full_like(amax, _K_FLOOR, dtype=torch.int64),
+    )
+    width = (hi - lo) / bins
+    floor_span = torch.where(
+        width > 0, torch.floor(torch.log2(width.clamp_min(1e-300))).to(torch.int64),
+        torch.full_like(width, _K_FLOOR, dtype=torch.int64),
+    )
+    k = torch.maximum(torch.maximum(floor_abs, floor_span), torch.tensor(_K_FLOOR))
+    while True:  # at most a couple of steps: floor_span is within one of the answer
+        span = _cells(hi[:, None], k)[:, 0] - _cells(lo[:, None], k)[:, 0] + 1
+        too_wide = span > bins
+        if not too_wide.any():
+            return k
+        k = k + too_wide.to(torch.int64)
+
+
+def rebin(counts: torch.Tensor, origin: torch.Tensor, k: torch.Tensor,
+          new_origin: torch.Tensor, new_k: torch.Tensor) -> torch.Tensor:
+    """Move counts to a coarser (or equal) level and a new origin, merging cells exactly."""
+    rows, bins = counts.shape
+    cells = origin[:, None] + torch.arange(bins)[None, :]
+    shift = (new_k - k).clamp(0, _MAX_SHIFT)[:, None]
+    target = torch.bitwise_right_shift(cells, shift) - new_origin[:, None]  # arithmetic: floor
+    # Empty cells may fall outside the window; occupied ones never do (the span fits).
+    target = target.clamp(0, bins - 1)
+    return torch.zeros_like(counts).scatter_add_(1, target, counts)
+
+
+def add_values(counts: torch.Tensor, origin: torch.Tensor, k: torch.Tensor,
+               x: torch.Tensor) -> torch.Tensor:
+    """Add samples ``x`` [R, N] (already inside the window) to ``counts`` [R, bins]."""
+    rows, bins = counts.shape
+    idx = _cells(x, k) - origin[:, None]
+    flat = (idx + torch.arange(rows)[:, None] * bins).reshape(-1)
+    return counts + torch.bincount(flat, minlength=rows * bins).reshape(rows, bins).to(counts.dtype)
+
+
+def bin_edges(origin: torch.Tensor, k: torch.Tensor, bins: int) -> torch.Tensor:
+    """Edges [R, bins + 1] of every row's window."""
+    cells = (origin[:, None] + torch.arange(bins + 1)[None, :]).to(torch.float64)
+    return torch.ldexp(cells, k[:, None].to(torch.float64))

@@ -1,0 +1,136 @@
+"""Search-based range estimators: MSE-optimal clipping and KL/entropy (TensorRT)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..numerics.affine import choose_qparams
+from ..spec import QuantSpec
+from .estimators import _clip, _need_distribution, abs_histogram
+
+_CHUNK_ELEMENTS = 1 << 24  # rows·candidates·samples evaluated at once (~128 MB of float64)
+_GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def _base_range(stats, spec: QuantSpec):
+    """The full range every candidate shrinks: ``[−amax, amax]`` when symmetric."""
+    if spec.symmetric:
+        amax = torch.maximum(-stats.min, stats.max)
+        return -amax, amax
+    return stats.min, stats.max
+
+
+def lp_error(values, weights, lo, hi, spec: QuantSpec, p: float) -> torch.Tensor:
+    """``Σ w·|x − Q(x)|^p`` of the grid chosen for ``[lo, hi]`` (shapes [R, G]) on samples [R, N].
+
+    Q rounds to nearest with the qparams :func:`~fewbits.choose_qparams` would pick, so the
+    search scores exactly the grid that will be used.
+    """
+    scale, zp = choose_qparams(lo.to(torch.float32), hi.to(torch.float32), spec)
+    s, z = scale.double()[..., None], zp.double()[..., None]
+    x = values[:, None, :]
+    q = (torch.round(x / s) + z).clamp(spec.qmin, spec.qmax)
+    return ((x - (q - z) * s).abs().pow(p) * weights[:, None, :]).sum(-1)
+
+
+def _search_rows(values, weights, lo0, hi0, spec, p, grid, refine):
+    """Grid over the shrink factor t ∈ (0, 1], then golden-section refinement around the best."""
+    t = torch.arange(1, grid + 1, dtype=torch.float64) / grid
+    ts = t[None, :].expand(values.shape[0], -1)
+    err = lp_error(values, weights, lo0[:, None] * ts, hi0[:, None] * ts, spec, p)
+    best_err, best = err.min(1)
+    best_t = t[best]
+    a, b = (best_t - 1 / grid).clamp_min(1e-6), (best_t + 1 / grid).clamp_max(1.0)
+
+    def score(tt):
+        return lp_error(values, weights, (lo0 * tt)[:, None], (hi0 * tt)[:, None], spec, p)[:, 0]
+
+    c, d = b - _GOLDEN * (b - a), a + _GOLDEN * (b - a)
+    fc, fd = score(c), score(d)
+    for _ in range(refine):
+        left = fc < fd
+        a, b = torch.where(left, a, c), torch.where(left, d, b)
+        c, d = torch.where(left, b - _GOLDEN * (b - a), d), torch.where(left, c, a + _GOLDEN * (b - a))
+        fc, fd = torch.where(left, score(c), fd), torch.where(left, fc, score(d))
+    for cand, f in ((c, fc), (d, fd)):
+        better = f < best_err
+        best_t, best_err = torch.where(better, cand, best_t), torch.where(better, f, best_err)
+    return lo0 * best_t, hi0 * best_t
+
+
+def mse(stats, spec: QuantSpec, p: float = 2.0, grid: int = 100, refine: int = 20):
+    """Clip that minimises the L_p quantization error ``E|x − Q(x)|^p``.
+
+    Candidates shrink the observed range by ``t ∈ (0, 1]`` (both ends together; about zero for
+    symmetric grids): a grid of ``grid`` values, then ``refine`` golden-section steps in the
+    bracket around the best. The error is evaluated with the real grid (round to nearest,
+    clamp), on the values themselves or on the histogram spread uniformly inside each bin.
+    """
+    _need_distribution(stats, "mse")
+    if p <= 0:
+        raise ValueError(f"mse p must be positive, got {p}")
+    values, weights = stats.weighted_samples()
+    lo0, hi0 = _base_range(stats, spec)
+    per_row = grid * values.shape[1]
+    chunk = max(1, _CHUNK_ELEMENTS // per_row)
+    parts = [
+        _search_rows(values[i:i + chunk], weights[i:i + chunk], lo0[i:i + chunk], hi0[i:i + chunk],
+                     spec, p, grid, refine)
+        for i in range(0, values.shape[0], chunk)
+    ]
+    return torch.cat([lo for lo, _ in parts]), torch.cat([hi for _, hi in parts])
+
+
+def _kl_candidates(hist: torch.Tensor, levels: int, chunk: int = 256) -> torch.Tensor:
+    """KL(P‖Q) for every candidate bin count ``i ∈ [levels, n]`` (TensorRT's entropy calibration).
+
+    P: the first ``i`` bins with all outlier mass added to bin ``i − 1``. Q: the first ``i`` bins
+    merged into ``levels`` groups (the last group takes the remainder) and spread back evenly
+    over the non-empty bins of each group.
+    """
+    n = hist.shape[0]
+    cand = torch.arange(levels, n + 1)
+    tail = hist.flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{j≥i} hist[j]
+    tail = torch.cat([tail, tail.new_zeros(1)])
+    j = torch.arange(n)
+    out = []
+    for start in range(0, cand.numel(), chunk):
+        i = cand[start:start + chunk, None]
+        inside = j[None, :] < i
+        p = torch.where(inside, hist[None, :], 0.0)
+        p = p + torch.where(j[None, :] == i - 1, tail[i.squeeze(1)][:, None], 0.0)
+        group = torch.minimum(j[None, :] // (i // levels), torch.tensor(levels - 1)).where(inside, levels)
+        sums = torch.zeros(i.shape[0], levels + 1, dtype=hist.dtype).scatter_add_(1, group, torch.where(inside, hist[None, :], 0.0))
+        nonzero = torch.zeros_like(sums).scatter_add_(1, group, (p > 0).to(hist.dtype))
+        q = torch.where(p > 0, sums.gather(1, group) / nonzero.gather(1, group).clamp_min(1), 0.0)
+        p_n = p / p.sum(1, keepdim=True)
+        q_n = q / q.sum(1, keepdim=True).clamp_min(1e-300)
+        terms = torch.where(p_n > 0, p_n * torch.log(p_n / q_n.clamp_min(1e-12)), 0.0)
+        out.append(terms.sum(1))
+    return torch.cat(out)
+
+
+def entropy(stats, spec: QuantSpec):
+    """Clip minimising KL divergence between the ``|x|`` histogram and its quantized version.
+
+    TensorRT's calibration (Migacz, "8-bit Inference with TensorRT", GTC 2017): thresholds
+    are tried at every bin edge from ``levels`` bins up to the maximum, where ``levels`` is
+    the number of grid steps available between 0 and the threshold.
+    """
+    _need_distribution(stats, "entropy")
+    counts, width = abs_histogram(stats)
+    one_sided = (not spec.symmetric) & ((stats.min >= 0) | (stats.max <= 0))
+    alphas = []
+    for r in range(counts.shape[0]):
+        hist = counts[r]
+        nonzero = torch.nonzero(hist).flatten()
+        n = int(nonzero[-1]) + 1 if nonzero.numel() else 1
+        levels = (spec.qmax - spec.qmin + 1) // (1 if one_sided[r] else 2)
+        if n <= levels:  # the grid is finer than the histogram: nothing to gain by clipping
+            alphas.append(float(n) * float(width[r]))
+            continue
+        kl = _kl_candidates(hist[:n], max(levels, 2))
+        alphas.append(float(levels + int(torch.argmin(kl))) * float(width[r]))
+    alpha = torch.tensor(alphas, dtype=torch.float64)
+    return _clip(stats, torch.minimum(alpha, torch.maximum(-stats.min, stats.max)))
