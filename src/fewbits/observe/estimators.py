@@ -42,18 +42,32 @@ def _clip(stats: RangeStats, alpha: torch.Tensor, center: torch.Tensor | float =
     return torch.minimum(lo, hi), torch.maximum(lo, hi)
 
 
-def _histogram_quantile(stats: HistogramStats, q: torch.Tensor) -> torch.Tensor:
-    """Quantiles ``q`` in [0, 1] per row, interpolating the CDF linearly inside a bin."""
+def _inverse_cdf(stats: HistogramStats, mass: torch.Tensor) -> torch.Tensor:
+    """Value below which ``mass`` [R] of the counts lie, linear inside a bin."""
     edges = stats.edges()
     cdf = torch.cat([torch.zeros_like(stats.counts[:, :1]), stats.counts.cumsum(1)], dim=1)
-    target = (q * cdf[:, -1]).unsqueeze(1)
-    hi_idx = torch.searchsorted(cdf.contiguous(), target.contiguous(), right=False).clamp(1, cdf.shape[1] - 1)
+    target = mass.unsqueeze(1)
+    hi_idx = torch.searchsorted(cdf.contiguous(), target.contiguous()).clamp(1, cdf.shape[1] - 1)
     lo_idx = hi_idx - 1
     c0, c1 = cdf.gather(1, lo_idx), cdf.gather(1, hi_idx)
     e0, e1 = edges.gather(1, lo_idx), edges.gather(1, hi_idx)
     frac = torch.where(c1 > c0, (target - c0) / (c1 - c0).clamp_min(1e-300), torch.zeros_like(c0))
-    value = (e0 + frac * (e1 - e0)).squeeze(1)
-    return value.clamp(stats.min, stats.max)
+    return (e0 + frac * (e1 - e0)).squeeze(1)
+
+
+def _histogram_quantile(stats: HistogramStats, q: float) -> torch.Tensor:
+    """``torch.quantile``'s linear convention on a histogram, within one bin of the exact value.
+
+    The exact quantile interpolates order statistics ``k`` and ``k + 1`` at rank
+    ``r = (n − 1)·q``; each is located inside its own bin (the middle of its unit of mass), so
+    the interpolation of the two is off by at most one bin width, even in sparse tails.
+    """
+    n = stats.counts.sum(1)
+    rank = (n - 1).clamp_min(0) * q
+    k = rank.floor()
+    v0 = _inverse_cdf(stats, k + 0.5)
+    v1 = _inverse_cdf(stats, torch.minimum(k + 1, (n - 1).clamp_min(0)) + 0.5)
+    return (v0 + (rank - k) * (v1 - v0)).clamp(stats.min, stats.max)
 
 
 def abs_histogram(stats) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +106,8 @@ def percentile(stats, spec: QuantSpec | None = None, q: float = 99.99):
         folded = HistogramStats(torch.zeros_like(stats.min), torch.maximum(-stats.min, stats.max),
                                 stats.qshape, counts, torch.zeros_like(stats.origin),
                                 torch.log2(width).round().to(torch.int64))
-        return _clip(stats, _histogram_quantile(folded, torch.tensor(q / 100)))
-    return (_histogram_quantile(stats, torch.tensor(1 - q / 100)), _histogram_quantile(stats, torch.tensor(q / 100)))
+        return _clip(stats, _histogram_quantile(folded, q / 100))
+    return _histogram_quantile(stats, 1 - q / 100), _histogram_quantile(stats, q / 100)
 
 
 def _levels(spec: QuantSpec) -> int:
