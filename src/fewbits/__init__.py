@@ -21,6 +21,7 @@ from .observe import (
     estimate_range,
     make_observer,
     sample_stats,
+    weight_qparams,
 )
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec, Rounding
 
@@ -31,5 +32,5 @@ __all__ = [
     "choose_qparams", "quantize", "dequantize", "fake_quantize",
     "fixed_point_multiplier", "requantize", "pack", "unpack",
     "MinMaxObserver", "MovingAverageObserver", "HistogramObserver", "CalibrationMethod",
-    "make_observer", "estimate_range", "calibrate_qparams", "sample_stats",
+    "make_observer", "estimate_range", "calibrate_qparams", "sample_stats", "weight_qparams",
 ]

@@ -22,8 +22,16 @@ _MAX_SHIFT = 62
 
 
 def _cells(x: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-    """Lattice cell index ``floor(x / 2^k)`` (x float64 [R, N], k int64 [R])."""
-    return torch.floor(torch.ldexp(x, -k[:, None].to(torch.float64))).to(torch.int64)
+    """Lattice cell index ``floor(x / 2^k)`` for x [R, N] (float32 or float64), k int64 [R].
+
+    Scaling by a power of two is exact in either precision while neither ``2^-k`` nor the
+    product leaves the normal range; float32 data at moderate levels stays in float32 (half
+    the memory traffic), everything else goes through float64.
+    """
+    if x.dtype == torch.float32 and bool(((k > -100) & (k < 100)).all()):
+        scale = torch.pow(2.0, -k.to(torch.float32))[:, None]
+        return torch.floor(x * scale).to(torch.int64)
+    return torch.floor(torch.ldexp(x.to(torch.float64), -k[:, None].to(torch.float64))).to(torch.int64)
 
 
 def fit_level(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
@@ -45,6 +53,13 @@ def fit_level(lo: torch.Tensor, hi: torch.Tensor, bins: int) -> torch.Tensor:
         if not too_wide.any():
             return k
         k = k + too_wide.to(torch.int64)
+
+
+def window_holds(lo: torch.Tensor, hi: torch.Tensor, origin: torch.Tensor, k: torch.Tensor, bins: int) -> bool:
+    """True when the canonical state for ``[lo, hi]`` is the current one (no re-binning)."""
+    lo_cell = _cells(lo[:, None], k)[:, 0]
+    hi_cell = _cells(hi[:, None], k)[:, 0]
+    return bool(((lo_cell == origin) & (hi_cell < origin + bins)).all())
 
 
 def rebin(counts: torch.Tensor, origin: torch.Tensor, k: torch.Tensor,

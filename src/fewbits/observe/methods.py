@@ -13,7 +13,7 @@ from ..numerics.affine import choose_qparams
 from ..spec import Granularity, PerTensor, QuantSpec
 from . import estimators, search
 from .observers import HistogramObserver, MinMaxObserver, MovingAverageObserver, Observer
-from .stats import RangeStats
+from .stats import RangeStats, sample_stats
 
 
 class CalibrationMethod(str, enum.Enum):
@@ -61,3 +61,8 @@ def estimate_range(method, stats: RangeStats, spec: QuantSpec, **options) -> tup
 def calibrate_qparams(method, stats: RangeStats, spec: QuantSpec, **options):
     """``(scale, zero_point)`` for ``spec`` from the range ``method`` estimates."""
     return choose_qparams(*estimate_range(method, stats, spec, **options), spec)
+
+
+def weight_qparams(weight: torch.Tensor, spec: QuantSpec, method="minmax", name: str = "weight", **options):
+    """``(scale, zero_point)`` for a weight tensor, every value seen exactly (no histogram)."""
+    return calibrate_qparams(method, sample_stats(weight, spec.granularity, name), spec, **options)

@@ -17,14 +17,29 @@ from . import histogram as lattice
 from .stats import HistogramStats, MovingAverageStats, RangeStats
 
 
-def check_finite(x: torch.Tensor, name: str) -> None:
+def check_tensor(x, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise ValueError(f"calibration tensor '{name}' must be a torch.Tensor, got {type(x).__name__}")
     if not torch.is_floating_point(x):
         raise ValueError(f"calibration tensor '{name}' must be floating point, got {x.dtype}")
-    if not torch.isfinite(x).all():
-        bad = (~torch.isfinite(x)).sum().item()
+
+
+def row_range(rows: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row min and max (float64); NaN propagates through both, so they also check finiteness."""
+    if rows.shape[0] == 1:  # a whole-tensor reduction is several times faster than dim=1 here
+        lo, hi = (v.reshape(1) for v in torch.aminmax(rows))
+    else:
+        lo, hi = torch.aminmax(rows, dim=1)
+    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+        bad = (~torch.isfinite(rows)).sum().item()
         raise ValueError(f"calibration tensor '{name}' has {bad} non-finite values (NaN or inf)")
+    return lo.to(torch.float64), hi.to(torch.float64)
+
+
+def check_finite(x: torch.Tensor, name: str) -> None:
+    check_tensor(x, name)
+    if x.numel():
+        row_range(x.detach().reshape(1, -1), name)
 
 
 class Observer:
@@ -40,7 +55,7 @@ class Observer:
         return self.qshape is None
 
     def update(self, x: torch.Tensor) -> None:
-        check_finite(x, self.name)
+        check_tensor(x, self.name)
         if x.numel() == 0:
             return
         qshape = qparam_shape(tuple(x.shape), self.granularity)
@@ -49,8 +64,11 @@ class Observer:
                 f"calibration tensor '{self.name}' has qparam shape {qshape} under "
                 f"{self.granularity}, earlier batches had {self.qshape}"
             )
-        rows = to_rows(x.detach(), self.granularity).to(torch.float64)
-        self._update_rows(rows, first=self.qshape is None)
+        rows = to_rows(x.detach(), self.granularity)
+        if rows.dtype not in (torch.float32, torch.float64):
+            rows = rows.to(torch.float32)
+        lo, hi = row_range(rows, self.name)
+        self._update_rows(rows, lo, hi, first=self.qshape is None)
         self.qshape = qshape
 
     def merge(self, other: "Observer") -> None:
@@ -90,8 +108,7 @@ class Observer:
 class MinMaxObserver(Observer):
     """Running minimum and maximum."""
 
-    def _update_rows(self, rows, first):
-        lo, hi = rows.amin(1), rows.amax(1)
+    def _update_rows(self, rows, lo, hi, first):
         self.min = lo if first else torch.minimum(self.min, lo)
         self.max = hi if first else torch.maximum(self.max, hi)
 
@@ -118,8 +135,7 @@ class MovingAverageObserver(Observer):
         self.momentum = momentum
         self.count = 0
 
-    def _update_rows(self, rows, first):
-        lo, hi = rows.amin(1), rows.amax(1)
+    def _update_rows(self, rows, lo, hi, first):
         if first:
             self.min, self.max, self.first_min, self.first_max = lo, hi, lo, hi
         else:
@@ -158,14 +174,16 @@ class HistogramObserver(Observer):
         origin = lattice._cells(lo[:, None], level)[:, 0]
         return level, origin
 
-    def _update_rows(self, rows, first):
-        lo, hi = rows.amin(1), rows.amax(1)
+    def _update_rows(self, rows, lo, hi, first):
         if not first:
             lo, hi = torch.minimum(lo, self.min), torch.maximum(hi, self.max)
-        level, origin = self._refit(lo, hi)
         if first:
+            level, origin = self._refit(lo, hi)
             counts = torch.zeros(rows.shape[0], self.bins, dtype=torch.float64)
+        elif lattice.window_holds(lo, hi, self.origin, self.level, self.bins):
+            level, origin, counts = self.level, self.origin, self.counts
         else:
+            level, origin = self._refit(lo, hi)
             counts = lattice.rebin(self.counts, self.origin, self.level, origin, level)
         self.counts = lattice.add_values(counts, origin, level, rows)
         self.min, self.max, self.level, self.origin = lo, hi, level, origin

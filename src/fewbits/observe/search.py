@@ -9,7 +9,7 @@ from ..numerics.affine import choose_qparams
 from ..spec import QuantSpec
 from .estimators import _clip, _need_distribution, abs_histogram
 
-_CHUNK_ELEMENTS = 1 << 24  # rows·candidates·samples evaluated at once (~128 MB of float64)
+_CHUNK_ELEMENTS = 1 << 20  # rows·candidates·samples at once: temporaries stay in cache, not in page faults
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
@@ -25,20 +25,25 @@ def lp_error(values, weights, lo, hi, spec: QuantSpec, p: float) -> torch.Tensor
     """``Σ w·|x − Q(x)|^p`` of the grid chosen for ``[lo, hi]`` (shapes [R, G]) on samples [R, N].
 
     Q rounds to nearest with the qparams :func:`~fewbits.choose_qparams` would pick, so the
-    search scores exactly the grid that will be used.
+    search scores exactly the grid that will be used. The error of each sample is taken in
+    float32, like the quantizer itself; sums are float64.
     """
     scale, zp = choose_qparams(lo.to(torch.float32), hi.to(torch.float32), spec)
-    s, z = scale.double()[..., None], zp.double()[..., None]
-    x = values[:, None, :]
-    q = (torch.round(x / s) + z).clamp(spec.qmin, spec.qmax)
-    return ((x - (q - z) * s).abs().pow(p) * weights[:, None, :]).sum(-1)
+    s, z = scale[..., None], zp.to(torch.float32)[..., None]
+    x = values.to(torch.float32)[:, None, :]
+    q = (torch.round(x * torch.reciprocal(s)) + z).clamp_(spec.qmin, spec.qmax)
+    err = (x - (q - z) * s).abs_()
+    err = err.square_() if p == 2 else err.pow_(p)
+    return (err * weights.to(torch.float32)[:, None, :]).sum(-1, dtype=torch.float64)
 
 
 def _search_rows(values, weights, lo0, hi0, spec, p, grid, refine):
     """Grid over the shrink factor t ∈ (0, 1], then golden-section refinement around the best."""
     t = torch.arange(1, grid + 1, dtype=torch.float64) / grid
     ts = t[None, :].expand(values.shape[0], -1)
-    err = lp_error(values, weights, lo0[:, None] * ts, hi0[:, None] * ts, spec, p)
+    step = max(1, _CHUNK_ELEMENTS // values.numel())
+    err = torch.cat([lp_error(values, weights, lo0[:, None] * ts[:, i:i + step], hi0[:, None] * ts[:, i:i + step], spec, p)
+                     for i in range(0, grid, step)], dim=1)
     best_err, best = err.min(1)
     best_t = t[best]
     a, b = (best_t - 1 / grid).clamp_min(1e-6), (best_t + 1 / grid).clamp_max(1.0)
