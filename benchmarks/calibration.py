@@ -43,7 +43,24 @@ def laplace_batches(n=10**7, batches=100, seed=0):
     return [{"x": part} for part in x.chunk(batches)]
 
 
-def minilm_batches(sentences: int, batch_size: int = 32):
+def minilm_batches(sentences: int, tokens_per_batch: int = 1024):
+    """Equal-sized batches of real tokens: ONNX Runtime's histogram calibrators stack batches
+    with numpy and fail on ragged ones, so both sides get the same fixed-size chunks."""
+    streams = {name: torch.cat(parts) for name, parts in _by_name(_minilm_capture(sentences)).items()}
+    n_batches = max(1, len(streams["encoder.layer.0.attention.self.query"]) // tokens_per_batch)
+    batches = [{} for _ in range(n_batches)]
+    for name, stream in streams.items():  # the pooler's stream (a row per sentence) is shorter
+        size = len(stream) // n_batches
+        for i, batch in enumerate(batches):
+            batch[name] = stream[i * size:(i + 1) * size]
+    return batches
+
+
+def _by_name(batches):
+    return {name: [b[name] for b in batches] for name in batches[0]}
+
+
+def _minilm_capture(sentences: int, batch_size: int = 32):
     path = CACHE / f"minilm_linear_inputs_{sentences}.pt"
     if path.is_file():
         return torch.load(path, weights_only=True)

@@ -158,3 +158,55 @@ def test_every_method_end_to_end_and_on_degenerate_data(method):
         scale, zp = calibrate_qparams(method, obs.state(), spec)
         assert torch.isfinite(scale) and scale > 0 and spec.qmin <= zp <= spec.qmax
         assert torch.isfinite(fake_quantize(x, scale, zp, spec)).all()
+
+
+def test_weight_statistics_reject_bad_weights_by_name():
+    from fewbits import PerTensor
+
+    with pytest.raises(ValueError, match="'fc.weight' has 1 non-finite"):
+        sample_stats(torch.tensor([1.0, float("inf")]), PerTensor(), "fc.weight")
+    with pytest.raises(ValueError, match="'fc.weight' is empty"):
+        sample_stats(torch.zeros(0), PerTensor(), "fc.weight")
+
+
+def _kl_reference(hist, levels):
+    """TensorRT's loop, written out bin by bin (independent of the prefix-sum version)."""
+    import math
+
+    h = hist.tolist()
+    out = []
+    for i in range(levels, len(h) + 1):
+        p = h[:i]
+        p[-1] += sum(h[i:])
+        width = i // levels
+        q = [0.0] * i
+        for g in range(levels):
+            lo, hi = g * width, (i if g == levels - 1 else (g + 1) * width)
+            mass = sum(h[lo:hi])
+            nz = sum(1 for j in range(lo, hi) if p[j] > 0)
+            for j in range(lo, hi):
+                q[j] = mass / nz if p[j] > 0 else 0.0
+        ps, qs = sum(p), sum(q)
+        out.append(sum(pj / ps * math.log((pj / ps) / max(qj / qs, 1e-12)) for pj, qj in zip(p, q) if pj > 0))
+    return torch.tensor(out, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_kl_prefix_sums_equal_the_bin_by_bin_algorithm(seed):
+    from fewbits.observe.search import kl_candidates
+
+    g = torch.Generator().manual_seed(seed)
+    hist = torch.poisson(torch.exp(-torch.linspace(0, 6, 150)) * 200, generator=g)
+    hist[torch.randint(0, 150, (20,), generator=g)] = 0  # empty bins, including near the end
+    levels = [8, 16, 7, 32][seed]
+    # float64 sums in a different order: equal to ~1e-12
+    assert torch.allclose(kl_candidates(hist, levels), _kl_reference(hist, levels), rtol=1e-9, atol=1e-12)
+
+
+def test_histogram_float32_fast_path_bins_like_float64():
+    g = torch.Generator().manual_seed(9)
+    x = torch.cat([torch.randn(5000, generator=g), -torch.rand(50, generator=g) * 1e-30, torch.tensor([-0.0, 0.0])])
+    a, b = HistogramObserver(), HistogramObserver()
+    a.update(x)
+    b.update(x.double())  # the exact float64 path
+    assert torch.equal(a.state().counts, b.state().counts)

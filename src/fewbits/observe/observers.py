@@ -14,32 +14,7 @@ import torch
 from ..numerics.layout import qparam_shape, to_rows
 from ..spec import Granularity, PerTensor
 from . import histogram as lattice
-from .stats import HistogramStats, MovingAverageStats, RangeStats
-
-
-def check_tensor(x, name: str) -> None:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"calibration tensor '{name}' must be a torch.Tensor, got {type(x).__name__}")
-    if not torch.is_floating_point(x):
-        raise ValueError(f"calibration tensor '{name}' must be floating point, got {x.dtype}")
-
-
-def row_range(rows: torch.Tensor, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row min and max (float64); NaN propagates through both, so they also check finiteness."""
-    if rows.shape[0] == 1:  # a whole-tensor reduction is several times faster than dim=1 here
-        lo, hi = (v.reshape(1) for v in torch.aminmax(rows))
-    else:
-        lo, hi = torch.aminmax(rows, dim=1)
-    if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
-        bad = (~torch.isfinite(rows)).sum().item()
-        raise ValueError(f"calibration tensor '{name}' has {bad} non-finite values (NaN or inf)")
-    return lo.to(torch.float64), hi.to(torch.float64)
-
-
-def check_finite(x: torch.Tensor, name: str) -> None:
-    check_tensor(x, name)
-    if x.numel():
-        row_range(x.detach().reshape(1, -1), name)
+from .stats import HistogramStats, MovingAverageStats, RangeStats, check_tensor, row_range
 
 
 class Observer:

@@ -87,33 +87,42 @@ def mse(stats, spec: QuantSpec, p: float = 2.0, grid: int = 100, refine: int = 2
     return torch.cat([lo for lo, _ in parts]), torch.cat([hi for _, hi in parts])
 
 
-def _kl_candidates(hist: torch.Tensor, levels: int, chunk: int = 256) -> torch.Tensor:
+def kl_candidates(hist: torch.Tensor, levels: int) -> torch.Tensor:
     """KL(P‖Q) for every candidate bin count ``i ∈ [levels, n]`` (TensorRT's entropy calibration).
 
     P: the first ``i`` bins with all outlier mass added to bin ``i − 1``. Q: the first ``i`` bins
-    merged into ``levels`` groups (the last group takes the remainder) and spread back evenly
-    over the non-empty bins of each group.
+    merged into ``levels`` groups of ``i // levels`` bins (the last group takes the remainder)
+    and spread back evenly over the bins of each group where P is non-zero. Both normalised;
+    ``q`` is floored at 1e-12 where P has mass that Q lost.
+
+    Within a group ``q`` is constant, so ``Σ p·log q`` is a per-group sum and every term comes
+    from prefix sums of ``h``, ``[h > 0]`` and ``h·log h``: O(levels) per candidate instead of
+    O(n), exactly the same quantity.
     """
-    n = hist.shape[0]
-    cand = torch.arange(levels, n + 1)
-    tail = hist.flip(0).cumsum(0).flip(0)  # tail[i] = Σ_{j≥i} hist[j]
-    tail = torch.cat([tail, tail.new_zeros(1)])
-    j = torch.arange(n)
-    out = []
-    for start in range(0, cand.numel(), chunk):
-        i = cand[start:start + chunk, None]
-        inside = j[None, :] < i
-        p = torch.where(inside, hist[None, :], 0.0)
-        p = p + torch.where(j[None, :] == i - 1, tail[i.squeeze(1)][:, None], 0.0)
-        group = torch.minimum(j[None, :] // (i // levels), torch.tensor(levels - 1)).where(inside, levels)
-        sums = torch.zeros(i.shape[0], levels + 1, dtype=hist.dtype).scatter_add_(1, group, torch.where(inside, hist[None, :], 0.0))
-        nonzero = torch.zeros_like(sums).scatter_add_(1, group, (p > 0).to(hist.dtype))
-        q = torch.where(p > 0, sums.gather(1, group) / nonzero.gather(1, group).clamp_min(1), 0.0)
-        p_n = p / p.sum(1, keepdim=True)
-        q_n = q / q.sum(1, keepdim=True).clamp_min(1e-300)
-        terms = torch.where(p_n > 0, p_n * torch.log(p_n / q_n.clamp_min(1e-12)), 0.0)
-        out.append(terms.sum(1))
-    return torch.cat(out)
+    h = hist.to(torch.float64)
+    n = h.shape[0]
+    zero = h.new_zeros(1)
+    c_h = torch.cat([zero, h.cumsum(0)])
+    c_nz = torch.cat([zero, (h > 0).to(h.dtype).cumsum(0)])
+    c_hlogh = torch.cat([zero, torch.where(h > 0, h * torch.log(h.clamp_min(1e-300)), 0.0).cumsum(0)])
+    total = c_h[-1]
+    i = torch.arange(levels, n + 1)
+    width = (i // levels)[:, None]
+    g = torch.arange(levels)[None, :]
+    start = g * width
+    end = torch.where(g == levels - 1, i[:, None], start + width)
+    outliers = total - c_h[i]  # mass beyond the candidate threshold
+    last_h = h[i - 1]
+    last_p = last_h + outliers
+    is_last = g == levels - 1
+    group_h = c_h[end] - c_h[start]  # Q's group sums (no outliers)
+    group_p = group_h + torch.where(is_last, outliers[:, None], 0.0)
+    group_nz = c_nz[end] - c_nz[start] + torch.where(is_last, ((last_h == 0) & (outliers > 0)).to(h.dtype)[:, None], 0.0)
+    sum_plogp = c_hlogh[i - 1] + torch.where(last_p > 0, last_p * torch.log(last_p.clamp_min(1e-300)), 0.0)
+    q_hat = (group_h / group_nz.clamp_min(1) / c_h[i][:, None].clamp_min(1e-300)).clamp_min(1e-12)
+    sum_plogq = torch.where(group_p > 0, group_p * torch.log(q_hat), 0.0).sum(1)
+    # KL = Σ p̂ log p̂ − Σ p̂ log q̂ with p̂ = p / total
+    return (sum_plogp / total - torch.log(total)) - sum_plogq / total
 
 
 def entropy(stats, spec: QuantSpec):
@@ -135,7 +144,7 @@ def entropy(stats, spec: QuantSpec):
         if n <= levels:  # the grid is finer than the histogram: nothing to gain by clipping
             alphas.append(float(n) * float(width[r]))
             continue
-        kl = _kl_candidates(hist[:n], max(levels, 2))
+        kl = kl_candidates(hist[:n], max(levels, 2))
         alphas.append(float(levels + int(torch.argmin(kl))) * float(width[r]))
     alpha = torch.tensor(alphas, dtype=torch.float64)
     return _clip(stats, torch.minimum(alpha, torch.maximum(-stats.min, stats.max)))
