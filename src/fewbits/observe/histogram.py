@@ -14,6 +14,8 @@ least ``log2(max|x|) − 40`` so cell indices stay far below 2^53.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 _K_FLOOR = -200  # finest level, used only while every value seen is 0
@@ -76,18 +78,39 @@ def rebin(counts: torch.Tensor, origin: torch.Tensor, k: torch.Tensor,
     return torch.zeros_like(counts).scatter_add_(1, target, counts)
 
 
+class Scratch:
+    """Reusable work buffers for :func:`add_values`, grown to the largest batch seen.
+
+    Allocating several multi-megabyte temporaries per batch costs more than the arithmetic
+    (page faults); the buffers are working memory bounded by one batch, not by the stream.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[torch.dtype, torch.Tensor] = {}
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        numel = math.prod(shape)
+        buf = self._buffers.get(dtype)
+        if buf is None or buf.numel() < numel:
+            buf = self._buffers[dtype] = torch.empty(numel, dtype=dtype)
+        return buf[:numel].view(shape)
+
+
 def add_values(counts: torch.Tensor, origin: torch.Tensor, k: torch.Tensor,
-               x: torch.Tensor) -> torch.Tensor:
+               x: torch.Tensor, scratch: Scratch | None = None) -> torch.Tensor:
     """Add samples ``x`` [R, N] (already inside the window) to ``counts`` [R, bins].
 
     The hot path of calibration: float32 data near zero is binned in float32/int32 (exact, see
-    :func:`_float32_exact`; cells fit int32 because the window does), which is several times
-    faster than going through float64 and int64.
+    :func:`_float32_exact`; cells fit int32 because the window does), several times faster
+    than going through float64 and int64.
     """
     rows, bins = counts.shape
     if _float32_exact(x, k) and bool((origin.abs() < 2**30).all()):
-        idx = (x * torch.pow(2.0, -k.to(torch.float32))[:, None]).floor_().to(torch.int32)
-        idx = idx.sub_(origin.to(torch.int32)[:, None])
+        scratch = scratch or Scratch()
+        scaled = torch.mul(x, torch.pow(2.0, -k.to(torch.float32))[:, None], out=scratch.take(x.shape, torch.float32))
+        idx = scratch.take(x.shape, torch.int32)
+        idx.copy_(scaled.floor_())  # exact integers: truncation after floor is floor
+        idx.sub_(origin.to(torch.int32)[:, None])
     else:
         idx = _cells(x, k) - origin[:, None]
     if rows > 1:

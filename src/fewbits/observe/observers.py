@@ -77,7 +77,7 @@ class Observer:
         return self._state()
 
     def _copy_from(self, other: "Observer") -> None:
-        self.__dict__.update({k: v for k, v in other.__dict__.items() if k not in ("name",)})
+        self.__dict__.update({k: v for k, v in other.__dict__.items() if k not in ("name", "_scratch")})
 
 
 class MinMaxObserver(Observer):
@@ -142,6 +142,7 @@ class HistogramObserver(Observer):
         if bins < 8:
             raise ValueError(f"bins must be at least 8, got {bins}")
         self.bins = bins
+        self._scratch = lattice.Scratch()
 
     def _refit(self, lo, hi):
         """New level and origin for range [lo, hi]; re-bins the existing counts."""
@@ -160,7 +161,7 @@ class HistogramObserver(Observer):
         else:
             level, origin = self._refit(lo, hi)
             counts = lattice.rebin(self.counts, self.origin, self.level, origin, level)
-        self.counts = lattice.add_values(counts, origin, level, rows)
+        self.counts = lattice.add_values(counts, origin, level, rows, self._scratch)
         self.min, self.max, self.level, self.origin = lo, hi, level, origin
 
     def _check_compatible(self, other):
