@@ -44,7 +44,7 @@ bench: $(BENCH_STAMP)
 # The pipeline issue completes the demo (quantize a real task end to end); for now it prints the
 # per-layer weight SQNR table of the real MobileNetV2.
 demo: $(BENCH_STAMP)
-	$(PY) benchmarks/weights.py --models mobilenetv2 --bits 8,4 --quick
+	$(PY) benchmarks/weights.py --models mobilenetv2 --quick --json demo-results/weights.json --plot demo-results/weights_sqnr.png
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis
