@@ -24,7 +24,7 @@ from ..spec import Granularity, PerChannel, PerGroup, PerTensor
 def resolve_axis(axis: int, ndim: int, field: str) -> int:
     """``axis`` as a non-negative index, or a ValueError naming ``field``."""
     if not -ndim <= axis < ndim:
-        raise ValueError(f"{field}={axis} is out of range for a tensor with {ndim} dims")
+        raise ValueError(f"{field}={axis} is out of range for a tensor with {ndim} dims (allowed: {-ndim}..{ndim - 1})")
     return axis % ndim
 
 
@@ -35,9 +35,10 @@ def check_granularity(shape: tuple[int, ...], g: Granularity) -> None:
     elif isinstance(g, PerGroup):
         axis = resolve_axis(g.axis, len(shape), "PerGroup.axis")
         if shape[axis] % g.size:
+            divisors = [d for d in range(1, shape[axis] + 1) if shape[axis] % d == 0]
             raise ValueError(
                 f"PerGroup.size={g.size} does not divide dim {axis} of size {shape[axis]} "
-                f"(tensor shape {tuple(shape)})"
+                f"(tensor shape {tuple(shape)}); sizes that do: {divisors}"
             )
 
 
