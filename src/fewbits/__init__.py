@@ -23,7 +23,9 @@ from .observe import (
     sample_stats,
     weight_qparams,
 )
+from .recipe import BUILTIN_RECIPES, LayerRecipe, Recipe, TensorRecipe, get_recipe
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec, Rounding
+from .wrap import QuantizedModel, calibrate, prepare
 
 __version__ = "0.1.0"
 
@@ -33,4 +35,6 @@ __all__ = [
     "fixed_point_multiplier", "requantize", "pack", "unpack",
     "MinMaxObserver", "MovingAverageObserver", "HistogramObserver", "CalibrationMethod",
     "make_observer", "estimate_range", "calibrate_qparams", "sample_stats", "weight_qparams",
+    "Recipe", "LayerRecipe", "TensorRecipe", "BUILTIN_RECIPES", "get_recipe",
+    "prepare", "calibrate", "QuantizedModel",
 ]

@@ -1,0 +1,182 @@
+"""Recipes: which tensors of which layers get which grid, and how their ranges are calibrated.
+
+A recipe is frozen data. It gives a :class:`LayerRecipe` (weight / input / output
+:class:`TensorRecipe`, each optional) to every layer type fewbits can swap, with per-name glob
+overrides (``None`` keeps a layer float) and include / exclude lists. Built-ins::
+
+    w8a8          int8 per-channel symmetric weights, uint8 per-tensor asymmetric static inputs
+    w8a8-dynamic  the same weights, inputs quantized per batch from their own min/max
+    w8            int8 per-channel weights only
+    w4a8          int4 per-channel weights, uint8 static inputs
+    w4-g128       int4 weights in groups of 128 along the input, weights only
+
+Transformer-aware defaults: position and token-type embedding tables stay float (they are
+small and their errors add to every token); LayerNorm, softmax and the attention-mask addition
+are never swapped in the first place.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from .observe.methods import CalibrationMethod
+from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
+
+RECIPE_VERSION = 1
+LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding")
+
+
+@dataclass(frozen=True)
+class TensorRecipe:
+    """One tensor's grid and calibration: a static range from ``method`` or a per-batch one."""
+
+    spec: QuantSpec
+    method: str = "minmax"
+    dynamic: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "method", CalibrationMethod.parse(self.method).value)
+        if self.dynamic and not isinstance(self.spec.granularity, PerTensor):
+            raise ValueError("dynamic activation quantization is per tensor: use granularity PerTensor()")
+
+    def to_dict(self) -> dict:
+        return {"spec": self.spec.to_dict(), "method": self.method, "dynamic": self.dynamic}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "TensorRecipe":
+        _reject_unknown("tensor recipe", data, {"spec", "method", "dynamic"})
+        return cls(QuantSpec.from_dict(data["spec"]), data.get("method", "minmax"), data.get("dynamic", False))
+
+
+@dataclass(frozen=True)
+class LayerRecipe:
+    """What to quantize in one layer; ``None`` leaves that tensor float."""
+
+    weight: Optional[TensorRecipe] = None
+    input: Optional[TensorRecipe] = None
+    output: Optional[TensorRecipe] = None
+
+    def to_dict(self) -> dict:
+        return {k: (getattr(self, k).to_dict() if getattr(self, k) else None) for k in ("weight", "input", "output")}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "LayerRecipe":
+        _reject_unknown("layer recipe", data, {"weight", "input", "output"})
+        return cls(**{k: TensorRecipe.from_dict(v) if v else None for k, v in data.items()})
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Layer recipes by module type, overridden by name globs (first match wins)."""
+
+    name: str
+    by_type: tuple[tuple[str, LayerRecipe], ...]
+    by_name: tuple[tuple[str, Optional[LayerRecipe]], ...] = ()
+    include: tuple[str, ...] = ("*",)
+    exclude: tuple[str, ...] = ()
+    version: int = field(default=RECIPE_VERSION)
+
+    def __post_init__(self) -> None:
+        for type_name, _ in self.by_type:
+            if type_name not in LAYER_TYPES:
+                raise ValueError(f"recipe '{self.name}': layer type must be one of {list(LAYER_TYPES)}, got {type_name!r}")
+        if self.version != RECIPE_VERSION:
+            raise ValueError(f"recipe '{self.name}': version must be {RECIPE_VERSION}, got {self.version}")
+
+    def for_layer(self, name: str, type_name: str) -> tuple[Optional[LayerRecipe], str]:
+        """The layer recipe for module ``name`` of ``type_name``, or ``None`` and the reason."""
+        if not any(fnmatch.fnmatchcase(name, p) for p in self.include):
+            return None, "not in the recipe's include list"
+        if any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            return None, "excluded by the recipe"
+        for pattern, layer in self.by_name:
+            if fnmatch.fnmatchcase(name, pattern):
+                return layer, "" if layer else f"kept float by the recipe ('{pattern}')"
+        layer = dict(self.by_type).get(type_name)
+        return layer, "" if layer else f"the recipe has no rule for {type_name}"
+
+    @property
+    def needs_calibration(self) -> bool:
+        layers = [lr for _, lr in self.by_type] + [lr for _, lr in self.by_name if lr]
+        return any(t and not t.dynamic for lr in layers for t in (lr.input, lr.output))
+
+    def to_dict(self) -> dict:
+        return {
+            "version": self.version, "name": self.name,
+            "by_type": {t: lr.to_dict() for t, lr in self.by_type},
+            "by_name": [[p, lr.to_dict() if lr else None] for p, lr in self.by_name],
+            "include": list(self.include), "exclude": list(self.exclude),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        _reject_unknown("recipe", data, {"version", "name", "by_type", "by_name", "include", "exclude"})
+        return cls(
+            name=data.get("name", "custom"),
+            by_type=tuple((t, LayerRecipe.from_dict(lr)) for t, lr in data.get("by_type", {}).items()),
+            by_name=tuple((p, LayerRecipe.from_dict(lr) if lr else None) for p, lr in data.get("by_name", [])),
+            include=tuple(data.get("include", ("*",))), exclude=tuple(data.get("exclude", ())),
+            version=data.get("version", None),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Recipe":
+        return cls.from_dict(json.loads(text))
+
+
+def _reject_unknown(what: str, data: dict, allowed: set) -> None:
+    if not isinstance(data, dict):
+        raise ValueError(f"a {what} is read from a dict, got {type(data).__name__}")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise ValueError(f"unknown {what} keys {unknown}; allowed: {sorted(allowed)}")
+
+
+# ---- built-ins -------------------------------------------------------------------------------
+def _weights(bits: int, granularity) -> TensorRecipe:
+    return TensorRecipe(QuantSpec(bits=bits, granularity=granularity))
+
+
+_ACT_STATIC = TensorRecipe(QuantSpec(bits=8, signed=False, symmetric=False), "minmax")
+_ACT_DYNAMIC = TensorRecipe(QuantSpec(bits=8, signed=False, symmetric=False), "minmax", dynamic=True)
+# Embedding tables: one scale per row (token), so a rare token's large vector costs nobody else.
+_EMBED_W8 = LayerRecipe(weight=_weights(8, PerChannel(0)))
+_KEEP_FLOAT_TABLES = (("*position_embeddings*", None), ("*token_type_embeddings*", None))
+
+
+def _conv_linear(weight: TensorRecipe, act: Optional[TensorRecipe]) -> tuple:
+    layer = LayerRecipe(weight=weight, input=act)
+    return (("Linear", layer), ("Conv1d", layer), ("Conv2d", layer), ("Embedding", _EMBED_W8))
+
+
+BUILTIN_RECIPES = {
+    "w8a8": Recipe("w8a8", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES),
+    "w8a8-dynamic": Recipe("w8a8-dynamic", _conv_linear(_weights(8, PerChannel(0)), _ACT_DYNAMIC), _KEEP_FLOAT_TABLES),
+    "w8": Recipe("w8", _conv_linear(_weights(8, PerChannel(0)), None), _KEEP_FLOAT_TABLES),
+    "w4a8": Recipe("w4a8", _conv_linear(_weights(4, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES),
+    "w4-g128": Recipe("w4-g128", _conv_linear(_weights(4, PerGroup(128, axis=1)), None), _KEEP_FLOAT_TABLES),
+}
+
+
+def get_recipe(recipe) -> Recipe:
+    """A :class:`Recipe` from itself, a built-in name, or a JSON file path."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, str) and recipe in BUILTIN_RECIPES:
+        return BUILTIN_RECIPES[recipe]
+    if isinstance(recipe, str) and recipe.endswith(".json"):
+        from pathlib import Path
+
+        path = Path(recipe)
+        if not path.is_file():
+            raise ValueError(f"recipe file {path} not found")
+        try:
+            return Recipe.from_json(path.read_text())
+        except (ValueError, KeyError, TypeError) as err:
+            raise ValueError(f"recipe file {path}: {err}") from None
+    raise ValueError(f"unknown recipe {recipe!r}; built-ins: {sorted(BUILTIN_RECIPES)} or a .json recipe file")

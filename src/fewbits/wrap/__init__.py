@@ -1,0 +1,8 @@
+"""Quantized modules and the prepare → calibrate steps."""
+from .fold import fold_batchnorm
+from .modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
+from .prepare import LeftFloat, QuantizedModel, Status, calibrate, prepare
+from .quantizer import TensorQuantizer
+
+__all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "TensorQuantizer",
+           "prepare", "calibrate", "QuantizedModel", "Status", "LeftFloat", "fold_batchnorm"]

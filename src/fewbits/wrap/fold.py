@@ -1,0 +1,49 @@
+"""Fold BatchNorm into the convolution (or linear layer) before it.
+
+In eval mode ``BN(conv(x)) = γ·(W*x + b − μ)/√(σ² + ε) + β``, which is a convolution with
+``W' = W·γ/√(σ² + ε)`` (per output channel) and ``b' = (b − μ)·γ/√(σ² + ε) + β``. Quantizing
+``W'`` is what an integer deployment runs, so ranges must be chosen after folding.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+_FOLDABLE = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
+
+
+@torch.no_grad()
+def fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Fold ``bn`` into ``layer`` in place (``layer`` gains a bias if it had none)."""
+    if bn.running_mean is None or bn.running_var is None:
+        raise ValueError("BatchNorm without running statistics cannot be folded")
+    factor = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.affine:
+        factor = factor * bn.weight
+    shape = [-1] + [1] * (layer.weight.dim() - 1)
+    layer.weight.mul_(factor.reshape(shape).to(layer.weight.dtype))
+    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
+    new_bias = (bias - bn.running_mean) * factor + (bn.bias if bn.affine else 0.0)
+    layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Fold every BatchNorm that directly follows a foldable layer inside an ``nn.Sequential``.
+
+    Works in place (``prepare`` calls it on its own copy); folded BatchNorms become
+    ``nn.Identity``. Returns the names of the folded BatchNorms and of those left as they were.
+    """
+    folded = []
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for (_, layer), (bn_key, bn) in zip(children, children[1:]):
+            bn_type = _FOLDABLE.get(type(layer))
+            if bn_type is None or type(bn) is not bn_type or bn.num_features != layer.weight.shape[0]:
+                continue
+            fold_into(layer, bn)
+            setattr(parent, bn_key, nn.Identity())
+            folded.append(f"{parent_name}.{bn_key}" if parent_name else bn_key)
+    left = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return folded, left

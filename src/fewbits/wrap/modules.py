@@ -1,0 +1,92 @@
+"""Quantized layers: the float layer plus explicit weight / input / output quantizer slots.
+
+``QuantLinear.from_float(linear, layer_recipe, name)`` shares the float layer's parameters and
+adds the quantizers the recipe asks for (a slot is ``None`` when that tensor stays float).
+Convolution weights are quantized as ``[out_channels, in_channels·kh·kw]`` so that per-group
+granularity groups the reduction dimension, as for linear layers.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..recipe import LayerRecipe
+from .quantizer import TensorQuantizer
+
+
+class _QuantSlots:
+    """Mixin: the three quantizer slots and the shared conversion from a float layer."""
+
+    weight_quantizer: Optional[TensorQuantizer]
+    input_quantizer: Optional[TensorQuantizer]
+    output_quantizer: Optional[TensorQuantizer]
+
+    def _attach(self, recipe: LayerRecipe, name: str) -> None:
+        for slot in ("weight", "input", "output"):
+            tensor_recipe = getattr(recipe, slot)
+            quantizer = TensorQuantizer(tensor_recipe, f"{name}.{slot}", slot) if tensor_recipe else None
+            setattr(self, f"{slot}_quantizer", quantizer)
+        if self.weight_quantizer is not None:
+            self.weight_quantizer.set_from(self._weight_view())
+
+    def _weight_view(self) -> torch.Tensor:
+        return self.weight
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.weight_quantizer is None:
+            return self.weight
+        return self.weight_quantizer(self._weight_view()).reshape(self.weight.shape)
+
+    def _in(self, x):
+        return x if self.input_quantizer is None else self.input_quantizer(x)
+
+    def _out(self, y):
+        return y if self.output_quantizer is None else self.output_quantizer(y)
+
+    @classmethod
+    def from_float(cls, module: nn.Module, recipe: LayerRecipe, name: str):
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.__dict__.update({k: v for k, v in module.__dict__.items() if k not in ("_modules", "_parameters", "_buffers")})
+        new._parameters = dict(module._parameters)  # shared: the copy made by prepare owns them
+        new._buffers = dict(module._buffers)
+        new._modules = {}
+        new._attach(recipe, name)
+        return new
+
+
+class QuantLinear(_QuantSlots, nn.Linear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._out(F.linear(self._in(x), self.quantized_weight(), self.bias))
+
+
+class _QuantConv(_QuantSlots):
+    def _weight_view(self) -> torch.Tensor:
+        return self.weight.reshape(self.weight.shape[0], -1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._out(self._conv_forward(self._in(x), self.quantized_weight(), self.bias))
+
+
+class QuantConv1d(_QuantConv, nn.Conv1d):
+    pass
+
+
+class QuantConv2d(_QuantConv, nn.Conv2d):
+    pass
+
+
+class QuantEmbedding(_QuantSlots, nn.Embedding):
+    """Weights only: the input is integer indices."""
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        w = self.quantized_weight()
+        return self._out(F.embedding(idx, w, self.padding_idx, self.max_norm, self.norm_type,
+                                     self.scale_grad_by_freq, self.sparse))
+
+
+# Dispatch by exact type: a subclass of nn.Linear may use its weight in ways the swap cannot see.
+QUANT_MODULES = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Embedding: QuantEmbedding}

@@ -1,0 +1,187 @@
+"""prepare / calibrate: the first two steps of the data path, and the model they hand over.
+
+    qmodel = fewbits.prepare(model, recipe="w8a8")   # a new model; `model` is never modified
+    fewbits.calibrate(qmodel, batches)                # Tensor | tuple of args | dict of kwargs
+    y = qmodel(x)                                     # simulated (fake-quant) inference
+"""
+from __future__ import annotations
+
+import copy
+import enum
+import sys
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..recipe import Recipe, get_recipe
+from .fold import fold_batchnorm
+from .modules import QUANT_MODULES, QuantEmbedding
+from .quantizer import TensorQuantizer
+
+
+class Status(enum.Enum):
+    PREPARED = "prepared"
+    CALIBRATED = "calibrated"
+
+
+@dataclass(frozen=True)
+class LeftFloat:
+    """A module fewbits did not quantize, and why."""
+
+    name: str
+    type: str
+    reason: str
+
+
+# Modules with parameters of their own that stay float on purpose, and the reason given.
+_FLOAT_BY_DESIGN = {
+    nn.LayerNorm: "normalization stays float (transformer-aware default)",
+    nn.GroupNorm: "normalization stays float",
+    nn.MultiheadAttention: "MultiheadAttention uses its projection weights functionally; swap not possible",
+}
+
+
+class QuantizedModel(nn.Module):
+    """The prepared model: ``model`` with quantized layers, plus what was left float and why."""
+
+    def __init__(self, model: nn.Module, recipe: Recipe, left_float: list[LeftFloat], folded_bn: list[str]) -> None:
+        super().__init__()
+        self.model = model
+        self.recipe = recipe
+        self.left_float = left_float
+        self.folded_bn = folded_bn
+        self.status = Status.PREPARED if recipe.needs_calibration else Status.CALIBRATED
+
+    def forward(self, *args, **kwargs):
+        if self.status is Status.PREPARED:
+            raise RuntimeError(f"recipe '{self.recipe.name}' has static activation ranges: "
+                               "run fewbits.calibrate(qmodel, batches) before inference")
+        return self.model(*args, **kwargs)
+
+    def quantized_layers(self) -> dict[str, nn.Module]:
+        return {n: m for n, m in self.model.named_modules() if type(m) in QUANT_MODULES.values()}
+
+    def quantizers(self) -> dict[str, TensorQuantizer]:
+        return {q.name: q for q in self.model.modules() if isinstance(q, TensorQuantizer)}
+
+
+def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True) -> QuantizedModel:
+    """A quantized copy of ``model`` following ``recipe`` (a name, a :class:`Recipe` or a JSON file).
+
+    BatchNorm is folded into the preceding layer first (eval mode), weights get their qparams
+    now, and every module with parameters that was not swapped is listed in ``left_float``.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"prepare expects a torch.nn.Module, got {type(model).__name__}")
+    recipe = get_recipe(recipe)
+    work = copy.deepcopy(model).eval()
+    if fold_bn:
+        folded, unfolded = fold_batchnorm(work)
+        why_bn = "BatchNorm not directly after a conv/linear in an nn.Sequential: kept float"
+    else:
+        folded, unfolded = [], [n for n, m in work.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        why_bn = "BatchNorm folding disabled (fold_bn=False): kept float"
+    left = [LeftFloat(n, type(work.get_submodule(n)).__name__, why_bn) for n in unfolded]
+    handled = set(unfolded)
+    for name, module in list(work.named_modules()):
+        if not name or name in handled or any(name.startswith(h + ".") for h in handled):
+            continue
+        quant_cls = QUANT_MODULES.get(type(module))
+        if quant_cls is None:
+            reason = _float_reason(module)
+            if reason:
+                left.append(LeftFloat(name, type(module).__name__, reason))
+                handled.add(name)
+            continue
+        layer_recipe, why = recipe.for_layer(name, type(module).__name__)
+        if layer_recipe is None or not (layer_recipe.weight or layer_recipe.input or layer_recipe.output):
+            left.append(LeftFloat(name, type(module).__name__, why or "the recipe quantizes nothing here"))
+            continue
+        if quant_cls is QuantEmbedding and layer_recipe.input is not None:
+            raise ValueError(f"recipe '{recipe.name}' gives embedding '{name}' an input quantizer, "
+                             "but its input is integer indices")
+        try:
+            swapped = quant_cls.from_float(module, layer_recipe, name)
+        except ValueError as err:  # e.g. a group size that does not divide this layer
+            left.append(LeftFloat(name, type(module).__name__, str(err)))
+            continue
+        _replace(work, name, swapped)
+    return QuantizedModel(work, recipe, left, folded)
+
+
+def _float_reason(module: nn.Module) -> str:
+    for cls, reason in _FLOAT_BY_DESIGN.items():
+        if isinstance(module, cls):
+            return reason
+    if any(True for _ in module.parameters(recurse=False)):
+        return f"fewbits has no quantized {type(module).__name__}"
+    return ""
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
+
+
+def _as_call(batch, index: int) -> tuple[tuple, dict]:
+    """A calibration batch as (args, kwargs), checked."""
+    if isinstance(batch, torch.Tensor):
+        args, kwargs = (batch,), {}
+    elif isinstance(batch, (tuple, list)):
+        args, kwargs = tuple(batch), {}
+    elif isinstance(batch, dict):
+        args, kwargs = (), dict(batch)
+    else:
+        raise ValueError(f"calibration batch {index}: expected a Tensor, a tuple of arguments or a dict of "
+                         f"keyword arguments, got {type(batch).__name__}")
+    named = [(f"argument {i}", v) for i, v in enumerate(args)] + [(f"argument '{k}'", v) for k, v in kwargs.items()]
+    for label, value in named:
+        if isinstance(value, torch.Tensor) and torch.is_floating_point(value) and not torch.isfinite(value).all():
+            raise ValueError(f"calibration batch {index}: {label} has non-finite values (NaN or inf)")
+    return args, kwargs
+
+
+def _progress(i: int, total, every: int = 1) -> None:
+    if sys.stderr.isatty() and i % every == 0:
+        of = f"/{total}" if total else ""
+        print(f"\rfewbits: calibrating, batch {i}{of}", end="", file=sys.stderr, flush=True)
+
+
+@torch.no_grad()
+def calibrate(qmodel: QuantizedModel, batches: Iterable) -> QuantizedModel:
+    """Run ``batches`` through the float path, observe every static activation, set its range.
+
+    On any error (a bad batch, a layer that never ran) every quantizer keeps the range it had
+    before the call and the error names the batch or layer at fault.
+    """
+    if not isinstance(qmodel, QuantizedModel):
+        raise ValueError("calibrate expects the model returned by fewbits.prepare")
+    static = [q for q in qmodel.quantizers().values() if q.role != "weight" and not q.recipe.dynamic]
+    if not static:
+        qmodel.status = Status.CALIBRATED
+        return qmodel
+    total = len(batches) if hasattr(batches, "__len__") else None
+    for q in static:
+        q.start_observing()
+    try:
+        count = 0
+        for count, batch in enumerate(batches, start=1):
+            args, kwargs = _as_call(batch, count - 1)
+            qmodel.model(*args, **kwargs)
+            _progress(count, total)
+        if count == 0:
+            raise ValueError("calibration got no batches: an empty stream gives no ranges")
+        new = {q.name: q.observed_qparams() for q in static}
+    except BaseException:
+        for q in static:
+            q.stop_observing()
+        raise
+    finally:
+        if sys.stderr.isatty():
+            print(file=sys.stderr)
+    for q in static:
+        q.stop_observing(new[q.name])
+    qmodel.status = Status.CALIBRATED
+    return qmodel
