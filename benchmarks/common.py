@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from fewbits.report.table import format_table
+
 THREADS = 2
 
 
@@ -25,24 +27,7 @@ def environment() -> dict:
 
 
 def print_table(rows: list[dict], title: str = "") -> None:
-    """A plain Markdown table (so it pastes into docs/ unchanged)."""
-    if not rows:
-        return
-    cols = list(rows[0])
-    cells = [[_fmt(r.get(c, "")) for c in cols] for r in rows]
-    widths = [max(len(c), *(len(row[i]) for row in cells)) for i, c in enumerate(cols)]
-    if title:
-        print(f"\n{title}\n")
-    print("| " + " | ".join(c.ljust(w) for c, w in zip(cols, widths)) + " |")
-    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    for row in cells:
-        print("| " + " | ".join(v.ljust(w) for v, w in zip(row, widths)) + " |")
-
-
-def _fmt(v) -> str:
-    if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 0.01 and v != 0 else f"{v:,.2f}".rstrip("0").rstrip(".")
-    return str(v)
+    print(format_table(rows, title))
 
 
 def save_json(data: dict, path: str) -> None:

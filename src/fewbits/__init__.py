@@ -26,6 +26,7 @@ from .observe import (
 from .recipe import BUILTIN_RECIPES, LayerRecipe, Recipe, TensorRecipe, get_recipe
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec, Rounding
 from .wrap import QuantizedModel, calibrate, prepare
+from .report import Report, evaluate
 
 __version__ = "0.1.0"
 
@@ -36,5 +37,5 @@ __all__ = [
     "MinMaxObserver", "MovingAverageObserver", "HistogramObserver", "CalibrationMethod",
     "make_observer", "estimate_range", "calibrate_qparams", "sample_stats", "weight_qparams",
     "Recipe", "LayerRecipe", "TensorRecipe", "BUILTIN_RECIPES", "get_recipe",
-    "prepare", "calibrate", "QuantizedModel",
+    "prepare", "calibrate", "QuantizedModel", "evaluate", "Report",
 ]

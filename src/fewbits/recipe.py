@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from .observe.methods import CalibrationMethod
@@ -161,6 +161,21 @@ BUILTIN_RECIPES = {
     "w4a8": Recipe("w4a8", _conv_linear(_weights(4, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES),
     "w4-g128": Recipe("w4-g128", _conv_linear(_weights(4, PerGroup(128, axis=1)), None), _KEEP_FLOAT_TABLES),
 }
+
+
+def with_calibration(recipe: Recipe, method: str) -> Recipe:
+    """The same recipe with every static activation range estimated by ``method``."""
+    method = CalibrationMethod.parse(method).value
+
+    def swap(layer: Optional[LayerRecipe]) -> Optional[LayerRecipe]:
+        if layer is None:
+            return None
+        acts = {k: replace(t, method=method) if t and not t.dynamic else t
+                for k, t in (("input", layer.input), ("output", layer.output))}
+        return replace(layer, **acts)
+
+    return replace(recipe, by_type=tuple((t, swap(lr)) for t, lr in recipe.by_type),
+                   by_name=tuple((p, swap(lr)) for p, lr in recipe.by_name))
 
 
 def get_recipe(recipe) -> Recipe:

@@ -46,9 +46,13 @@ _FLOAT_BY_DESIGN = {
 class QuantizedModel(nn.Module):
     """The prepared model: ``model`` with quantized layers, plus what was left float and why."""
 
-    def __init__(self, model: nn.Module, recipe: Recipe, left_float: list[LeftFloat], folded_bn: list[str]) -> None:
+    def __init__(self, model: nn.Module, recipe: Recipe, left_float: list[LeftFloat], folded_bn: list[str],
+                 float_model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        # The fp32 network after BN folding, with the same module names: the reference for
+        # per-layer errors. Kept out of the module tree so parameters() and state_dict() skip it.
+        self.__dict__["float_model"] = float_model
         self.recipe = recipe
         self.left_float = left_float
         self.folded_bn = folded_bn
@@ -84,6 +88,7 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True) -> Quantiz
         folded, unfolded = [], [n for n, m in work.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         why_bn = "BatchNorm folding disabled (fold_bn=False): kept float"
     left = [LeftFloat(n, type(work.get_submodule(n)).__name__, why_bn) for n in unfolded]
+    float_model = copy.deepcopy(work)
     handled = set(unfolded)
     for name, module in list(work.named_modules()):
         if not name or name in handled or any(name.startswith(h + ".") for h in handled):
@@ -108,7 +113,7 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True) -> Quantiz
             left.append(LeftFloat(name, type(module).__name__, str(err)))
             continue
         _replace(work, name, swapped)
-    return QuantizedModel(work, recipe, left, folded)
+    return QuantizedModel(work, recipe, left, folded, float_model)
 
 
 def _float_reason(module: nn.Module) -> str:

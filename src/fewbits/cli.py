@@ -1,0 +1,247 @@
+"""The ``fewbits`` command line: ``tasks``, ``quantize``, ``demo``.
+
+Errors are one line on stderr and exit code 2; ``--debug`` shows the traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+CLI_SCHEMA = 1
+
+
+def _write_json(data: dict, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
+        json.dump(data, f, indent=1)
+    os.replace(f.name, path)
+
+
+def calib_label(recipe) -> str:
+    """How the recipe sets activation ranges: a method name, 'dynamic', or 'none'."""
+    layers = [lr for _, lr in recipe.by_type] + [lr for _, lr in recipe.by_name if lr]
+    acts = [t for lr in layers for t in (lr.input, lr.output) if t]
+    if not acts:
+        return "none"
+    if all(t.dynamic for t in acts):
+        return "dynamic"
+    return ",".join(sorted({t.method for t in acts if not t.dynamic}))
+
+
+def run_quantize(model, calibration, recipe, metric_fn=None, metric=None, calib=None):
+    """prepare → calibrate → evaluate; returns (qmodel, report, recipe used)."""
+    import fewbits
+    from fewbits.recipe import get_recipe, with_calibration
+
+    recipe = get_recipe(recipe)
+    if calib:
+        recipe = with_calibration(recipe, calib)
+    t0 = time.perf_counter()
+    qmodel = fewbits.prepare(model, recipe)
+    fewbits.calibrate(qmodel, calibration)
+    seconds = time.perf_counter() - t0
+    report = fewbits.evaluate(qmodel, model, metric_fn=metric_fn, metric=metric, batches=calibration, seconds=seconds)
+    return qmodel, report, recipe
+
+
+def result_json(name: str, recipe, report) -> dict:
+    m = report.metric
+    return {
+        "schema_version": CLI_SCHEMA, "task": name, "recipe": recipe.name, "calib": calib_label(recipe),
+        "metric": {"name": m, "fp32": report.fp32.get(m), "quantized": report.quantized.get(m)} if m else None,
+        "metrics": {"fp32": report.fp32, "quantized": report.quantized},
+        "size_bytes": report.size_bytes, "seconds": report.seconds,
+        "left_float": [{"name": x.name, "type": x.type, "reason": x.reason} for x in report.left_float],
+        "layers": report.to_dict()["layers"],
+    }
+
+
+def summary_row(result: dict) -> dict:
+    row = {"task": result["task"], "recipe": result["recipe"], "calib": result["calib"]}
+    if result["metric"]:
+        m = result["metric"]
+        row.update({"metric": m["name"], "fp32": m["fp32"], "quantized": m["quantized"],
+                    "delta": m["quantized"] - m["fp32"]})
+    sizes = result["size_bytes"]
+    row.update({"size fp32": _mb(sizes["fp32"]), "size quantized": _mb(sizes["quantized"]),
+                "ratio": f"{sizes['fp32'] / max(sizes['quantized'], 1):.2f}x", "seconds": round(result["seconds"], 1),
+                "left float": len(result["left_float"])})
+    worst = [x for x in result["layers"] if x["output_sqnr_db"] is not None]
+    if worst:
+        low = min(worst, key=lambda x: x["output_sqnr_db"])
+        row["worst layer SQNR"] = f"{low['output_sqnr_db']:.1f} dB ({low['name']})"
+    return row
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+
+
+# ---- user models -----------------------------------------------------------------------------
+def load_user_model(spec: str, checkpoint: str | None):
+    """``path/to/file.py:factory`` → ``factory()`` (an nn.Module), with an optional state_dict."""
+    import importlib.util
+
+    import torch
+
+    path, _, factory = spec.rpartition(":")
+    if not path or not factory:
+        raise ValueError(f"--model must be path/to/file.py:factory, got {spec!r}")
+    if not Path(path).is_file():
+        raise ValueError(f"--model: file {path} not found")
+    module_spec = importlib.util.spec_from_file_location("fewbits_user_model", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    if not hasattr(module, factory):
+        raise ValueError(f"--model: {path} has no '{factory}'")
+    model = getattr(module, factory)()
+    if not isinstance(model, torch.nn.Module):
+        raise ValueError(f"--model: {factory}() returned {type(model).__name__}, not a torch.nn.Module")
+    if checkpoint:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def load_batches(path: str, batch_size: int) -> list:
+    """A ``.pt`` file holding a Tensor (split along dim 0) or a list of ready batches."""
+    import torch
+
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(data, torch.Tensor):
+        return list(data.split(batch_size))
+    if isinstance(data, (list, tuple)) and data:
+        return list(data)
+    raise ValueError(f"{path}: expected a Tensor [N, ...] or a non-empty list of batches, got {type(data).__name__}")
+
+
+def accuracy_metric(path: str):
+    """``{"x": Tensor [N, ...], "y": int Tensor [N]}`` → a top-1 accuracy metric."""
+    import torch
+
+    from fewbits.tasks.base import accuracy
+
+    data = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(data, dict) or not {"x", "y"} <= set(data):
+        raise ValueError(f"{path}: --eval-data must hold a dict with 'x' (inputs) and 'y' (integer labels)")
+    return lambda m: {"accuracy": accuracy(m, data["x"], data["y"])}
+
+
+# ---- commands --------------------------------------------------------------------------------
+def cmd_tasks(args) -> None:
+    from fewbits.tasks import describe_tasks
+
+    for name, text in describe_tasks().items():
+        print(f"{name:20s} {text}")
+
+
+def cmd_quantize(args) -> dict:
+    from fewbits.report.table import format_table
+
+    if bool(args.task) == bool(args.model):
+        raise ValueError("give either --task or --model")
+    if args.task:
+        from fewbits.tasks import load_task
+
+        task = load_task(args.task, small=args.small)
+        name, model, calibration, metric_fn, metric = task.name, task.model, task.calibration, task.evaluate, task.metric
+    else:
+        if not args.calib_data:
+            raise ValueError("--model needs --calib-data (a .pt file of calibration inputs)")
+        model = load_user_model(args.model, args.checkpoint)
+        calibration = load_batches(args.calib_data, args.batch_size)
+        metric_fn = accuracy_metric(args.eval_data) if args.eval_data else None
+        name, metric = Path(args.model.rpartition(":")[0]).stem, ("accuracy" if args.eval_data else None)
+    qmodel, report, recipe = run_quantize(model, calibration, args.recipe, metric_fn, metric, args.calib)
+    result = result_json(name, recipe, report)
+    print(format_table([summary_row(result)], title=f"fewbits quantize: {name}"))
+    if report.left_float:
+        print(format_table([{"left float": x.name, "type": x.type, "reason": x.reason} for x in report.left_float]))
+    if args.json:
+        _write_json(result, Path(args.json))
+    if args.out:
+        out = Path(args.out)
+        _write_json(result, out / "report.json")
+        from fewbits.report.plot import plot_layer_sqnr
+
+        plot_layer_sqnr({f"{name} | {recipe.name}": report}, out / "layer_sqnr.png")
+    return result
+
+
+DEMO_CONFIGS = [("w8a8", "minmax"), ("w8a8", "percentile"), ("w8a8", "entropy"), ("w8a8-dynamic", None),
+                ("w8", None), ("w4a8", "mse")]
+
+
+def cmd_demo(args) -> list:
+    from fewbits.report.plot import plot_layer_sqnr
+    from fewbits.report.table import format_table
+    from fewbits.tasks import load_task
+
+    results, reports = [], {}
+    for task_name in args.tasks.split(","):
+        task = load_task(task_name, small=args.small)
+        print(f"fewbits demo: {task.name} — {task.description}", file=sys.stderr, flush=True)
+        for recipe_name, calib in DEMO_CONFIGS:
+            print(f"  {recipe_name} {calib or ''} ...", file=sys.stderr, flush=True)
+            _, report, recipe = run_quantize(task.model, task.calibration, recipe_name, task.evaluate, task.metric, calib)
+            result = result_json(task.name, recipe, report)
+            results.append(result)
+            reports[f"{task.name} | {recipe.name} {result['calib']}"] = report
+    print(format_table([summary_row(r) for r in results], title="fewbits demo: what quantization cost"))
+    out = Path(args.out)
+    _write_json({"schema_version": CLI_SCHEMA, "results": results}, out / "demo.json")
+    plot = plot_layer_sqnr(reports, out / "layer_sqnr.png")
+    print(f"\nresults: {out / 'demo.json'}; per-layer SQNR plot: {plot}")
+    return results
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fewbits", description="Quantize PyTorch models and measure what it costs.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("tasks", help="list the built-in tasks")
+    q = sub.add_parser("quantize", help="prepare, calibrate and evaluate one model")
+    q.add_argument("--task", help="a built-in task (see 'fewbits tasks')")
+    q.add_argument("--model", help="your own model: path/to/file.py:factory (factory() returns an nn.Module)")
+    q.add_argument("--checkpoint", help="state_dict for --model (.pt)")
+    q.add_argument("--calib-data", help="for --model: .pt with a Tensor [N, ...] of inputs, or a list of batches")
+    q.add_argument("--eval-data", help="for --model: .pt with {'x': inputs, 'y': labels} for top-1 accuracy")
+    q.add_argument("--batch-size", type=int, default=32)
+    q.add_argument("--recipe", default="w8a8", help="built-in name or a .json recipe file")
+    q.add_argument("--calib", help="activation calibration method: minmax, ema, percentile, mse, entropy, aciq, octav")
+    q.add_argument("--small", action="store_true", help="evaluate on a subset (quick)")
+    q.add_argument("--json", help="write the result as JSON")
+    q.add_argument("--out", help="directory for report.json and a per-layer SQNR plot")
+    d = sub.add_parser("demo", help="the default tasks through several recipes: one comparison table")
+    d.add_argument("--tasks", default="fashion-cnn,minilm-wordnet")
+    d.add_argument("--small", action="store_true")
+    d.add_argument("--out", default="demo-results")
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    commands = {"tasks": cmd_tasks, "quantize": cmd_quantize, "demo": cmd_demo}
+    try:
+        commands[args.command](args)
+    except (ValueError, FileNotFoundError, ImportError, RuntimeError, KeyError) as err:
+        if args.debug:
+            raise
+        print(f"fewbits: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

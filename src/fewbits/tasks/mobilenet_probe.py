@@ -1,0 +1,66 @@
+"""mobilenetv2-probe: the ImageNet MobileNetV2, frozen, read out by a linear probe on Fashion-MNIST.
+
+Images are upsampled to 64 px, replicated to 3 channels and ImageNet-normalised. A logistic
+regression probe is fitted once on fp32 features (raw, C = 0.05: standardising features would
+divide the quantization noise of near-constant features by their tiny spread); the metric is its
+accuracy on the quantized backbone's features, plus top-1 agreement of the 1,000-class head with
+fp32 and the feature cosine.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .base import Task
+from .data.fashion_mnist import load_fashion_mnist
+from .models.mobilenetv2 import load_mobilenetv2
+
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1)
+
+
+def to_imagenet(images: torch.Tensor, size: int = 64) -> torch.Tensor:
+    x = F.interpolate(images.float().unsqueeze(1) / 255.0, size=(size, size), mode="bilinear", align_corners=False)
+    return (x.expand(-1, 3, -1, -1) - IMAGENET_MEAN) / IMAGENET_STD
+
+
+@torch.no_grad()
+def features_and_logits(model: nn.Module, x: torch.Tensor, batch: int = 100):
+    """Pooled 1,280-d features (the classifier's input) and the 1,000-class logits."""
+    inner = getattr(model, "model", model)  # a QuantizedModel wraps the network
+    feats, logits = [], []
+    hook = inner.classifier.register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach()))
+    try:
+        for i in range(0, len(x), batch):
+            logits.append(model(x[i:i + batch]))
+    finally:
+        hook.remove()
+    return torch.cat(feats), torch.cat(logits)
+
+
+def mobilenet_task(small: bool = False) -> Task:
+    try:
+        from sklearn.linear_model import LogisticRegression
+    except ImportError:
+        raise ImportError("the mobilenetv2-probe task needs scikit-learn: pip install scikit-learn") from None
+    model = load_mobilenetv2()
+    x_train, y_train = load_fashion_mnist("train")
+    x_test, y_test = load_fashion_mnist("test")
+    n_fit, n_test = (500, 300) if small else (2000, 1000)
+    fit_x, fit_y = to_imagenet(x_train[:n_fit]), y_train[:n_fit]
+    cal_x = to_imagenet(x_train[n_fit:n_fit + 256])
+    test_x, test_y = to_imagenet(x_test[:n_test]), y_test[:n_test].numpy()
+    fit_feats, _ = features_and_logits(model, fit_x)
+    probe = LogisticRegression(C=0.05, max_iter=2000).fit(fit_feats.numpy(), fit_y.numpy())
+    ref_feats, ref_logits = features_and_logits(model, test_x)
+
+    def evaluate(m) -> dict:
+        feats, logits = features_and_logits(m, test_x)
+        acc = float((probe.predict(feats.numpy()) == test_y).mean() * 100)
+        agree = (logits.argmax(1) == ref_logits.argmax(1)).double().mean().item() * 100
+        cos = F.cosine_similarity(feats, ref_feats, dim=1).mean().item()
+        return {"probe_accuracy": acc, "top1_agreement": agree, "feature_cosine": cos}
+
+    return Task("mobilenetv2-probe", f"ImageNet MobileNetV2 + linear probe on Fashion-MNIST at 64 px ({n_test} test images)",
+                model, list(cal_x.split(32)), "probe_accuracy", evaluate)

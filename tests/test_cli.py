@@ -1,0 +1,74 @@
+import json
+
+import torch
+
+from fewbits.cli import main
+
+REQUIRED = {"task", "recipe", "calib", "metric", "size_bytes", "left_float", "seconds"}
+
+
+def test_tasks_lists_all_five(capsys):
+    assert main(["tasks"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in ("fashion-cnn", "mobilenetv2-probe", "minilm-wordnet", "digits", "mnist1d"))
+
+
+def test_quantize_a_task_writes_the_json_contract(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    assert main(["quantize", "--task", "digits", "--recipe", "w8a8", "--calib", "percentile", "--json", str(path),
+                 "--out", str(tmp_path / "out")]) == 0
+    data = json.loads(path.read_text())
+    assert REQUIRED <= set(data)
+    assert data["calib"] == "percentile" and data["recipe"] == "w8a8"
+    assert set(data["metric"]) == {"name", "fp32", "quantized"} and data["metric"]["name"] == "accuracy"
+    assert set(data["size_bytes"]) == {"fp32", "quantized"}
+    assert (tmp_path / "out" / "report.json").is_file() and (tmp_path / "out" / "layer_sqnr.png").is_file()
+    assert "| digits" in capsys.readouterr().out
+
+
+MODEL_FILE = '''
+import torch
+from torch import nn
+
+def build():
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+'''
+
+
+def test_quantize_a_user_model(tmp_path):
+    (tmp_path / "mymodel.py").write_text(MODEL_FILE)
+    torch.manual_seed(0)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("m", tmp_path / "mymodel.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    torch.save(module.build().state_dict(), tmp_path / "ckpt.pt")
+    torch.save(torch.randn(64, 1, 8, 8), tmp_path / "calib.pt")
+    torch.save({"x": torch.randn(32, 1, 8, 8), "y": torch.randint(0, 3, (32,))}, tmp_path / "eval.pt")
+    out = tmp_path / "r.json"
+    assert main(["quantize", "--model", f"{tmp_path / 'mymodel.py'}:build", "--checkpoint", str(tmp_path / "ckpt.pt"),
+                 "--calib-data", str(tmp_path / "calib.pt"), "--eval-data", str(tmp_path / "eval.pt"),
+                 "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["task"] == "mymodel" and data["metric"]["name"] == "accuracy"
+    assert data["left_float"] == []  # the BatchNorm was folded
+
+
+def test_errors_are_one_line_and_exit_2(capsys, tmp_path):
+    assert main(["quantize", "--task", "nope"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["fewbits: error: unknown task 'nope'; tasks: fashion-cnn, mobilenetv2-probe, minilm-wordnet, digits, mnist1d"]
+    assert main(["quantize", "--task", "digits", "--recipe", "w9a9"]) == 2
+    assert "unknown recipe 'w9a9'" in capsys.readouterr().err
+    assert main(["quantize", "--model", str(tmp_path / "x.py") + ":f", "--calib-data", "c.pt"]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["quantize", "--task", "digits", "--calib", "kl"]) == 2
+    assert "calibration method must be one of" in capsys.readouterr().err
+
+
+def test_demo_runs_and_prints_one_table(tmp_path, capsys):
+    assert main(["demo", "--tasks", "digits", "--small", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "what quantization cost" in out and out.count("| digits") == 6
+    assert (tmp_path / "demo.json").is_file() and (tmp_path / "layer_sqnr.png").is_file()
