@@ -79,6 +79,8 @@ class Recipe:
     version: int = field(default=RECIPE_VERSION)
 
     def __post_init__(self) -> None:
+        # by_type is a mapping: keep it in one canonical order so equal recipes compare equal
+        object.__setattr__(self, "by_type", tuple(sorted(self.by_type, key=lambda kv: kv[0])))
         for type_name, _ in self.by_type:
             if type_name not in LAYER_TYPES:
                 raise ValueError(f"recipe '{self.name}': layer type must be one of {list(LAYER_TYPES)}, got {type_name!r}")
@@ -184,14 +186,27 @@ def get_recipe(recipe) -> Recipe:
         return recipe
     if isinstance(recipe, str) and recipe in BUILTIN_RECIPES:
         return BUILTIN_RECIPES[recipe]
-    if isinstance(recipe, str) and recipe.endswith(".json"):
-        from pathlib import Path
+    if isinstance(recipe, str) and recipe.endswith((".json", ".yaml", ".yml")):
+        return _read_recipe_file(recipe)
+    raise ValueError(f"unknown recipe {recipe!r}; built-ins: {sorted(BUILTIN_RECIPES)} or a .json/.yaml recipe file")
 
-        path = Path(recipe)
-        if not path.is_file():
-            raise ValueError(f"recipe file {path} not found")
-        try:
-            return Recipe.from_json(path.read_text())
-        except (ValueError, KeyError, TypeError) as err:
-            raise ValueError(f"recipe file {path}: {err}") from None
-    raise ValueError(f"unknown recipe {recipe!r}; built-ins: {sorted(BUILTIN_RECIPES)} or a .json recipe file")
+
+def _read_recipe_file(name: str) -> Recipe:
+    from pathlib import Path
+
+    path = Path(name)
+    if not path.is_file():
+        raise ValueError(f"recipe file {path} not found")
+    text = path.read_text()
+    try:
+        if path.suffix == ".json":
+            data = json.loads(text)
+        else:
+            try:
+                import yaml
+            except ImportError:
+                raise ValueError("YAML recipes need pyyaml: pip install pyyaml") from None
+            data = yaml.safe_load(text)
+        return Recipe.from_dict(data)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"recipe file {path}: {err}") from None

@@ -54,3 +54,11 @@ def test_name_overrides_include_exclude():
     assert recipe.for_layer("enc.skip", "Linear") == (None, "excluded by the recipe")
     assert recipe.for_layer("other", "Linear")[0].input is None
     assert recipe.for_layer("emb", "Embedding") == (None, "the recipe has no rule for Embedding")
+
+
+def test_yaml_recipe_file(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    recipe = BUILTIN_RECIPES["w4a8"]
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(json.loads(recipe.to_json())))
+    assert get_recipe(str(path)) == recipe
