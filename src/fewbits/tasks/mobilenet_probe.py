@@ -27,7 +27,13 @@ def to_imagenet(images: torch.Tensor, size: int = 64) -> torch.Tensor:
 
 @torch.no_grad()
 def features_and_logits(model: nn.Module, x: torch.Tensor, batch: int = 100):
-    """Pooled 1,280-d features (the classifier's input) and the 1,000-class logits."""
+    """Pooled 1,280-d features (the classifier's input) and the 1,000-class logits.
+
+    A stand-in for the network (an ONNX Runtime session, say) may provide its own
+    ``features_and_logits(x)``.
+    """
+    if hasattr(model, "features_and_logits"):
+        return model.features_and_logits(x)
     inner = getattr(model, "model", model)  # a QuantizedModel wraps the network
     feats, logits = [], []
     hook = inner.classifier.register_forward_pre_hook(lambda _m, args: feats.append(args[0].detach()))
