@@ -114,6 +114,11 @@ def _levels(spec: QuantSpec) -> int:
     return spec.qmax - spec.qmin
 
 
+def one_sided(stats: RangeStats, spec: QuantSpec) -> torch.Tensor:
+    """Per row: an asymmetric grid on data of one sign spends all its levels on that side."""
+    return (not spec.symmetric) & ((stats.min >= 0) | (stats.max <= 0))
+
+
 def aciq_clip_ratio(bits: int, prior: str = "laplace") -> float:
     """Optimal clip α / (Laplace b or Gaussian σ) for a ``bits``-bit uniform grid over [−α, α].
 
@@ -174,8 +179,7 @@ def octav(stats, spec: QuantSpec, iterations: int = 50, tol: float = 1e-7):
     _need_distribution(stats, "octav")
     values, weights = stats.weighted_samples()
     mags = values.abs()
-    one_sided = (not spec.symmetric) & ((stats.min >= 0) | (stats.max <= 0))
-    steps = torch.where(one_sided, float(_levels(spec)), _levels(spec) / 2.0)
+    steps = torch.where(one_sided(stats, spec), float(_levels(spec)), _levels(spec) / 2.0)
     kappa = 1.0 / (12 * steps**2)
     total = weights.sum(1)
     s = (mags * weights).sum(1) / total  # start at the mean magnitude: always inside the data

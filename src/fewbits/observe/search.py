@@ -7,7 +7,7 @@ import torch
 
 from ..numerics.affine import choose_qparams
 from ..spec import QuantSpec
-from .estimators import _clip, _need_distribution, abs_histogram
+from .estimators import _clip, _need_distribution, abs_histogram, one_sided
 
 _CHUNK_ELEMENTS = 1 << 20  # rows·candidates·samples at once: temporaries stay in cache, not in page faults
 _GOLDEN = (math.sqrt(5) - 1) / 2
@@ -134,13 +134,13 @@ def entropy(stats, spec: QuantSpec):
     """
     _need_distribution(stats, "entropy")
     counts, width = abs_histogram(stats)
-    one_sided = (not spec.symmetric) & ((stats.min >= 0) | (stats.max <= 0))
+    single_side = one_sided(stats, spec)
     alphas = []
     for r in range(counts.shape[0]):
         hist = counts[r]
         nonzero = torch.nonzero(hist).flatten()
         n = int(nonzero[-1]) + 1 if nonzero.numel() else 1
-        levels = (spec.qmax - spec.qmin + 1) // (1 if one_sided[r] else 2)
+        levels = (spec.qmax - spec.qmin + 1) // (1 if single_side[r] else 2)
         if n <= levels:  # the grid is finer than the histogram: nothing to gain by clipping
             alphas.append(float(n) * float(width[r]))
             continue

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ..wrap.modules import QUANT_MODULES
-from ..wrap.prepare import LeftFloat, QuantizedModel, _as_call
+from ..wrap.prepare import LeftFloat, QuantizedModel, as_call
 
 REPORT_SCHEMA = 1
 _QUANT_TYPES = tuple(QUANT_MODULES.values())
@@ -107,7 +107,7 @@ def layer_output_sqnr(qmodel: QuantizedModel, batches: list) -> dict[str, float]
     hooks += [float_model.get_submodule(n).register_forward_hook(grab(("f", n))) for n in names]
     try:
         for i, batch in enumerate(batches):
-            args, kwargs = _as_call(batch, i)
+            args, kwargs = as_call(batch, i)
             float_model(*args, **kwargs)
             qmodel.model(*args, **kwargs)
             for n in names:

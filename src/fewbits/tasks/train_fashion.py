@@ -14,15 +14,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .base import accuracy
 from .data.fashion_mnist import load_fashion_mnist, normalise
 from .models.fashion_cnn import CHECKPOINT, CHECKPOINT_SCHEMA, fashion_cnn
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 1000) -> float:
-    model.eval()
-    correct = sum((model(x[i:i + batch]).argmax(1) == y[i:i + batch]).sum().item() for i in range(0, len(x), batch))
-    return correct / len(x)
 
 
 def train(epochs: int = 2, seed: int = 0, batch: int = 128, lr: float = 2e-3) -> tuple[nn.Module, float]:
@@ -48,7 +42,7 @@ def train(epochs: int = 2, seed: int = 0, batch: int = 128, lr: float = 2e-3) ->
                 print(f"\repoch {epoch + 1}/{epochs} step {step} loss {loss.item():.3f}", end="", file=sys.stderr, flush=True)
         print(f"\repoch {epoch + 1}/{epochs} done in {time.time() - t0:.0f}s" + " " * 20, file=sys.stderr)
     xt, yt = load_fashion_mnist("test")
-    return model.eval(), accuracy(model, normalise(xt), yt)
+    return model.eval(), accuracy(model.eval(), normalise(xt), yt) / 100
 
 
 def main(argv=None) -> None:

@@ -130,7 +130,7 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
-def _as_call(batch, index: int) -> tuple[tuple, dict]:
+def as_call(batch, index: int) -> tuple[tuple, dict]:
     """A calibration batch as (args, kwargs), checked."""
     if isinstance(batch, torch.Tensor):
         args, kwargs = (batch,), {}
@@ -173,7 +173,7 @@ def calibrate(qmodel: QuantizedModel, batches: Iterable) -> QuantizedModel:
     try:
         count = 0
         for count, batch in enumerate(batches, start=1):
-            args, kwargs = _as_call(batch, count - 1)
+            args, kwargs = as_call(batch, count - 1)
             qmodel.model(*args, **kwargs)
             _progress(count, total)
         if count == 0:
