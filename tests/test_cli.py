@@ -26,6 +26,14 @@ def test_quantize_a_task_writes_the_json_contract(tmp_path, capsys):
     assert "| digits" in capsys.readouterr().out
 
 
+def test_quantize_with_algo_reports_what_the_step_did(tmp_path):
+    path = tmp_path / "r.json"
+    assert main(["quantize", "--task", "digits", "--recipe", "w8a8", "--algo", "smoothquant", "--json", str(path)]) == 0
+    algorithms = json.loads(path.read_text())["algorithms"]
+    assert [a["step"]["name"] for a in algorithms] == ["smoothquant"]
+    assert algorithms[0]["step"]["alpha"] == 0.5 and algorithms[0]["layers"]  # the digits MLP's linear layers
+
+
 MODEL_FILE = '''
 import torch
 from torch import nn
@@ -65,10 +73,14 @@ def test_errors_are_one_line_and_exit_2(capsys, tmp_path):
     assert "not found" in capsys.readouterr().err
     assert main(["quantize", "--task", "digits", "--calib", "kl"]) == 2
     assert "calibration method must be one of" in capsys.readouterr().err
+    assert main(["quantize", "--task", "digits", "--algo", "smoothquant,gptx"]) == 2
+    assert "unknown step 'gptx'; known: ['smoothquant']" in capsys.readouterr().err
+    assert main(["quantize", "--task", "digits", "--algo", "smoothquant,smoothquant"]) == 2
+    assert "more than once" in capsys.readouterr().err
 
 
 def test_demo_runs_and_prints_one_table(tmp_path, capsys):
     assert main(["demo", "--tasks", "digits", "--small", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "what quantization cost" in out and out.count("| digits") == 6
+    assert "what quantization cost" in out and out.count("| digits") == 7
     assert (tmp_path / "demo.json").is_file() and (tmp_path / "layer_sqnr.png").is_file()

@@ -10,6 +10,7 @@ import os
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 CLI_SCHEMA = 1
@@ -34,19 +35,24 @@ def calib_label(recipe) -> str:
     return ",".join(sorted({t.method for t in acts if not t.dynamic}))
 
 
-def run_quantize(model, calibration, recipe, metric_fn=None, metric=None, calib=None):
-    """prepare → calibrate → evaluate; returns (qmodel, report, recipe used)."""
+def run_quantize(model, calibration, recipe, metric_fn=None, metric=None, calib=None, algo=None):
+    """prepare → calibrate (running the recipe's steps and ``algo``) → evaluate;
+    returns (qmodel, report, recipe used)."""
     import fewbits
     from fewbits.recipe import get_recipe, with_calibration
+    from fewbits.steps import parse_steps
 
     recipe = get_recipe(recipe)
     if calib:
         recipe = with_calibration(recipe, calib)
+    if algo:
+        recipe = replace(recipe, steps=recipe.steps + tuple(parse_steps(algo)))
     t0 = time.perf_counter()
     qmodel = fewbits.prepare(model, recipe)
     fewbits.calibrate(qmodel, calibration)
     seconds = time.perf_counter() - t0
     report = fewbits.evaluate(qmodel, model, metric_fn=metric_fn, metric=metric, batches=calibration, seconds=seconds)
+    report.extra["algorithms"] = [r.to_dict() for r in qmodel.applied]
     return qmodel, report, recipe
 
 
@@ -58,7 +64,7 @@ def result_json(name: str, recipe, report) -> dict:
         "metrics": {"fp32": report.fp32, "quantized": report.quantized},
         "size_bytes": report.size_bytes, "seconds": report.seconds,
         "left_float": [{"name": x.name, "type": x.type, "reason": x.reason} for x in report.left_float],
-        "layers": report.to_dict()["layers"],
+        "layers": report.to_dict()["layers"], "algorithms": report.extra.get("algorithms", []),
     }
 
 
@@ -159,7 +165,7 @@ def cmd_quantize(args) -> dict:
         calibration = load_batches(args.calib_data, args.batch_size)
         metric_fn = accuracy_metric(args.eval_data) if args.eval_data else None
         name, metric = Path(args.model.rpartition(":")[0]).stem, ("accuracy" if args.eval_data else None)
-    qmodel, report, recipe = run_quantize(model, calibration, args.recipe, metric_fn, metric, args.calib)
+    qmodel, report, recipe = run_quantize(model, calibration, args.recipe, metric_fn, metric, args.calib, args.algo)
     result = result_json(name, recipe, report)
     print(format_table([summary_row(result)], title=f"fewbits quantize: {name}"))
     if report.left_float:
@@ -176,7 +182,7 @@ def cmd_quantize(args) -> dict:
 
 
 DEMO_CONFIGS = [("w8a8", "minmax"), ("w8a8", "percentile"), ("w8a8", "entropy"), ("w8a8-dynamic", None),
-                ("w8", None), ("w4a8", "mse")]
+                ("w8a8-smoothquant", None), ("w8", None), ("w4a8", "mse")]
 
 
 def cmd_demo(args) -> list:
@@ -217,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--recipe", default="w8a8", help="built-in name or a .json recipe file")
     q.add_argument("--calib", help="activation calibration method: minmax, ema, percentile, mse, entropy, aciq, octav")
+    q.add_argument("--algo", help="post-training algorithms before calibration, comma-separated: smoothquant")
     q.add_argument("--small", action="store_true", help="evaluate on a subset (quick)")
     q.add_argument("--json", help="write the result as JSON")
     q.add_argument("--out", help="directory for report.json and a per-layer SQNR plot")

@@ -6,6 +6,7 @@ overrides (``None`` keeps a layer float) and include / exclude lists. Built-ins:
 
     w8a8          int8 per-channel symmetric weights, uint8 per-tensor asymmetric static inputs
     w8a8-dynamic  the same weights, inputs quantized per batch from their own min/max
+    w8a8-smoothquant  w8a8 after SmoothQuant with a per-layer searched strength (transformers)
     w8            int8 per-channel weights only
     w4a8          int4 per-channel weights, uint8 static inputs
     w4-g128       int4 weights in groups of 128 along the input, weights only
@@ -23,6 +24,7 @@ from typing import Optional
 
 from .observe.methods import CalibrationMethod
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from .steps import STEP_NAMES, STEPS, SmoothQuant, step_from_dict, step_to_dict
 
 RECIPE_VERSION = 1
 LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding")
@@ -77,6 +79,7 @@ class Recipe:
     include: tuple[str, ...] = ("*",)
     exclude: tuple[str, ...] = ()
     version: int = field(default=RECIPE_VERSION)
+    steps: tuple = ()  # algorithm steps (fewbits.steps) that calibrate runs before observing ranges
 
     def __post_init__(self) -> None:
         # by_type is a mapping: keep it in one canonical order so equal recipes compare equal
@@ -84,6 +87,9 @@ class Recipe:
         for type_name, _ in self.by_type:
             if type_name not in LAYER_TYPES:
                 raise ValueError(f"recipe '{self.name}': layer type must be one of {list(LAYER_TYPES)}, got {type_name!r}")
+        for step in self.steps:
+            if type(step) not in STEP_NAMES:
+                raise ValueError(f"recipe '{self.name}': a step must be one of {sorted(STEPS)}, got {step!r}")
         if self.version != RECIPE_VERSION:
             raise ValueError(f"recipe '{self.name}': version must be {RECIPE_VERSION}, got {self.version}")
 
@@ -101,6 +107,8 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
+        if self.steps:
+            return True
         layers = [lr for _, lr in self.by_type] + [lr for _, lr in self.by_name if lr]
         return any(t and not t.dynamic for lr in layers for t in (lr.input, lr.output))
 
@@ -110,17 +118,19 @@ class Recipe:
             "by_type": {t: lr.to_dict() for t, lr in self.by_type},
             "by_name": [[p, lr.to_dict() if lr else None] for p, lr in self.by_name],
             "include": list(self.include), "exclude": list(self.exclude),
+            "steps": [step_to_dict(s) for s in self.steps],
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
-        _reject_unknown("recipe", data, {"version", "name", "by_type", "by_name", "include", "exclude"})
+        _reject_unknown("recipe", data, {"version", "name", "by_type", "by_name", "include", "exclude", "steps"})
         return cls(
             name=data.get("name", "custom"),
             by_type=tuple((t, LayerRecipe.from_dict(lr)) for t, lr in data.get("by_type", {}).items()),
             by_name=tuple((p, LayerRecipe.from_dict(lr) if lr else None) for p, lr in data.get("by_name", [])),
             include=tuple(data.get("include", ("*",))), exclude=tuple(data.get("exclude", ())),
             version=data.get("version", None),
+            steps=tuple(step_from_dict(s) for s in data.get("steps", ())),
         )
 
     def to_json(self) -> str:
@@ -160,6 +170,10 @@ BUILTIN_RECIPES = {
     "w8a8": Recipe("w8a8", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES),
     "w8a8-dynamic": Recipe("w8a8-dynamic", _conv_linear(_weights(8, PerChannel(0)), _ACT_DYNAMIC), _KEEP_FLOAT_TABLES),
     "w8": Recipe("w8", _conv_linear(_weights(8, PerChannel(0)), None), _KEEP_FLOAT_TABLES),
+    # Transformers: per-tensor activations lose the few outlier channels of LayerNorm and GELU
+    # outputs; a per-layer SmoothQuant strength moves them into the per-channel weight scales.
+    "w8a8-smoothquant": Recipe("w8a8-smoothquant", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC),
+                               _KEEP_FLOAT_TABLES, steps=(SmoothQuant(alpha=None),)),
     "w4a8": Recipe("w4a8", _conv_linear(_weights(4, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES),
     "w4-g128": Recipe("w4-g128", _conv_linear(_weights(4, PerGroup(128, axis=1)), None), _KEEP_FLOAT_TABLES),
 }

@@ -28,7 +28,7 @@ def test_json_round_trip(name, tmp_path):
 
 
 def test_bad_recipes_are_named_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown recipe 'w9a9'; built-ins: \['w4-g128', 'w4a8', 'w8', 'w8a8', 'w8a8-dynamic'\]"):
+    with pytest.raises(ValueError, match=r"unknown recipe 'w9a9'; built-ins: \['w4-g128', 'w4a8', 'w8', 'w8a8', 'w8a8-dynamic', 'w8a8-smoothquant'\]"):
         get_recipe("w9a9")
     data = json.loads(BUILTIN_RECIPES["w8a8"].to_json())
     with pytest.raises(ValueError, match=r"unknown recipe keys \['layers'\]"):
@@ -62,3 +62,17 @@ def test_yaml_recipe_file(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(yaml.safe_dump(json.loads(recipe.to_json())))
     assert get_recipe(str(path)) == recipe
+
+
+def test_recipe_file_with_steps(tmp_path):
+    yaml = pytest.importorskip("yaml")
+    path = tmp_path / "r.yaml"
+    data = {**json.loads(BUILTIN_RECIPES["w8a8"].to_json()), "name": "mine",
+            "steps": [{"name": "smoothquant", "alpha": 0.75}, "smoothquant"]}
+    path.write_text(yaml.safe_dump(data))
+    from fewbits import SmoothQuant
+
+    assert get_recipe(str(path)).steps == (SmoothQuant(alpha=0.75), SmoothQuant())
+    path.write_text(yaml.safe_dump({**data, "steps": [{"name": "smoothquant", "alfa": 1}]}))
+    with pytest.raises(ValueError, match=r"r.yaml: step 'smoothquant': unknown keys \['alfa'\]"):
+        get_recipe(str(path))

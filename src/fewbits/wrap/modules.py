@@ -59,7 +59,32 @@ class _QuantSlots:
 
 
 class QuantLinear(_QuantSlots, nn.Linear):
+    """A linear layer with quantizer slots and an optional per-input-feature ``smooth_scale`` s:
+    ``y = Q(x / s) · Q(W · diag(s))ᵀ + b``, equal to ``x · Wᵀ + b`` before quantization."""
+
+    def _attach(self, recipe: LayerRecipe, name: str) -> None:
+        self.register_buffer("smooth_scale", None)
+        super()._attach(recipe, name)
+
+    @torch.no_grad()
+    def smooth(self, scale: torch.Tensor) -> None:
+        """Move a positive factor per input feature from the input to the weight (SmoothQuant).
+
+        The weight becomes ``W · diag(scale)`` and its qparams are recomputed; inputs are divided
+        by ``scale`` before their quantizer, whose range must be calibrated afterwards.
+        """
+        if scale.shape != (self.in_features,) or not bool((scale > 0).all()) or not bool(torch.isfinite(scale).all()):
+            raise ValueError(f"smooth scale for a linear layer with {self.in_features} inputs must be "
+                             f"{self.in_features} finite positive values, got shape {tuple(scale.shape)}")
+        scale = scale.to(self.weight.dtype)
+        self.weight.mul_(scale)
+        self.smooth_scale = scale if self.smooth_scale is None else self.smooth_scale * scale
+        if self.weight_quantizer is not None:
+            self.weight_quantizer.set_from(self._weight_view())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.smooth_scale is not None:
+            x = x / self.smooth_scale
         return self._out(F.linear(self._in(x), self.quantized_weight(), self.bias))
 
 

@@ -6,15 +6,16 @@
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import enum
-import sys
 from dataclasses import dataclass
 from typing import Iterable
 
 import torch
 from torch import nn
 
+from ..progress import Progress
 from ..recipe import Recipe, get_recipe
 from .fold import fold_batchnorm
 from .modules import QUANT_MODULES, QuantEmbedding
@@ -57,6 +58,7 @@ class QuantizedModel(nn.Module):
         self.left_float = left_float
         self.folded_bn = folded_bn
         self.status = Status.PREPARED if recipe.needs_calibration else Status.CALIBRATED
+        self.applied: list = []  # results of fewbits.apply, in order
 
     def forward(self, *args, **kwargs):
         if self.status is Status.PREPARED:
@@ -130,6 +132,21 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
 
 
+@contextlib.contextmanager
+def quantization_disabled(qmodel: QuantizedModel):
+    """Inside the block every quantizer passes values through: the prepared model computes
+    its float function (algorithms use this to collect fp32 statistics)."""
+    quantizers = list(qmodel.quantizers().values())
+    before = [q.enabled for q in quantizers]
+    for q in quantizers:
+        q.enabled = False
+    try:
+        yield qmodel.model
+    finally:
+        for q, was in zip(quantizers, before):
+            q.enabled = was
+
+
 def as_call(batch, index: int) -> tuple[tuple, dict]:
     """A calibration batch as (args, kwargs), checked."""
     if isinstance(batch, torch.Tensor):
@@ -148,10 +165,21 @@ def as_call(batch, index: int) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def _progress(i: int, total, every: int = 1) -> None:
-    if sys.stderr.isatty() and i % every == 0:
-        of = f"/{total}" if total else ""
-        print(f"\rfewbits: calibrating, batch {i}{of}", end="", file=sys.stderr, flush=True)
+def _run_recipe_steps(qmodel: QuantizedModel, batches):
+    """Run the recipe's algorithm steps not yet applied (they need the batches: keep them)."""
+    from ..algorithms import apply
+    from ..steps import step_to_dict
+
+    done = [r.step for r in qmodel.applied]
+    pending = [s for s in qmodel.recipe.steps if step_to_dict(s) not in done]
+    if not pending:
+        return batches
+    batches = list(batches)
+    for i, batch in enumerate(batches):  # every batch checked before any step changes a weight
+        as_call(batch, i)
+    for step in pending:
+        apply(qmodel, step, batches)
+    return batches
 
 
 @torch.no_grad()
@@ -163,6 +191,7 @@ def calibrate(qmodel: QuantizedModel, batches: Iterable) -> QuantizedModel:
     """
     if not isinstance(qmodel, QuantizedModel):
         raise ValueError("calibrate expects the model returned by fewbits.prepare")
+    batches = _run_recipe_steps(qmodel, batches)
     static = [q for q in qmodel.quantizers().values() if q.role != "weight" and not q.recipe.dynamic]
     if not static:
         qmodel.status = Status.CALIBRATED
@@ -171,21 +200,18 @@ def calibrate(qmodel: QuantizedModel, batches: Iterable) -> QuantizedModel:
     for q in static:
         q.start_observing()
     try:
-        count = 0
-        for count, batch in enumerate(batches, start=1):
-            args, kwargs = as_call(batch, count - 1)
-            qmodel.model(*args, **kwargs)
-            _progress(count, total)
-        if count == 0:
+        with Progress("calibrating, batch", total) as progress:
+            for index, batch in enumerate(batches):
+                args, kwargs = as_call(batch, index)
+                qmodel.model(*args, **kwargs)
+                progress.step()
+        if progress.count == 0:
             raise ValueError("calibration got no batches: an empty stream gives no ranges")
         new = {q.name: q.observed_qparams() for q in static}
     except BaseException:
         for q in static:
             q.stop_observing()
         raise
-    finally:
-        if sys.stderr.isatty():
-            print(file=sys.stderr)
     for q in static:
         q.stop_observing(new[q.name])
     qmodel.status = Status.CALIBRATED

@@ -31,6 +31,7 @@ class TensorQuantizer(nn.Module):
         self.register_buffer("scale", None)
         self.register_buffer("zero_point", None)
         self.observer: Optional[Observer] = None
+        self.enabled = True  # False: values pass through (see fewbits.wrap.quantization_disabled)
 
     @property
     def spec(self):
@@ -41,6 +42,8 @@ class TensorQuantizer(nn.Module):
         return self.recipe.dynamic or self.scale is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
         if self.observer is not None:
             self.observer.update(x)
             return x
