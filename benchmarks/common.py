@@ -1,11 +1,8 @@
 """Shared helpers for the benchmarks: threads, tables, JSON results, environment record."""
 from __future__ import annotations
 
-import json
 import os
 import platform
-import tempfile
-from pathlib import Path
 
 import torch
 
@@ -32,10 +29,8 @@ def print_table(rows: list[dict], title: str = "") -> None:
 
 def save_json(data: dict, path: str) -> None:
     """Write atomically (temp file + rename), with the environment recorded."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    from fewbits.files import write_json_atomic
+
     payload = {"schema_version": 1, "environment": environment(), **data}
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(payload, f, indent=1, default=float)
-    os.replace(f.name, path)
+    write_json_atomic(path, payload, default=float)
     print(f"results: {path}")

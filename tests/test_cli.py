@@ -28,8 +28,14 @@ def test_quantize_a_task_writes_the_json_contract(tmp_path, capsys):
 
 def test_quantize_with_algo_reports_what_the_step_did(tmp_path):
     path = tmp_path / "r.json"
-    assert main(["quantize", "--task", "digits", "--recipe", "w8a8", "--algo", "smoothquant", "--json", str(path)]) == 0
-    algorithms = json.loads(path.read_text())["algorithms"]
+    assert main(["quantize", "--task", "digits", "--recipe", "w8a8", "--algo", "smoothquant", "--json", str(path),
+                 "--save", str(tmp_path / "digits.fewbits")]) == 0
+    data = json.loads(path.read_text())
+    algorithms = data["algorithms"]
+    import fewbits
+
+    packed = fewbits.load(data["saved"]["path"])
+    assert packed.meta["applied"][0]["step"]["name"] == "smoothquant"
     assert [a["step"]["name"] for a in algorithms] == ["smoothquant"]
     assert algorithms[0]["step"]["alpha"] == 0.5 and algorithms[0]["layers"]  # the digits MLP's linear layers
 

@@ -28,6 +28,7 @@ from .spec import PerChannel, PerGroup, PerTensor, QuantSpec, Rounding
 from .wrap import QuantizedModel, calibrate, prepare
 from .steps import SmoothQuant
 from .algorithms import AlgorithmResult, apply
+from .export import load, save
 from .report import Report, evaluate
 
 __version__ = "0.1.0"
@@ -40,5 +41,5 @@ __all__ = [
     "make_observer", "estimate_range", "calibrate_qparams", "sample_stats", "weight_qparams",
     "Recipe", "LayerRecipe", "TensorRecipe", "BUILTIN_RECIPES", "get_recipe",
     "prepare", "calibrate", "QuantizedModel", "evaluate", "Report",
-    "apply", "AlgorithmResult", "SmoothQuant",
+    "apply", "AlgorithmResult", "SmoothQuant", "save", "load",
 ]

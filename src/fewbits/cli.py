@@ -5,10 +5,7 @@ Errors are one line on stderr and exit code 2; ``--debug`` shows the traceback.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -17,11 +14,9 @@ CLI_SCHEMA = 1
 
 
 def _write_json(data: dict, path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp") as f:
-        json.dump(data, f, indent=1)
-    os.replace(f.name, path)
+    from fewbits.files import write_json_atomic
+
+    write_json_atomic(path, data)
 
 
 def calib_label(recipe) -> str:
@@ -170,6 +165,10 @@ def cmd_quantize(args) -> dict:
     print(format_table([summary_row(result)], title=f"fewbits quantize: {name}"))
     if report.left_float:
         print(format_table([{"left float": x.name, "type": x.type, "reason": x.reason} for x in report.left_float]))
+    if args.save:
+        import fewbits
+
+        result["saved"] = {"path": str(args.save), "bytes": fewbits.save(qmodel, args.save).stat().st_size}
     if args.json:
         _write_json(result, Path(args.json))
     if args.out:
@@ -227,6 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--small", action="store_true", help="evaluate on a subset (quick)")
     q.add_argument("--json", help="write the result as JSON")
     q.add_argument("--out", help="directory for report.json and a per-layer SQNR plot")
+    q.add_argument("--save", help="write the quantized model as a packed file (fewbits.load reads it)")
     d = sub.add_parser("demo", help="the default tasks through several recipes: one comparison table")
     d.add_argument("--tasks", default="fashion-cnn,minilm-wordnet")
     d.add_argument("--small", action="store_true")

@@ -17,5 +17,7 @@ def format_table(rows: list[dict], title: str = "") -> str:
 
 def _fmt(v) -> str:
     if isinstance(v, float):
-        return f"{v:.3g}" if abs(v) < 0.01 and v != 0 else f"{v:,.2f}".rstrip("0").rstrip(".")
+        # callers round to the precision that matters (a cosine of 0.9981 vs 0.995 needs four
+        # places); the table only drops trailing zeros
+        return f"{v:.3g}" if abs(v) < 0.01 and v != 0 else f"{v:,.4f}".rstrip("0").rstrip(".")
     return "" if v is None else str(v)

@@ -48,7 +48,7 @@ class QuantizedModel(nn.Module):
     """The prepared model: ``model`` with quantized layers, plus what was left float and why."""
 
     def __init__(self, model: nn.Module, recipe: Recipe, left_float: list[LeftFloat], folded_bn: list[str],
-                 float_model: nn.Module) -> None:
+                 float_model: nn.Module, fold_bn: bool = True) -> None:
         super().__init__()
         self.model = model
         # The fp32 network after BN folding, with the same module names: the reference for
@@ -57,6 +57,7 @@ class QuantizedModel(nn.Module):
         self.recipe = recipe
         self.left_float = left_float
         self.folded_bn = folded_bn
+        self.fold_bn = fold_bn
         self.status = Status.PREPARED if recipe.needs_calibration else Status.CALIBRATED
         self.applied: list = []  # results of fewbits.apply, in order
 
@@ -115,7 +116,7 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True) -> Quantiz
             left.append(LeftFloat(name, type(module).__name__, str(err)))
             continue
         _replace(work, name, swapped)
-    return QuantizedModel(work, recipe, left, folded, float_model)
+    return QuantizedModel(work, recipe, left, folded, float_model, fold_bn)
 
 
 def _float_reason(module: nn.Module) -> str:
