@@ -29,6 +29,7 @@ from .wrap import QuantizedModel, calibrate, prepare
 from .steps import SmoothQuant
 from .algorithms import AlgorithmResult, apply
 from .export import load, save
+from .convert import IntegerModel, convert
 from .report import Report, evaluate
 
 __version__ = "0.1.0"
@@ -41,5 +42,5 @@ __all__ = [
     "make_observer", "estimate_range", "calibrate_qparams", "sample_stats", "weight_qparams",
     "Recipe", "LayerRecipe", "TensorRecipe", "BUILTIN_RECIPES", "get_recipe",
     "prepare", "calibrate", "QuantizedModel", "evaluate", "Report",
-    "apply", "AlgorithmResult", "SmoothQuant", "save", "load",
+    "apply", "AlgorithmResult", "SmoothQuant", "save", "load", "convert", "IntegerModel",
 ]

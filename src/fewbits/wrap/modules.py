@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..recipe import LayerRecipe
+from ..spec import PerChannel, PerTensor
 from .quantizer import TensorQuantizer
 
 
@@ -39,6 +40,24 @@ class _QuantSlots:
         if self.weight_quantizer is None:
             return self.weight
         return self.weight_quantizer(self._weight_view()).reshape(self.weight.shape)
+
+    def quantized_bias(self) -> Optional[torch.Tensor]:
+        """The bias as the integer model adds it: ``round(b / (s_x·s_w))`` in the int32
+        accumulator, i.e. on the grid of step ``s_x·s_w`` per output channel. Only with a static
+        per-tensor input range (calibrated, not observing) and per-tensor / per-output-channel
+        weights; otherwise the float bias. The rounding passes gradients straight through."""
+        b, xq, wq = self.bias, self.input_quantizer, self.weight_quantizer
+        if b is None or xq is None or wq is None or xq.recipe.dynamic or xq.scale is None:
+            return b
+        if not (xq.enabled and wq.enabled) or xq.observer is not None:
+            return b
+        wg = wq.spec.granularity
+        if not isinstance(xq.spec.granularity, PerTensor) or not (
+                isinstance(wg, PerTensor) or (isinstance(wg, PerChannel) and wg.axis == 0)):
+            return b
+        step = xq.scale.detach().double().reshape(()) * wq.scale.detach().double().reshape(-1)
+        b_hat = (torch.round(b.detach().double() / step) * step).to(b.dtype)
+        return b + (b_hat - b).detach()
 
     def _in(self, x):
         return x if self.input_quantizer is None else self.input_quantizer(x)
@@ -85,7 +104,7 @@ class QuantLinear(_QuantSlots, nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.smooth_scale is not None:
             x = x / self.smooth_scale
-        return self._out(F.linear(self._in(x), self.quantized_weight(), self.bias))
+        return self._out(F.linear(self._in(x), self.quantized_weight(), self.quantized_bias()))
 
 
 class _QuantConv(_QuantSlots):
@@ -93,7 +112,7 @@ class _QuantConv(_QuantSlots):
         return self.weight.reshape(self.weight.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._out(self._conv_forward(self._in(x), self.quantized_weight(), self.bias))
+        return self._out(self._conv_forward(self._in(x), self.quantized_weight(), self.quantized_bias()))
 
 
 class QuantConv1d(_QuantConv, nn.Conv1d):

@@ -25,6 +25,7 @@ from .quantizer import TensorQuantizer
 class Status(enum.Enum):
     PREPARED = "prepared"
     CALIBRATED = "calibrated"
+    CONVERTED = "converted"
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,158 @@
+"""Integer layers: int8 (or fewer-bit) weights, int32 biases, fixed-point requantization.
+
+A layer takes either a float tensor (quantized here with its input grid: the "input quantize")
+or an integer tensor already on that grid (the previous layer requantized into it). It returns
+either float (``acc · s_x · s_w``, the "output dequantize") or, when the converter gave it the
+next layer's grid, integers requantized with per-channel ``(m0, shift)`` multipliers, clamped to
+any ReLU / ReLU6 that followed it.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..numerics.affine import quantize
+from ..numerics.fixed_point import fixed_point_multiplier, requantize
+from ..runtime.reference import int_conv, int_linear, int_max_pool
+from ..spec import PerChannel, PerTensor, QuantSpec
+
+
+class OutputGrid:
+    """Where a layer's int32 accumulator goes: the next input grid and the clamp bounds."""
+
+    def __init__(self, scale: float, zero_point: int, qmin: int, qmax: int) -> None:
+        self.scale, self.zero_point, self.qmin, self.qmax = scale, zero_point, qmin, qmax
+
+    def clamp_below(self, real: float) -> None:  # ReLU: nothing under the level of `real`
+        self.qmin = max(self.qmin, min(self.qmax, self.level(real)))
+
+    def clamp_above(self, real: float) -> None:  # ReLU6's upper bound
+        self.qmax = min(self.qmax, max(self.qmin, self.level(real)))
+
+    def level(self, real: float) -> int:
+        return int(round(real / self.scale)) + self.zero_point  # round half to even, as quantize
+
+    def __repr__(self) -> str:
+        return f"OutputGrid(scale={self.scale:.4g}, zero_point={self.zero_point}, clamp=[{self.qmin}, {self.qmax}])"
+
+
+def weight_grid_supported(spec: QuantSpec) -> str:
+    """Empty when an integer GEMM can take this weight grid, else the reason it cannot."""
+    g = spec.granularity
+    if isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0):
+        return ""
+    return f"weights quantized {type(g).__name__}{'' if not hasattr(g, 'axis') else f'(axis={g.axis})'}: " \
+           "one scale per output channel is needed to requantize an integer accumulator"
+
+
+class _IntegerLayer(nn.Module):
+    """Shared state: integer weights, their qparams, the input grid, the int32 bias."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        wq, xq = layer.weight_quantizer, layer.input_quantizer
+        self.name = wq.name.rpartition(".")[0]
+        self.in_spec = xq.spec
+        self.register_buffer("x_scale", xq.scale.detach().float().reshape(()))
+        self.register_buffer("x_zero_point", xq.zero_point.detach().reshape(()).to(torch.int32))
+        view = layer._weight_view().detach()
+        qw = quantize(view, wq.scale, wq.zero_point, wq.spec).reshape(layer.weight.shape)
+        self.register_buffer("qweight", qw)
+        channels = qw.shape[0]
+        self.register_buffer("w_scale", wq.scale.detach().float().reshape(-1).expand(channels).clone())
+        self.register_buffer("w_zero_point", wq.zero_point.detach().reshape(-1).expand(channels).to(torch.int32).clone())
+        acc_scale = self.x_scale.double() * self.w_scale.double()
+        self.register_buffer("acc_scale", acc_scale)  # float64: s_x·s_w without another rounding
+        if layer.bias is not None:
+            bq = torch.round(layer.bias.detach().double() / acc_scale)
+            if bq.abs().max() > 2**31 - 1:
+                raise ValueError(f"layer '{self.name}': the bias does not fit int32 at scale s_x·s_w")
+            self.register_buffer("bias_q", bq.to(torch.int32))
+        else:
+            self.bias_q = None
+        self.register_buffer("smooth_scale", getattr(layer, "smooth_scale", None))  # SmoothQuant's divisor
+        self.output: Optional[OutputGrid] = None
+        self.register_buffer("m0", None)
+        self.register_buffer("shift", None)
+
+    def requantize_into(self, grid: OutputGrid) -> None:
+        """Emit integers on ``grid`` instead of float: per-channel ``M = s_x·s_w / s_y = m0·2^-shift``."""
+        pairs = [fixed_point_multiplier(float(a) / grid.scale) for a in (self.x_scale.double() * self.w_scale.double())]
+        self.m0 = torch.tensor([p[0] for p in pairs], dtype=torch.int64)
+        self.shift = torch.tensor([p[1] for p in pairs], dtype=torch.int64)
+        self.output = grid
+
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_floating_point(x):
+            if self.smooth_scale is not None:
+                x = x / self.smooth_scale
+            return quantize(x, self.x_scale, self.x_zero_point, self.in_spec).to(torch.int32)
+        return x  # already on this layer's grid: the converter arranged it
+
+    def _finish(self, acc: torch.Tensor, channel_dim: int) -> torch.Tensor:
+        shape = [1] * acc.dim()
+        shape[channel_dim] = -1
+        if self.output is None:
+            return (acc.to(torch.float64) * self.acc_scale.reshape(shape)).to(torch.float32)
+        g = self.output
+        return requantize(acc, self.m0.reshape(shape), self.shift.reshape(shape), g.zero_point, g.qmin, g.qmax,
+                          single_rounding=True)
+
+    def extra_repr(self) -> str:
+        out = "float" if self.output is None else repr(self.output)
+        return f"{self.name}: int{self.in_spec.bits} inputs, weights {tuple(self.qweight.shape)}, output {out}"
+
+
+class IntegerLinear(_IntegerLayer):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = int_linear(self._input(x), int(self.x_zero_point), self.qweight, self.w_zero_point, self.bias_q)
+        return self._finish(acc, acc.dim() - 1)
+
+
+class IntegerConv(_IntegerLayer):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__(layer)
+        if layer.padding_mode != "zeros":
+            raise ValueError(f"layer '{self.name}': padding_mode={layer.padding_mode!r}; integer convolution "
+                             "pads with the zero point only")
+        self.geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = int_conv(self._input(x), int(self.x_zero_point), self.qweight, self.w_zero_point, self.bias_q,
+                       **self.geometry)
+        return self._finish(acc, 1)
+
+
+class IntegerEmbedding(nn.Module):
+    """Integer table rows, dequantized on lookup: the output is float (a float island follows)."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        wq = layer.weight_quantizer
+        self.spec, self.layer = wq.spec, layer
+        self.register_buffer("qweight", quantize(layer.weight.detach(), wq.scale, wq.zero_point, wq.spec))
+        self.register_buffer("scale", wq.scale.detach().float())
+        self.register_buffer("zero_point", wq.zero_point.detach())
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        from ..numerics.affine import dequantize
+
+        rows = self.qweight[idx]
+        g = self.spec.granularity
+        if isinstance(g, PerChannel) and g.axis == 0:  # one scale per row
+            s, z = self.scale[idx].unsqueeze(-1), self.zero_point[idx].unsqueeze(-1).float()
+            return (rows.float() - z) * s
+        return dequantize(self.qweight, self.scale, self.zero_point, self.spec)[idx]
+
+
+class IntegerMaxPool(nn.Module):
+    """Max pooling that passes integers through as integers and floats as floats."""
+
+    def __init__(self, pool: nn.Module) -> None:
+        super().__init__()
+        self.pool = pool
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(x) if torch.is_floating_point(x) else int_max_pool(x, self.pool)

@@ -1,0 +1,46 @@
+"""Integer GEMM and convolution with int32 accumulation, computed exactly.
+
+The products ``(q_x − z_x)·(q_w − z_w)`` and their sums are integers; they are evaluated in
+float64, which represents every integer below 2^53 exactly, so the result equals an int32
+accumulation whenever that does not overflow (checked). PyTorch has no CPU integer convolution,
+and float64 gives the same numbers with the same code path for linear and conv layers.
+"""
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+
+
+def _to_int32(acc: torch.Tensor, what: str) -> torch.Tensor:
+    if acc.numel() and (acc.min() < INT32_MIN or acc.max() > INT32_MAX):
+        raise OverflowError(f"{what}: the int32 accumulator overflows (values up to {acc.abs().max():.3g})")
+    return acc.to(torch.int32)
+
+
+def int_linear(qx: torch.Tensor, zx: int, qw: torch.Tensor, zw: torch.Tensor, bias_q=None) -> torch.Tensor:
+    """``Σ_k (qx − zx)(qw − zw) + bias_q`` as int32; ``qw`` is ``[out, in]``, ``zw`` per output channel."""
+    x = qx.to(torch.float64) - float(zx)
+    w = qw.to(torch.float64) - zw.to(torch.float64).reshape(-1, 1)
+    acc = F.linear(x, w, None if bias_q is None else bias_q.to(torch.float64))
+    return _to_int32(acc, "int_linear")
+
+
+def int_conv(qx: torch.Tensor, zx: int, qw: torch.Tensor, zw: torch.Tensor, bias_q=None, *, stride=1, padding=0,
+             dilation=1, groups=1) -> torch.Tensor:
+    """A 1-d or 2-d convolution on integers (``qw`` is ``[out, in/groups, *kernel]``).
+
+    Zero padding pads ``qx − zx`` with 0, i.e. ``qx`` with its zero point: the real value 0, as
+    the simulated model pads its (fake-quantized) float input.
+    """
+    conv = {3: F.conv1d, 4: F.conv2d}[qw.dim()]
+    x = qx.to(torch.float64) - float(zx)
+    w = qw.to(torch.float64) - zw.to(torch.float64).reshape(-1, *([1] * (qw.dim() - 1)))
+    b = None if bias_q is None else bias_q.to(torch.float64)
+    return _to_int32(conv(x, w, b, stride, padding, dilation, groups), "int_conv")
+
+
+def int_max_pool(qx: torch.Tensor, pool) -> torch.Tensor:
+    """Max pooling on integers (exact in float64; max commutes with any monotone grid)."""
+    return pool(qx.to(torch.float64)).to(qx.dtype)
