@@ -1,7 +1,7 @@
 """Post-training quantization: fewbits recipes vs what a user would pick instead, same data.
 
 On fashion-cnn, mobilenetv2-probe and minilm-wordnet: fp32; fewbits w8a8 (each calibration
-method), w8a8-dynamic, w8a8-smoothquant, w8, w4-g128; ONNX Runtime ``quantize_static`` (QDQ, per-channel int8
+method), w8a8-dynamic, w8a8-smoothquant, w8a8-bc, w8, w4-g128; ONNX Runtime ``quantize_static`` (QDQ, per-channel int8
 weights, uint8 activations; MinMax / Entropy / Percentile on the task's calibration batches)
 and ``quantize_dynamic`` (per-channel); torch.ao ``quantize_dynamic`` (int8 Linear). Reports
 the task's metrics, size in bytes and quantization time (simulated accuracy for fewbits; ONNX
@@ -33,7 +33,8 @@ from fewbits.recipe import get_recipe, with_calibration  # noqa: E402
 from fewbits.tasks import load_task  # noqa: E402
 
 FEWBITS = [("w8a8", "minmax"), ("w8a8", "percentile"), ("w8a8", "entropy"), ("w8a8", "mse"),
-           ("w8a8-dynamic", None), ("w8a8-smoothquant", None), ("w8", None), ("w4-g128", None)]
+           ("w8a8-dynamic", None), ("w8a8-smoothquant", None), ("w8a8-bc", None), ("w8", None),
+           ("w4-g128", None)]
 ORT_STATIC = ["MinMax", "Entropy", "Percentile"]
 
 

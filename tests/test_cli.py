@@ -80,7 +80,7 @@ def test_errors_are_one_line_and_exit_2(capsys, tmp_path):
     assert main(["quantize", "--task", "digits", "--calib", "kl"]) == 2
     assert "calibration method must be one of" in capsys.readouterr().err
     assert main(["quantize", "--task", "digits", "--algo", "smoothquant,gptx"]) == 2
-    assert "unknown step 'gptx'; known: ['smoothquant']" in capsys.readouterr().err
+    assert "unknown step 'gptx'; known: ['bc', 'smoothquant']" in capsys.readouterr().err
     assert main(["quantize", "--task", "digits", "--algo", "smoothquant,smoothquant"]) == 2
     assert "more than once" in capsys.readouterr().err
 

@@ -26,7 +26,7 @@ from .observe import (
 from .recipe import BUILTIN_RECIPES, LayerRecipe, Recipe, TensorRecipe, get_recipe
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec, Rounding
 from .wrap import QuantizedModel, calibrate, prepare
-from .steps import SmoothQuant
+from .steps import BiasCorrection, SmoothQuant
 from .algorithms import AlgorithmResult, apply
 from .export import load, save
 from .convert import IntegerModel, convert
@@ -42,5 +42,5 @@ __all__ = [
     "make_observer", "estimate_range", "calibrate_qparams", "sample_stats", "weight_qparams",
     "Recipe", "LayerRecipe", "TensorRecipe", "BUILTIN_RECIPES", "get_recipe",
     "prepare", "calibrate", "QuantizedModel", "evaluate", "Report",
-    "apply", "AlgorithmResult", "SmoothQuant", "save", "load", "convert", "IntegerModel",
+    "apply", "AlgorithmResult", "SmoothQuant", "BiasCorrection", "save", "load", "convert", "IntegerModel",
 ]

@@ -7,6 +7,7 @@ overrides (``None`` keeps a layer float) and include / exclude lists. Built-ins:
     w8a8          int8 per-channel symmetric weights, uint8 per-tensor asymmetric static inputs
     w8a8-dynamic  the same weights, inputs quantized per batch from their own min/max
     w8a8-smoothquant  w8a8 after SmoothQuant with a per-layer searched strength (transformers)
+    w8a8-bc       w8a8, then empirical bias correction once the ranges are calibrated (CNNs)
     w8            int8 per-channel weights only
     w4a8          int4 per-channel weights, uint8 static inputs
     w4-g128       int4 weights in groups of 128 along the input, weights only
@@ -24,7 +25,7 @@ from typing import Optional
 
 from .observe.methods import CalibrationMethod
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
-from .steps import STEP_NAMES, STEPS, SmoothQuant, step_from_dict, step_to_dict
+from .steps import STEP_NAMES, STEPS, BiasCorrection, SmoothQuant, step_from_dict, step_to_dict
 
 RECIPE_VERSION = 1
 LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding")
@@ -174,6 +175,9 @@ BUILTIN_RECIPES = {
     # outputs; a per-layer SmoothQuant strength moves them into the per-channel weight scales.
     "w8a8-smoothquant": Recipe("w8a8-smoothquant", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC),
                                _KEEP_FLOAT_TABLES, steps=(SmoothQuant(alpha=None),)),
+    # CNNs: per-channel mean shifts from rounding compound through deep nets (MobileNetV2)
+    "w8a8-bc": Recipe("w8a8-bc", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES,
+                      steps=(BiasCorrection(),)),
     "w4a8": Recipe("w4a8", _conv_linear(_weights(4, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES),
     "w4-g128": Recipe("w4-g128", _conv_linear(_weights(4, PerGroup(128, axis=1)), None), _KEEP_FLOAT_TABLES),
 }

@@ -40,8 +40,23 @@ class SmoothQuant:
             raise ValueError(f"smoothquant samples must be >= 1, got {self.samples}")
 
 
+@dataclass(frozen=True)
+class BiasCorrection:
+    """Empirical bias correction (Nagel et al., "Data-Free Quantization Through Weight
+    Equalization and Bias Correction", ICCV 2019, section 4.2): after calibration, shift each
+    layer's bias by the per-channel mean of ``y_float − y_quantized`` on calibration data, layer
+    by layer in execution order with the earlier layers already corrected.
+
+    Args:
+        layers: glob of layer names to correct.
+    """
+
+    layers: str = "*"
+    needs_ranges = True  # class attribute: runs after the activation ranges are calibrated
+
+
 # Names used in recipe files and on the command line; dispatch elsewhere is by type.
-STEPS = {"smoothquant": SmoothQuant}
+STEPS = {"smoothquant": SmoothQuant, "bc": BiasCorrection}
 STEP_NAMES = {cls: name for name, cls in STEPS.items()}
 
 

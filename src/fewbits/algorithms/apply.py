@@ -7,13 +7,14 @@ import time
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import nn
 
 from ..progress import Progress
 from ..spec import PerTensor
-from ..steps import STEP_NAMES, SmoothQuant, step_to_dict
-from ..wrap.modules import QuantLinear
+from ..steps import STEP_NAMES, BiasCorrection, SmoothQuant, step_to_dict
+from ..wrap.modules import QuantConv1d, QuantConv2d, QuantLinear
 from ..wrap.prepare import LeftFloat, QuantizedModel, Status, as_call, quantization_disabled
-from . import smoothquant
+from . import bias_correction, smoothquant
 
 
 @dataclass
@@ -142,4 +143,58 @@ def _db(v: float):
     return None if not math.isfinite(v) else round(v, 2)
 
 
-_DRIVERS = {SmoothQuant: _run_smoothquant}
+# ---- bias correction -------------------------------------------------------------------------
+class _Stop(Exception):
+    """Raised by a hook once the layer of interest has run: the rest of the forward is not needed."""
+
+
+def _channel_means(model, names: list[str], batches: list, stop_after: str | None = None) -> dict:
+    sums: dict = {}
+
+    def hook(name):
+        def grab(module, _args, out):
+            s, n = bias_correction.channel_sum(out, 1 if not isinstance(module, nn.Linear) else out.dim() - 1)
+            old = sums.get(name, (0.0, 0))
+            sums[name] = (old[0] + s, old[1] + n)
+            if name == stop_after:
+                raise _Stop
+        return grab
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        for args, kwargs in batches:
+            try:
+                model(*args, **kwargs)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: s / c for n, (s, c) in sums.items()}
+
+
+@torch.no_grad()
+def _run_bias_correction(qmodel: QuantizedModel, step: BiasCorrection, batches: list, result: AlgorithmResult) -> None:
+    if qmodel.status is not Status.CALIBRATED:
+        raise ValueError("bias correction needs calibrated activation ranges: run fewbits.calibrate first "
+                         "(a recipe's 'bc' step runs after the ranges are observed)")
+    layers = {n: m for n, m in qmodel.quantized_layers().items()
+              if fnmatch.fnmatchcase(n, step.layers) and isinstance(m, (QuantLinear, QuantConv1d, QuantConv2d))}
+    for name, m in qmodel.quantized_layers().items():
+        if fnmatch.fnmatchcase(name, step.layers) and name not in layers:
+            result.skipped.append(LeftFloat(name, type(m).__name__, "bias correction treats linear and conv layers"))
+    float_means = _channel_means(qmodel.float_model, list(layers), batches)  # insertion order = execution order
+    with Progress("bias correction, layer", len(float_means)) as progress:
+        for name in float_means:
+            progress.step(name)
+            module = layers[name]
+            quant = _channel_means(qmodel.model, [name], batches, stop_after=name)[name]
+            delta = bias_correction.correction(float_means[name], quant)
+            if module.bias is None:
+                module.bias = nn.Parameter(torch.zeros(delta.shape[0], dtype=module.weight.dtype))
+            module.bias.add_(delta.to(module.bias.dtype))
+            result.layers[name] = {"mean_abs_shift": round(delta.abs().mean().item(), 6),
+                                   "max_abs_shift": round(delta.abs().max().item(), 6)}
+
+
+_DRIVERS = {SmoothQuant: _run_smoothquant, BiasCorrection: _run_bias_correction}

@@ -167,21 +167,21 @@ def as_call(batch, index: int) -> tuple[tuple, dict]:
     return args, kwargs
 
 
-def _run_recipe_steps(qmodel: QuantizedModel, batches):
-    """Run the recipe's algorithm steps not yet applied (they need the batches: keep them)."""
-    from ..algorithms import apply
+def _pending_steps(qmodel: QuantizedModel) -> list:
     from ..steps import step_to_dict
 
     done = [r.step for r in qmodel.applied]
-    pending = [s for s in qmodel.recipe.steps if step_to_dict(s) not in done]
-    if not pending:
-        return batches
-    batches = list(batches)
-    for i, batch in enumerate(batches):  # every batch checked before any step changes a weight
-        as_call(batch, i)
-    for step in pending:
-        apply(qmodel, step, batches)
-    return batches
+    return [s for s in qmodel.recipe.steps if step_to_dict(s) not in done]
+
+
+def _run_recipe_steps(qmodel: QuantizedModel, batches: list, after_ranges: bool) -> None:
+    """Run the recipe's algorithm steps not yet applied: those that need calibrated ranges
+    (``needs_ranges``) after the ranges are observed, the others before."""
+    from ..algorithms import apply
+
+    for step in _pending_steps(qmodel):
+        if getattr(step, "needs_ranges", False) == after_ranges:
+            apply(qmodel, step, batches)
 
 
 @torch.no_grad()
@@ -193,10 +193,15 @@ def calibrate(qmodel: QuantizedModel, batches: Iterable) -> QuantizedModel:
     """
     if not isinstance(qmodel, QuantizedModel):
         raise ValueError("calibrate expects the model returned by fewbits.prepare")
-    batches = _run_recipe_steps(qmodel, batches)
+    if _pending_steps(qmodel):  # steps need the batches too: keep them, and check all before any change
+        batches = list(batches)
+        for i, batch in enumerate(batches):
+            as_call(batch, i)
+        _run_recipe_steps(qmodel, batches, after_ranges=False)
     static = [q for q in qmodel.quantizers().values() if q.role != "weight" and not q.recipe.dynamic]
     if not static:
         qmodel.status = Status.CALIBRATED
+        _run_recipe_steps(qmodel, batches, after_ranges=True)
         return qmodel
     total = len(batches) if hasattr(batches, "__len__") else None
     for q in static:
@@ -217,4 +222,5 @@ def calibrate(qmodel: QuantizedModel, batches: Iterable) -> QuantizedModel:
     for q in static:
         q.stop_observing(new[q.name])
     qmodel.status = Status.CALIBRATED
+    _run_recipe_steps(qmodel, batches, after_ranges=True)
     return qmodel
