@@ -81,6 +81,9 @@ def convert(qmodel: QuantizedModel) -> IntegerModel:
     integer = {}
     for name, layer in list(work.named_modules()):
         if isinstance(layer, QuantEmbedding) and layer.weight_quantizer is not None:
+            if layer.max_norm is not None:
+                islands.append(LeftFloat(name, "QuantEmbedding", "max_norm renormalizes rows at lookup: runs simulated"))
+                continue
             _replace(work, name, IntegerEmbedding(layer))
         elif isinstance(layer, (QuantLinear, QuantConv1d, QuantConv2d)):
             why = _why_float(layer)

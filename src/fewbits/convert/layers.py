@@ -13,7 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..numerics.affine import quantize
+from ..numerics.affine import dequantize, quantize
 from ..numerics.fixed_point import fixed_point_multiplier, requantize
 from ..runtime.reference import int_conv, int_linear, int_max_pool
 from ..spec import PerChannel, PerTensor, QuantSpec
@@ -43,8 +43,7 @@ def weight_grid_supported(spec: QuantSpec) -> str:
     g = spec.granularity
     if isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0):
         return ""
-    return f"weights quantized {type(g).__name__}{'' if not hasattr(g, 'axis') else f'(axis={g.axis})'}: " \
-           "one scale per output channel is needed to requantize an integer accumulator"
+    return f"weights quantized {g}: one scale per output channel is needed to requantize an integer accumulator"
 
 
 class _IntegerLayer(nn.Module):
@@ -131,14 +130,12 @@ class IntegerEmbedding(nn.Module):
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         wq = layer.weight_quantizer
-        self.spec, self.layer = wq.spec, layer
+        self.spec = wq.spec
         self.register_buffer("qweight", quantize(layer.weight.detach(), wq.scale, wq.zero_point, wq.spec))
         self.register_buffer("scale", wq.scale.detach().float())
         self.register_buffer("zero_point", wq.zero_point.detach())
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        from ..numerics.affine import dequantize
-
         rows = self.qweight[idx]
         g = self.spec.granularity
         if isinstance(g, PerChannel) and g.axis == 0:  # one scale per row
