@@ -20,10 +20,9 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ..wrap.modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
+from ..wrap.modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, int32_accumulator_blocker
 from ..wrap.prepare import LeftFloat, QuantizedModel, Status, _replace
-from ..spec import PerTensor
-from .layers import IntegerConv, IntegerEmbedding, IntegerLinear, IntegerMaxPool, OutputGrid, weight_grid_supported
+from .layers import IntegerConv, IntegerEmbedding, IntegerLinear, IntegerMaxPool, OutputGrid
 
 _GRID_PRESERVING = (nn.Flatten, nn.Identity, nn.Dropout)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d)
@@ -55,18 +54,9 @@ class IntegerModel(nn.Module):
 
 
 def _why_float(layer: nn.Module) -> str:
-    wq, xq = layer.weight_quantizer, layer.input_quantizer
-    if wq is None:
-        return "no weight quantizer"
-    if xq is None:
-        return "weight-only: computes in float with the dequantized weights"
-    if xq.recipe.dynamic:
-        return "dynamic input ranges: not converted yet, runs simulated"
-    if not isinstance(xq.spec.granularity, PerTensor):
-        return "per-channel input grid: an integer GEMM needs one input scale"
     if layer.output_quantizer is not None:
         return "output quantizers are not converted yet: runs simulated"
-    return weight_grid_supported(wq.spec)
+    return int32_accumulator_blocker(layer.input_quantizer, layer.weight_quantizer)
 
 
 @torch.no_grad()

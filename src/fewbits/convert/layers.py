@@ -16,7 +16,7 @@ from torch import nn
 from ..numerics.affine import dequantize, quantize
 from ..numerics.fixed_point import fixed_point_multiplier, requantize
 from ..runtime.reference import int_conv, int_linear, int_max_pool
-from ..spec import PerChannel, PerTensor, QuantSpec
+from ..spec import PerChannel
 
 
 class OutputGrid:
@@ -36,14 +36,6 @@ class OutputGrid:
 
     def __repr__(self) -> str:
         return f"OutputGrid(scale={self.scale:.4g}, zero_point={self.zero_point}, clamp=[{self.qmin}, {self.qmax}])"
-
-
-def weight_grid_supported(spec: QuantSpec) -> str:
-    """Empty when an integer GEMM can take this weight grid, else the reason it cannot."""
-    g = spec.granularity
-    if isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0):
-        return ""
-    return f"weights quantized {g}: one scale per output channel is needed to requantize an integer accumulator"
 
 
 class _IntegerLayer(nn.Module):

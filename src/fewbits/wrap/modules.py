@@ -18,6 +18,25 @@ from ..spec import PerChannel, PerTensor
 from .quantizer import TensorQuantizer
 
 
+def int32_accumulator_blocker(input_quantizer, weight_quantizer) -> str:
+    """Why a layer's inputs and weights cannot meet in an int32 accumulator of step ``s_x·s_w``
+    per output channel (static per-tensor input, per-tensor or per-output-channel weights);
+    empty when they can. The simulated bias rounding and ``fewbits.convert`` share this rule."""
+    xq, wq = input_quantizer, weight_quantizer
+    if wq is None:
+        return "no weight quantizer"
+    if xq is None:
+        return "weight-only: computes in float with the dequantized weights"
+    if xq.recipe.dynamic:
+        return "dynamic input ranges: not converted yet, runs simulated"
+    if not isinstance(xq.spec.granularity, PerTensor):
+        return "per-channel input grid: an integer GEMM needs one input scale"
+    g = wq.spec.granularity
+    if not (isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0)):
+        return f"weights quantized {g}: one scale per output channel is needed to requantize an integer accumulator"
+    return ""
+
+
 class _QuantSlots:
     """Mixin: the three quantizer slots and the shared conversion from a float layer."""
 
@@ -43,17 +62,13 @@ class _QuantSlots:
 
     def quantized_bias(self) -> Optional[torch.Tensor]:
         """The bias as the integer model adds it: ``round(b / (s_x·s_w))`` in the int32
-        accumulator, i.e. on the grid of step ``s_x·s_w`` per output channel. Only with a static
-        per-tensor input range (calibrated, not observing) and per-tensor / per-output-channel
-        weights; otherwise the float bias. The rounding passes gradients straight through."""
+        accumulator, i.e. on the grid of step ``s_x·s_w`` per output channel, once the input
+        range is calibrated (not while observing or disabled); otherwise the float bias. The
+        rounding passes gradients straight through."""
         b, xq, wq = self.bias, self.input_quantizer, self.weight_quantizer
-        if b is None or xq is None or wq is None or xq.recipe.dynamic or xq.scale is None:
+        if b is None or int32_accumulator_blocker(xq, wq) or xq.scale is None:
             return b
         if not (xq.enabled and wq.enabled) or xq.observer is not None:
-            return b
-        wg = wq.spec.granularity
-        if not isinstance(xq.spec.granularity, PerTensor) or not (
-                isinstance(wg, PerTensor) or (isinstance(wg, PerChannel) and wg.axis == 0)):
             return b
         step = xq.scale.detach().double().reshape(()) * wq.scale.detach().double().reshape(-1)
         b_hat = (torch.round(b.detach().double() / step) * step).to(b.dtype)
