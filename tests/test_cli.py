@@ -40,6 +40,17 @@ def test_quantize_with_algo_reports_what_the_step_did(tmp_path):
     assert algorithms[0]["step"]["alpha"] == 0.5 and algorithms[0]["layers"]  # the digits MLP's linear layers
 
 
+def test_quantize_onnx_exports_verifies_and_reports(tmp_path, capsys):
+    path, onnx_path = tmp_path / "r.json", tmp_path / "digits.onnx"
+    assert main(["quantize", "--task", "digits", "--recipe", "w8a8", "--json", str(path), "--onnx", str(onnx_path),
+                 "--strict"]) == 0
+    data = json.loads(path.read_text())["onnx"]
+    assert onnx_path.is_file() and data["bytes"] == onnx_path.stat().st_size
+    assert data["verification"]["ok"] and data["modes"] == {"int8": len(data["layers"])}
+    assert {"profile", "profile_note", "narrowed", "layers", "inputs", "outputs"} <= set(data)
+    assert "ONNX export" in capsys.readouterr().out
+
+
 MODEL_FILE = '''
 import torch
 from torch import nn

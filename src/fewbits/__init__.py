@@ -28,7 +28,7 @@ from .spec import PerChannel, PerGroup, PerTensor, QuantSpec, Rounding
 from .wrap import QuantizedModel, calibrate, prepare
 from .steps import BiasCorrection, SmoothQuant
 from .algorithms import AlgorithmResult, apply
-from .export import load, save
+from .export import export_onnx, load, save, verify
 from .convert import IntegerModel, convert
 from .report import Report, evaluate
 
@@ -43,4 +43,5 @@ __all__ = [
     "Recipe", "LayerRecipe", "TensorRecipe", "BUILTIN_RECIPES", "get_recipe",
     "prepare", "calibrate", "QuantizedModel", "evaluate", "Report",
     "apply", "AlgorithmResult", "SmoothQuant", "BiasCorrection", "save", "load", "convert", "IntegerModel",
+    "export_onnx", "verify",
 ]

@@ -169,6 +169,8 @@ def cmd_quantize(args) -> dict:
         import fewbits
 
         result["saved"] = {"path": str(args.save), "bytes": fewbits.save(qmodel, args.save).stat().st_size}
+    if args.onnx:
+        result["onnx"] = export_for_cli(qmodel, calibration, args)
     if args.json:
         _write_json(result, Path(args.json))
     if args.out:
@@ -178,6 +180,26 @@ def cmd_quantize(args) -> dict:
 
         plot_layer_sqnr({f"{name} | {recipe.name}": report}, out / "layer_sqnr.png")
     return result
+
+
+def export_for_cli(qmodel, calibration, args) -> dict:
+    """``--onnx``: export, verify on the first calibration batches, print what was chosen."""
+    from fewbits.export.onnx import export_onnx, onnx_available
+    from fewbits.report.table import format_table
+
+    missing = onnx_available()
+    if missing:
+        raise ImportError(missing)
+    exported = export_onnx(qmodel, calibration[0], args.onnx, batches=calibration[:4], weights=args.onnx_weights,
+                           strict=args.strict)
+    v = exported.verification
+    modes = ", ".join(f"{n} {m}" for m, n in exported.counts().items())
+    narrowed = sum(e.narrowed_from is not None for e in exported.layers)
+    print(format_table([{"onnx": Path(exported.path).name, "MB": _mb(exported.bytes), "layers": modes,
+                         "weights narrowed": narrowed, "max level diff": v.max_levels,
+                         "levels differing": f"{v.differing:.1e}", "ok": v.ok}],
+                       title=f"ONNX export ({exported.profile.describe()})"))
+    return exported.to_dict()
 
 
 DEMO_CONFIGS = [("w8a8", "minmax"), ("w8a8", "percentile"), ("w8a8", "entropy"), ("w8a8-dynamic", None),
@@ -227,6 +249,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", help="write the result as JSON")
     q.add_argument("--out", help="directory for report.json and a per-layer SQNR plot")
     q.add_argument("--save", help="write the quantized model as a packed file (fewbits.load reads it)")
+    q.add_argument("--onnx", help="export a QDQ ONNX model (ONNX Runtime runs it in int8) and verify it")
+    q.add_argument("--onnx-weights", default="auto", choices=["auto", "full", "narrow"],
+                   help="auto: 7-bit weights only where this CPU's int8 kernels would saturate (default)")
+    q.add_argument("--strict", action="store_true", help="fail when the ONNX model differs from the integer model")
     d = sub.add_parser("demo", help="the default tasks through several recipes: one comparison table")
     d.add_argument("--tasks", default="fashion-cnn,minilm-wordnet")
     d.add_argument("--small", action="store_true")
