@@ -1,0 +1,283 @@
+"""Deployed speed: ONNX Runtime fp32 vs fewbits' int8 QDQ export vs ONNX Runtime's own quantize_static.
+
+For each task, in one process: the fp32 model exported with torch.onnx, fewbits' export of its
+recommended recipe (``fewbits.export_onnx``, hardware-aware weights, verified against the
+integer model), and ``onnxruntime.quantization.quantize_static`` on the fp32 file (QDQ,
+per-channel s8 weights, u8 activations, MinMax; with and without ``reduce_range``, ORT's 7-bit
+weight option for CPUs without VNNI). Every file is run by ONNX Runtime with 2 intra-op threads
+and ``session.intra_op.allow_spinning=0``; latencies are medians over repeats taken
+round-robin (engines interleaved, order rotated each round), speed-ups are ratios within the
+run. The task metric is measured by running the file itself on the task's test data.
+
+    .venv/bin/python benchmarks/deploy.py            # ~10 min on 2 cores
+    .venv/bin/python benchmarks/deploy.py --tables   # reprint from the saved JSON
+
+MobileNetV2: latency at 224 px (the ImageNet size); the probe metric at the task's 64 px (the
+same file: spatial sizes are dynamic). MiniLM: eager attention for all files; latency on 32
+WordNet definitions padded to 128 tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import print_table, save_json, set_threads  # noqa: E402
+
+import fewbits  # noqa: E402
+from fewbits.export.onnx import OnnxModel, _torch_onnx_bytes, export_onnx  # noqa: E402
+from fewbits.files import write_atomic  # noqa: E402
+from fewbits.tasks import load_task  # noqa: E402
+
+RESULTS = "benchmarks/results/deploy.json"
+CASES = [
+    {"task": "fashion-cnn", "recipe": "w8a8", "batches": [1, 64]},
+    {"task": "mobilenetv2-probe", "recipe": "w8a8-bc", "batches": [1, 8], "size": 224},
+    {"task": "minilm-wordnet", "recipe": "w8a8-smoothquant", "batches": [32], "tokens": 128},
+]
+MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+# ---- what each task's file returns, and how its metric calls the file ------------------------
+class MobileNetOutputs(nn.Module):
+    """Pooled features and logits: the probe reads the features."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        f = nn.functional.adaptive_avg_pool2d(self.model.features(x), 1).flatten(1)
+        return f, self.model.classifier(f)
+
+
+class MiniLMHidden(nn.Module):
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
+
+
+def wrapper(task_name):
+    return {"mobilenetv2-probe": MobileNetOutputs, "minilm-wordnet": MiniLMHidden}.get(task_name)
+
+
+class TaskView:
+    """An ONNX Runtime session that the task's ``evaluate`` can call like the torch model."""
+
+    def __init__(self, path, task_name):
+        self.onnx, self.task_name = OnnxModel(path), task_name
+
+    def __call__(self, x=None, **kwargs):
+        if self.task_name == "minilm-wordnet":
+            return SimpleNamespace(last_hidden_state=self.onnx(**{k: kwargs[k] for k in MINILM_INPUTS}))
+        return self.onnx(x)
+
+    def features_and_logits(self, x, batch=100):
+        outs = [self.onnx(x[i:i + batch]) for i in range(0, len(x), batch)]
+        return torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+
+
+def example_and_feeds(task, case):
+    """The export example, the calibration batches in call form, and the timing inputs per batch size."""
+    if task.name == "minilm-wordnet":
+        from fewbits.tasks.data.wordnet import read_glosses
+        from fewbits.tasks.models.minilm import load_minilm
+
+        _, tokenizer = load_minilm()
+        texts = [d for d, _ in read_glosses("noun")][:max(case["batches"])]
+        calib = [{k: b[k] for k in MINILM_INPUTS} for b in task.calibration]
+        timing = {n: {k: v.numpy() for k, v in tokenizer(texts[:n], padding="max_length", truncation=True,
+                                                         max_length=case["tokens"], return_tensors="pt").items()
+                      if k in MINILM_INPUTS} for n in case["batches"]}
+        return calib[0], calib, timing
+    from fewbits.tasks.data.fashion_mnist import load_fashion_mnist
+
+    images, _ = load_fashion_mnist("test")
+    if task.name == "mobilenetv2-probe":
+        from fewbits.tasks.mobilenet_probe import to_imagenet
+
+        x = to_imagenet(images[:max(case["batches"])], size=case["size"])
+    else:
+        x = images[:max(case["batches"])].float().unsqueeze(1) / 255.0
+    return task.calibration[0], task.calibration, {n: x[:n].numpy() for n in case["batches"]}
+
+
+def fp32_file(task, example, path: Path, dynamic: str) -> None:
+    wrap = wrapper(task.name)
+    module = wrap(task.model) if wrap else task.model
+    args, kwargs = ((), dict(example)) if isinstance(example, dict) else ((example,), {})
+    write_atomic(path, _torch_onnx_bytes(module.eval(), args, kwargs, dynamic))
+
+
+def ort_static(fp32_path: Path, out: Path, calib: list, input_names: list, reduce_range: bool) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.it = iter(calib)
+
+        def get_next(self):
+            b = next(self.it, None)
+            if b is None:
+                return None
+            return {k: v.numpy() for k, v in b.items()} if isinstance(b, dict) else {input_names[0]: b.numpy()}
+
+    quantize_static(str(fp32_path), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, reduce_range=reduce_range,
+                    calibrate_method=CalibrationMethod.MinMax)
+
+
+# ---- timing ----------------------------------------------------------------------------------
+def interleaved_medians(runs: dict, seconds_per_engine: float = 3.0) -> dict:
+    """Median seconds per call of each zero-argument callable, rounds interleaved, order rotated."""
+    names = list(runs)
+    single = {}
+    for n in names:  # warm-up, and a first estimate of one run
+        for _ in range(3):
+            runs[n]()
+        t0 = time.perf_counter()
+        runs[n]()
+        single[n] = time.perf_counter() - t0
+    inner = {n: max(1, int(0.05 / max(single[n], 1e-6))) for n in names}  # ~50 ms per sample
+    rounds = max(5, min(40, int(seconds_per_engine / max(single[n] * inner[n] for n in names))))
+    samples = {n: [] for n in names}
+    for r in range(rounds):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for n in order:
+            t0 = time.perf_counter()
+            for _ in range(inner[n]):
+                runs[n]()
+            samples[n].append((time.perf_counter() - t0) / inner[n])
+    return {n: {"median_s": statistics.median(s), "rounds": rounds, "runs_per_sample": inner[n]} for n, s in samples.items()}
+
+
+# ---- one task --------------------------------------------------------------------------------
+def bench_task(case: dict, workdir: Path) -> dict:
+    name = case["task"]
+    print(f"  {name}: loading", file=sys.stderr, flush=True)
+    task = load_task(name)
+    if name == "minilm-wordnet" and hasattr(task.model, "set_attn_implementation"):
+        # eager attention exports as MatMul/Softmax; SDPA's export adds mask Where/IsNaN passes
+        # (~70 ms of 875 at 32×128 here) to both files alike
+        task.model.set_attn_implementation("eager")
+    example, calib, timing = example_and_feeds(task, case)
+    dynamic = "all" if name == "mobilenetv2-probe" else "auto"
+    files = {}
+    fp32 = workdir / f"{name}-fp32.onnx"
+    fp32_file(task, example, fp32, dynamic)
+    files["ORT fp32"] = {"path": fp32}
+
+    print(f"  {name}: fewbits {case['recipe']}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    q = fewbits.prepare(task.model, case["recipe"])
+    fewbits.calibrate(q, task.calibration)
+    quantize_s = time.perf_counter() - t0
+    exported = export_onnx(q, example, workdir / f"{name}-fewbits.onnx", batches=calib[:4], wrap=wrapper(name),
+                           dynamic=dynamic)
+    files[f"fewbits {case['recipe']}"] = {"path": Path(exported.path), "quantize_s": quantize_s,
+                                          "export": {k: v for k, v in exported.to_dict().items() if k != "layers"}}
+
+    input_names = OnnxModel(fp32).inputs
+    for reduce_range in (False, True):
+        label = "ORT quantize_static" + (" reduce_range" if reduce_range else "")
+        print(f"  {name}: {label}", file=sys.stderr, flush=True)
+        out = workdir / f"{name}-ort{'-rr' if reduce_range else ''}.onnx"
+        t0 = time.perf_counter()
+        try:
+            ort_static(fp32, out, calib, input_names, reduce_range)
+            files[label] = {"path": out, "quantize_s": time.perf_counter() - t0}
+        except Exception as err:  # an anchor that fails is reported, not fatal
+            files[label] = {"error": f"{type(err).__name__}: {str(err)[:150]}"}
+
+    rows = []
+    for label, info in files.items():
+        row = {"engine": label, **{k: v for k, v in info.items() if k != "path"}}
+        if "error" not in info:
+            print(f"  {name}: metric of {label}", file=sys.stderr, flush=True)
+            row["bytes"] = info["path"].stat().st_size
+            row["metrics"] = task.evaluate(TaskView(info["path"], name))
+        rows.append(row)
+
+    latency = {}
+    for n, feed in timing.items():
+        print(f"  {name}: timing batch {n}", file=sys.stderr, flush=True)
+        runs = {}
+        for label, info in files.items():
+            if "error" in info:
+                continue
+            session = OnnxModel(info["path"])  # its own feeds: input names can differ between files
+            fd = session.feeds(**feed) if isinstance(feed, dict) else session.feeds(feed)
+            runs[label] = lambda s=session, fd=fd: s.run(fd)
+        latency[n] = interleaved_medians(runs)
+    return {"task": name, "recipe": case["recipe"], "metric": task.metric, "rows": rows, "latency": latency,
+            "shape": {"size": case.get("size"), "tokens": case.get("tokens")}}
+
+
+def table(results: list[dict]) -> list[dict]:
+    out = []
+    for r in results:
+        base = {n: r["latency"][n]["ORT fp32"]["median_s"] for n in r["latency"]}
+        for row in r["rows"]:
+            if "error" in row:
+                out.append({"task": r["task"], "engine": row["engine"], "error": row["error"][:60]})
+                continue
+            m = row["metrics"]
+            entry = {"task": r["task"], "engine": row["engine"]}
+            for n in r["latency"]:
+                t = r["latency"][n][row["engine"]]["median_s"]
+                entry[f"b{n} ms"] = round(t * 1e3, 2)
+                entry[f"b{n} speed-up"] = f"{base[n] / t:.2f}x"
+            entry["MB"] = round(row["bytes"] / 1e6, 2)
+            entry[r["metric"]] = round(m[r["metric"]], 2)
+            for extra in ("feature_cosine", "cosine_mean", "cosine_min", "top10_overlap"):
+                if extra in m:
+                    entry[extra] = round(m[extra], 4)
+            if "export" in row:
+                v = row["export"]["verification"]
+                entry["verify"] = f"{v['max_levels']} lvl, {v['differing']:.0e}"
+            out.append(entry)
+    return out
+
+
+def print_tables(results: list[dict]) -> None:
+    for r in results:
+        shape = ", ".join(f"{k} {v}" for k, v in r["shape"].items() if v)
+        print_table([row for row in table([r])], title=f"{r['task']} ({r['recipe']}{'; ' + shape if shape else ''})")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--tasks", default=",".join(c["task"] for c in CASES))
+    p.add_argument("--tables", action="store_true", help="reprint the tables from the saved JSON")
+    args = p.parse_args()
+    if args.tables:
+        print_tables(json.loads(Path(RESULTS).read_text())["results"])
+        return
+    set_threads()
+    wanted = args.tasks.split(",")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for case in CASES:
+            if case["task"] in wanted:
+                results.append(bench_task(case, Path(tmp)))
+    print_tables(results)
+    save_json({"results": results, "profile": fewbits.export.int8_kernel_profile().describe()}, RESULTS)
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()
