@@ -2,7 +2,8 @@
 
 For each task, in one process: the fp32 model exported with torch.onnx, fewbits' export of its
 recommended recipe (``fewbits.export_onnx``, hardware-aware weights, verified against the
-integer model), and ``onnxruntime.quantization.quantize_static`` on the fp32 file (QDQ,
+integer model) — on a CPU whose int8 kernels saturate, also the recipe prepared with 7-bit
+weights from the start (``--fit-cpu``) — and ``onnxruntime.quantization.quantize_static`` on the fp32 file (QDQ,
 per-channel s8 weights, u8 activations, MinMax; with and without ``reduce_range``, ORT's 7-bit
 weight option for CPUs without VNNI). Every file is run by ONNX Runtime with 2 intra-op threads
 and ``session.intra_op.allow_spinning=0``; latencies are medians over repeats taken
@@ -35,7 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, save_json, set_threads  # noqa: E402
 
 import fewbits  # noqa: E402
-from fewbits.export.onnx import OnnxModel, _torch_onnx_bytes, export_onnx  # noqa: E402
+from fewbits.export.onnx import NARROW_BITS, OnnxModel, _torch_onnx_bytes, export_onnx  # noqa: E402
+from fewbits.recipe import get_recipe, with_weight_bits_at_most  # noqa: E402
 from fewbits.files import write_atomic  # noqa: E402
 from fewbits.tasks import load_task  # noqa: E402
 
@@ -181,15 +183,19 @@ def bench_task(case: dict, workdir: Path) -> dict:
     fp32_file(task, example, fp32, dynamic)
     files["ORT fp32"] = {"path": fp32}
 
-    print(f"  {name}: fewbits {case['recipe']}", file=sys.stderr, flush=True)
-    t0 = time.perf_counter()
-    q = fewbits.prepare(task.model, case["recipe"])
-    fewbits.calibrate(q, task.calibration)
-    quantize_s = time.perf_counter() - t0
-    exported = export_onnx(q, example, workdir / f"{name}-fewbits.onnx", batches=calib[:4], wrap=wrapper(name),
-                           dynamic=dynamic)
-    files[f"fewbits {case['recipe']}"] = {"path": Path(exported.path), "quantize_s": quantize_s,
-                                          "export": {k: v for k, v in exported.to_dict().items() if k != "layers"}}
+    recipes = [get_recipe(case["recipe"])]
+    if fewbits.export.int8_kernel_profile().pair_saturation:  # also prepared at the width that deploys
+        recipes.append(with_weight_bits_at_most(recipes[0], NARROW_BITS))
+    for recipe in recipes:
+        print(f"  {name}: fewbits {recipe.name}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        q = fewbits.prepare(task.model, recipe)
+        fewbits.calibrate(q, task.calibration)
+        quantize_s = time.perf_counter() - t0
+        exported = export_onnx(q, example, workdir / f"{name}-{recipe.name}.onnx", batches=calib[:4],
+                               wrap=wrapper(name), dynamic=dynamic)
+        files[f"fewbits {recipe.name}"] = {"path": Path(exported.path), "quantize_s": quantize_s,
+                                           "export": {k: v for k, v in exported.to_dict().items() if k != "layers"}}
 
     input_names = OnnxModel(fp32).inputs
     for reduce_range in (False, True):

@@ -30,14 +30,18 @@ def calib_label(recipe) -> str:
     return ",".join(sorted({t.method for t in acts if not t.dynamic}))
 
 
-def run_quantize(model, calibration, recipe, metric_fn=None, metric=None, calib=None, algo=None):
+def run_quantize(model, calibration, recipe, metric_fn=None, metric=None, calib=None, algo=None, fit_cpu=False):
     """prepare → calibrate (running the recipe's steps and ``algo``) → evaluate;
-    returns (qmodel, report, recipe used)."""
+    returns (qmodel, report, recipe used). ``fit_cpu``: cap GEMM weights at 7 bits when this
+    CPU's int8 kernels saturate beyond (see ``fewbits.export.int8_kernel_profile``)."""
     import fewbits
-    from fewbits.recipe import get_recipe, with_calibration
+    from fewbits.export.onnx import NARROW_BITS, int8_kernel_profile
+    from fewbits.recipe import get_recipe, with_calibration, with_weight_bits_at_most
     from fewbits.steps import parse_steps
 
     recipe = get_recipe(recipe)
+    if fit_cpu and int8_kernel_profile().pair_saturation:
+        recipe = with_weight_bits_at_most(recipe, NARROW_BITS)
     if calib:
         recipe = with_calibration(recipe, calib)
     if algo:
@@ -160,7 +164,8 @@ def cmd_quantize(args) -> dict:
         calibration = load_batches(args.calib_data, args.batch_size)
         metric_fn = accuracy_metric(args.eval_data) if args.eval_data else None
         name, metric = Path(args.model.rpartition(":")[0]).stem, ("accuracy" if args.eval_data else None)
-    qmodel, report, recipe = run_quantize(model, calibration, args.recipe, metric_fn, metric, args.calib, args.algo)
+    qmodel, report, recipe = run_quantize(model, calibration, args.recipe, metric_fn, metric, args.calib, args.algo,
+                                          args.fit_cpu)
     result = result_json(name, recipe, report)
     print(format_table([summary_row(result)], title=f"fewbits quantize: {name}"))
     if report.left_float:
@@ -253,6 +258,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--onnx-weights", default="auto", choices=["auto", "full", "narrow"],
                    help="auto: 7-bit weights only where this CPU's int8 kernels would saturate (default)")
     q.add_argument("--strict", action="store_true", help="fail when the ONNX model differs from the integer model")
+    q.add_argument("--fit-cpu", action="store_true",
+                   help="quantize GEMM weights to the width this CPU's int8 kernels run exactly (7 bits on AVX2 "
+                        "without VNNI), before calibration, so bias correction fits the deployed weights")
     d = sub.add_parser("demo", help="the default tasks through several recipes: one comparison table")
     d.add_argument("--tasks", default="fashion-cnn,minilm-wordnet")
     d.add_argument("--small", action="store_true")

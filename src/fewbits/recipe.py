@@ -198,6 +198,22 @@ def with_calibration(recipe: Recipe, method: str) -> Recipe:
                    by_name=tuple((p, swap(lr)) for p, lr in recipe.by_name))
 
 
+def with_weight_bits_at_most(recipe: Recipe, bits: int) -> Recipe:
+    """The same recipe with the weights of layers that quantize their inputs (the ones an int8
+    GEMM runs) capped at ``bits``; embedding tables and weight-only layers keep theirs. For CPUs
+    whose int8 kernels saturate beyond 7-bit weights (see ``fewbits.export.int8_kernel_profile``):
+    preparing at 7 bits lets calibration-time steps (bias correction) fit the weights that deploy."""
+
+    def cap(layer: Optional[LayerRecipe]) -> Optional[LayerRecipe]:
+        if layer is None or layer.weight is None or layer.input is None or layer.weight.spec.bits <= bits:
+            return layer
+        return replace(layer, weight=replace(layer.weight, spec=replace(layer.weight.spec, bits=bits)))
+
+    return replace(recipe, name=f"{recipe.name}+w{bits}",
+                   by_type=tuple((t, cap(lr)) for t, lr in recipe.by_type),
+                   by_name=tuple((p, cap(lr)) for p, lr in recipe.by_name))
+
+
 def get_recipe(recipe) -> Recipe:
     """A :class:`Recipe` from itself, a built-in name, or a JSON file path."""
     if isinstance(recipe, Recipe):

@@ -224,3 +224,21 @@ def test_minilm_exports_whole_and_matches(tmp_path):
     assert result.bytes < 24_500_000  # int8 tables and weights; position table float
     ops = _ort_ops(result.path, tmp_path)
     assert ops["MatMulIntegerToFloat"] >= 36, ops
+
+
+def test_recipe_capped_at_7_bits_exports_without_narrowing(tmp_path):
+    from fewbits.recipe import get_recipe, with_weight_bits_at_most
+
+    capped = with_weight_bits_at_most(get_recipe("w8a8"), 7)
+    assert capped.name == "w8a8+w7"
+    layers = dict(capped.by_type)
+    assert layers["Linear"].weight.spec.bits == 7 and layers["Conv2d"].weight.spec.bits == 7
+    assert layers["Embedding"].weight.spec.bits == 8  # a gather, not an int8 GEMM
+    assert dict(with_weight_bits_at_most(get_recipe("w8"), 7).by_type)["Linear"].weight.spec.bits == 8  # weight-only
+    assert dict(with_weight_bits_at_most(get_recipe("w4a8"), 7).by_type)["Linear"].weight.spec.bits == 4
+    q = _calibrated(_cnn(), capped)
+    result = export_onnx(q, _batches(1)[0], tmp_path / "c.onnx", batches=_batches(2),
+                         profile=int8_kernel_profile({"avx2"}, "x86_64"))
+    assert all(e.narrowed_from is None and e.weight_bits == 7 for e in result.layers)
+    assert all("kept" in e.reason for e in result.layers)  # the pair bound holds: proven, not assumed
+    assert result.verification.ok

@@ -210,15 +210,18 @@ def plan_layers(qmodel: QuantizedModel, profile: KernelProfile, weights: str = "
             continue
         bits = layer.weight_quantizer.spec.bits
         entry = LayerExport(name, "int8", bits)
-        narrow = weights == "narrow" or (weights == "auto" and profile.pair_saturation and not _depthwise(layer))
-        if narrow and bits > NARROW_BITS:
+        check = weights == "narrow" or (weights == "auto" and profile.pair_saturation and not _depthwise(layer))
+        if check:
             lo, hi = pair_sum_bound(_integer_weight(layer), _input_top_level(layer))
-            if weights == "narrow" or lo < INT16_MIN or hi > INT16_MAX:
+            exact = INT16_MIN <= lo and hi <= INT16_MAX
+            if bits > NARROW_BITS and (weights == "narrow" or not exact):
                 entry.weight_bits, entry.narrowed_from = NARROW_BITS, bits
                 entry.reason = (f"weight pairs reach [{lo}, {hi}] beyond int16: re-quantized to {NARROW_BITS} bits"
                                 if weights == "auto" else f"weights='narrow': re-quantized to {NARROW_BITS} bits")
             else:
-                entry.reason = f"8-bit weights kept: pair sums within [{lo}, {hi}]"
+                entry.reason = f"{bits}-bit weights kept: pair sums within [{lo}, {hi}]"
+        elif weights == "auto" and profile.pair_saturation:
+            entry.reason = f"{bits}-bit weights kept: depthwise, ONNX Runtime's depthwise kernel sums in int32"
         plan.append(entry)
     return plan
 
