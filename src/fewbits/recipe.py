@@ -81,6 +81,7 @@ class Recipe:
     exclude: tuple[str, ...] = ()
     version: int = field(default=RECIPE_VERSION)
     steps: tuple = ()  # algorithm steps (fewbits.steps) that calibrate runs before observing ranges
+    adds: Optional[TensorRecipe] = None  # quantize tensor additions (residuals) on this grid
 
     def __post_init__(self) -> None:
         # by_type is a mapping: keep it in one canonical order so equal recipes compare equal
@@ -108,7 +109,7 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        if self.steps:
+        if self.steps or (self.adds is not None and not self.adds.dynamic):
             return True
         layers = [lr for _, lr in self.by_type] + [lr for _, lr in self.by_name if lr]
         return any(t and not t.dynamic for lr in layers for t in (lr.input, lr.output))
@@ -120,11 +121,12 @@ class Recipe:
             "by_name": [[p, lr.to_dict() if lr else None] for p, lr in self.by_name],
             "include": list(self.include), "exclude": list(self.exclude),
             "steps": [step_to_dict(s) for s in self.steps],
+            "adds": self.adds.to_dict() if self.adds else None,
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
-        _reject_unknown("recipe", data, {"version", "name", "by_type", "by_name", "include", "exclude", "steps"})
+        _reject_unknown("recipe", data, {"version", "name", "by_type", "by_name", "include", "exclude", "steps", "adds"})
         return cls(
             name=data.get("name", "custom"),
             by_type=tuple((t, LayerRecipe.from_dict(lr)) for t, lr in data.get("by_type", {}).items()),
@@ -132,6 +134,7 @@ class Recipe:
             include=tuple(data.get("include", ("*",))), exclude=tuple(data.get("exclude", ())),
             version=data.get("version", None),
             steps=tuple(step_from_dict(s) for s in data.get("steps", ())),
+            adds=TensorRecipe.from_dict(data["adds"]) if data.get("adds") else None,
         )
 
     def to_json(self) -> str:
@@ -178,6 +181,10 @@ BUILTIN_RECIPES = {
     # CNNs: per-channel mean shifts from rounding compound through deep nets (MobileNetV2)
     "w8a8-bc": Recipe("w8a8-bc", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES,
                       steps=(BiasCorrection(),)),
+    # Deployment: residual additions quantized too, so the integer model and ONNX Runtime run
+    # them on integers (QLinearAdd) and every convolution has a quantized output.
+    "w8a8-bc-adds": Recipe("w8a8-bc-adds", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES,
+                           steps=(BiasCorrection(),), adds=_ACT_STATIC),
     "w4a8": Recipe("w4a8", _conv_linear(_weights(4, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES),
     "w4-g128": Recipe("w4-g128", _conv_linear(_weights(4, PerGroup(128, axis=1)), None), _KEEP_FLOAT_TABLES),
 }

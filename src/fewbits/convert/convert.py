@@ -20,9 +20,11 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
+from ..spec import PerTensor
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, int32_accumulator_blocker
 from ..wrap.prepare import LeftFloat, QuantizedModel, Status, _replace
-from .layers import IntegerConv, IntegerEmbedding, IntegerLinear, IntegerMaxPool, OutputGrid
+from ..wrap.ops import QuantAdd
+from .layers import Grid, IntegerAdd, IntegerConv, IntegerEmbedding, IntegerLinear, IntegerMaxPool, OutputGrid
 
 _GRID_PRESERVING = (nn.Flatten, nn.Identity, nn.Dropout)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d)
@@ -83,14 +85,41 @@ def convert(qmodel: QuantizedModel) -> IntegerModel:
             new = IntegerLinear(layer) if isinstance(layer, QuantLinear) else IntegerConv(layer)
             integer[name] = new
             _replace(work, name, new)
+        elif isinstance(layer, QuantAdd):
+            quantizers = (layer.a_quantizer, layer.b_quantizer, layer.output_quantizer)
+            if any(q.recipe.dynamic or not isinstance(q.spec.granularity, PerTensor) for q in quantizers):
+                islands.append(LeftFloat(name, "QuantAdd", "dynamic or per-channel grids: runs simulated"))
+                continue
+            _replace(work, name, IntegerAdd(layer))
     chains, note = _fuse_chains(work, integer)
     return IntegerModel(work, islands, chains, qmodel.recipe, note)
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (IntegerLinear, IntegerConv, IntegerEmbedding, IntegerMaxPool)) or \
+        return isinstance(m, (IntegerLinear, IntegerConv, IntegerEmbedding, IntegerMaxPool, IntegerAdd)) or \
             super().is_leaf_module(m, qualname)
+
+
+def _consumer_grid(work: nn.Module, integer: dict, node, value) -> Grid | OutputGrid | None:
+    """The grid on which the call ``node`` takes ``value`` as integers, if it can."""
+    if node.op != "call_module":
+        return None
+    module = work.get_submodule(node.target)
+    if node.target in integer:
+        layer = integer[node.target]
+        if layer.smooth_scale is None and node.args and node.args[0] is value and len(node.args) == 1:
+            return OutputGrid(float(layer.x_scale), int(layer.x_zero_point), layer.in_spec.qmin, layer.in_spec.qmax)
+        return None
+    if isinstance(module, IntegerAdd) and len(node.args) == 2 and (node.args[0] is value) != (node.args[1] is value):
+        g = module.a if node.args[0] is value else module.b
+        return OutputGrid(g.scale, g.zero_point, g.spec.qmin, g.spec.qmax)
+    return None
+
+
+def _same(g1: OutputGrid, g2: OutputGrid) -> bool:
+    return (g1.zero_point == g2.zero_point and g1.qmin == g2.qmin and g1.qmax == g2.qmax
+            and abs(g1.scale / g2.scale - 1) < 1e-5)
 
 
 def _fuse_chains(work: nn.Module, integer: dict) -> tuple[list[Chain], str]:
@@ -101,26 +130,40 @@ def _fuse_chains(work: nn.Module, integer: dict) -> tuple[list[Chain], str]:
     calls = [n.target for n in graph.nodes if n.op == "call_module"]
     chains = []
     for node in graph.nodes:
-        if node.op != "call_module" or node.target not in integer or calls.count(node.target) != 1:
+        if node.op != "call_module" or calls.count(node.target) != 1:
             continue
-        through, cur, target = [], node, None
+        producer = work.get_submodule(node.target)
+        if node.target not in integer and not isinstance(producer, IntegerAdd):
+            continue
+        # several consumers: all must take integers on one grid, straight from the producer
+        if len(node.users) > 1:
+            grids = [_consumer_grid(work, integer, user, node) for user in node.users]
+            if any(g is None for g in grids) or any(calls.count(u.target) != 1 for u in node.users) or \
+                    not all(_same(grids[0], g) for g in grids[1:]):
+                continue
+            _emit(producer, grids[0])
+            chains.append(Chain(node.target, ",".join(str(u.target) for u in node.users), ()))
+            continue
+        through, cur, grid, target = [], node, None, ""
         while len(cur.users) == 1:
             (user,) = cur.users
             if user.op != "call_module" or calls.count(user.target) != 1:
                 break
-            module = work.get_submodule(user.target)
-            nxt = integer.get(user.target)
-            if nxt is not None:
-                if nxt.smooth_scale is None and user.args and user.args[0] is cur:
-                    target = nxt
+            grid = _consumer_grid(work, integer, user, cur)
+            if grid is not None:
+                target = user.target
                 break
+            module = work.get_submodule(user.target)
+            if isinstance(producer, IntegerAdd) or isinstance(module, IntegerAdd):
+                break  # an addition's output passes only straight into its consumers
             if not isinstance(module, (nn.ReLU, nn.ReLU6, *_POOLS, *_GRID_PRESERVING)):
                 break
             through.append(user.target)
             cur = user
-        if target is None:
+        if grid is None:
             continue
-        grid = OutputGrid(float(target.x_scale), int(target.x_zero_point), target.in_spec.qmin, target.in_spec.qmax)
+        if isinstance(producer, IntegerAdd) and not _emit(producer, grid):
+            continue
         for name in through:
             module = work.get_submodule(name)
             if isinstance(module, (nn.ReLU, nn.ReLU6)):
@@ -130,6 +173,19 @@ def _fuse_chains(work: nn.Module, integer: dict) -> tuple[list[Chain], str]:
                 _replace(work, name, nn.Identity())  # the clamp happens in requantize
             elif isinstance(module, _POOLS):
                 _replace(work, name, IntegerMaxPool(module))
-        integer[node.target].requantize_into(grid)
-        chains.append(Chain(node.target, target.name, tuple(through)))
+        if not isinstance(producer, IntegerAdd):
+            producer.requantize_into(grid)
+        chains.append(Chain(node.target, target, tuple(through)))
     return chains, f"{len(chains)} integer chains found by torch.fx"
+
+
+def _emit(producer: nn.Module, grid: OutputGrid) -> bool:
+    """Make ``producer`` hand integers on ``grid`` to its consumers; False when it cannot."""
+    if isinstance(producer, IntegerAdd):
+        out = producer.out
+        if not _same(OutputGrid(out.scale, out.zero_point, out.spec.qmin, out.spec.qmax), grid):
+            return False  # a second rounding onto another grid: leave it to the consumer, in float
+        producer.emit_integers = True
+        return True
+    producer.requantize_into(grid)
+    return True

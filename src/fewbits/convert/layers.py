@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..numerics.affine import dequantize, quantize
-from ..numerics.fixed_point import fixed_point_multiplier, requantize
+from ..numerics.fixed_point import fixed_point_multiplier, requantize, rounding_right_shift
 from ..runtime.reference import int_conv, int_linear, int_max_pool
 from ..spec import PerChannel
 
@@ -145,3 +145,58 @@ class IntegerMaxPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(x) if torch.is_floating_point(x) else int_max_pool(x, self.pool)
+
+
+class Grid:
+    """A tensor's activation grid as the integer model uses it (per-tensor)."""
+
+    def __init__(self, quantizer) -> None:
+        self.spec = quantizer.spec
+        self.scale = float(quantizer.scale.reshape(()))
+        self.zero_point = int(quantizer.zero_point.reshape(()))
+
+    def equivalent(self, other: "Grid") -> bool:
+        """Levels on one grid are the same levels on the other: re-quantizing a grid value is
+        the identity (same zero point and range, scales equal to 1e-5 relative, far inside the
+        half level over 255 levels that could move a value)."""
+        return (self.zero_point == other.zero_point and self.spec.qmin == other.spec.qmin
+                and self.spec.qmax == other.spec.qmax and abs(self.scale / other.scale - 1) < 1e-5)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize(x, torch.tensor(self.scale), torch.tensor(self.zero_point), self.spec).to(torch.int32)
+
+
+class IntegerAdd(nn.Module):
+    """``Q_out(Q_a(a) + Q_b(b))`` on integers: ``(q_a − z_a)·m_a + (q_b − z_b)·m_b`` exactly in int64,
+    with ``m ≈ (s/s_out)·2^k`` sharing one shift ``k``, rounded once, plus ``z_out``, clamped.
+
+    Operands arrive as float (quantized here) or as integers already on their grid; the result
+    is dequantized to float unless the converter found that every consumer works on the output
+    grid (``emit_integers``)."""
+
+    def __init__(self, add: nn.Module) -> None:
+        super().__init__()
+        self.name = add.name
+        self.a, self.b, self.out = Grid(add.a_quantizer), Grid(add.b_quantizer), Grid(add.output_quantizer)
+        (ma, sa), (mb, sb) = (fixed_point_multiplier(g.scale / self.out.scale) for g in (self.a, self.b))
+        self.shift = max(sa, sb)
+        self.m_a, self.m_b = ma << (self.shift - sa), mb << (self.shift - sb)
+        if max(self.m_a, self.m_b) >= 2**40:  # |q − z| ≤ 2^16: the int64 sum stays below 2^57
+            raise ValueError(f"addition '{self.name}': operand scales differ by more than 2^9; "
+                             "no shared fixed-point shift in 64 bits")
+        self.emit_integers = False
+
+    def _levels(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        return grid.quantize(x) if torch.is_floating_point(x) else x
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        qa = self._levels(a, self.a).to(torch.int64) - self.a.zero_point
+        qb = self._levels(b, self.b).to(torch.int64) - self.b.zero_point
+        t = qa * self.m_a + qb * self.m_b
+        out = (rounding_right_shift(t, self.shift) + self.out.zero_point).clamp(self.out.spec.qmin, self.out.spec.qmax)
+        if self.emit_integers:
+            return out.to(torch.int32)
+        return ((out - self.out.zero_point).to(torch.float64) * self.out.scale).to(torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: m_a={self.m_a}, m_b={self.m_b}, shift={self.shift}, output {'integers' if self.emit_integers else 'float'}"

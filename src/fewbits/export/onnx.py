@@ -255,15 +255,9 @@ class _QDQLayer(nn.Module):
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
         xq, wq = layer.input_quantizer, layer.weight_quantizer
-        xs = xq.spec
-        shift = u8_shift(xs)
-        self.x_scale = float(xq.scale.reshape(()))
-        self.x_zero_point = int(xq.zero_point.reshape(())) + shift
-        self.x_range = (xs.qmin + shift, xs.qmax + shift)
         # A grid narrower than uint8 clamps first; the bounds are grid points, so clamping the
         # real value before rounding equals clamping the level after it.
-        self.clip = None if self.x_range == (0, 255) else tuple(
-            (q - self.x_zero_point) * self.x_scale for q in self.x_range)
+        self.x_scale, self.x_zero_point, self.clip = _u8_grid(xq)
         qw = _integer_weight(layer).reshape(layer.weight.shape).to(torch.int8)
         channels = qw.shape[0]
         self.name = wq.name.rpartition(".")[0]
@@ -336,9 +330,47 @@ class _WeightOnlyLayer(nn.Module):
         return layer._conv_forward(x, w, layer.bias)
 
 
+class _QDQAdd(nn.Module):
+    """A quantized addition as DequantizeLinear ×2 → Add → QuantizeLinear (ORT: QLinearAdd)."""
+
+    def __init__(self, add: nn.Module) -> None:
+        super().__init__()
+        self.grids = [_u8_grid(q) for q in (add.a_quantizer, add.b_quantizer, add.output_quantizer)]
+
+    @staticmethod
+    def _qdq(x, grid):
+        qd = _qd()
+        scale, zero_point, clip = grid
+        if clip is not None:
+            x = x.clamp(*clip)
+        q = qd.quantize_per_tensor(x, scale, zero_point, 0, 255, torch.uint8)
+        return qd.dequantize_per_tensor(q, scale, zero_point, 0, 255, torch.uint8)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ga, gb, go = self.grids
+        return self._qdq(self._qdq(a, ga) + self._qdq(b, gb), go)
+
+
+def _u8_grid(quantizer) -> tuple:
+    """(scale, uint8 zero point, real clamp or None) of a static per-tensor activation grid."""
+    spec = quantizer.spec
+    if quantizer.recipe.dynamic or quantizer.scale is None or quantizer.scale.numel() != 1 or spec.qmax - spec.qmin > 255:
+        raise ValueError(f"export_onnx: '{quantizer.name}' is not a static per-tensor grid of at most 8 bits")
+    shift = u8_shift(spec)
+    scale, zero_point = float(quantizer.scale.reshape(())), int(quantizer.zero_point.reshape(())) + shift
+    bounds = (spec.qmin + shift, spec.qmax + shift)
+    clip = None if bounds == (0, 255) else tuple((q - zero_point) * scale for q in bounds)
+    return scale, zero_point, clip
+
+
 def export_module(qmodel: QuantizedModel, plan: Sequence[LayerExport]) -> nn.Module:
     """The copy of ``qmodel``'s network that torch.onnx traces (``plan`` from :func:`plan_layers`)."""
+    from ..wrap.ops import QuantAdd
+
     work = copy.deepcopy(qmodel.model)
+    for name, module in list(work.named_modules()):
+        if isinstance(module, QuantAdd):
+            _replace(work, name, _QDQAdd(module))
     layers = dict(work.named_modules())
     for entry in plan:
         layer = layers[entry.name]

@@ -61,6 +61,7 @@ class QuantizedModel(nn.Module):
         self.fold_bn = fold_bn
         self.status = Status.PREPARED if recipe.needs_calibration else Status.CALIBRATED
         self.applied: list = []  # results of fewbits.apply, in order
+        self.additions: list[str] = []  # QuantAdd modules (recipe.adds), by name
 
     def forward(self, *args, **kwargs):
         if self.status is Status.PREPARED:
@@ -117,7 +118,15 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True) -> Quantiz
             left.append(LeftFloat(name, type(module).__name__, str(err)))
             continue
         _replace(work, name, swapped)
-    return QuantizedModel(work, recipe, left, folded, float_model, fold_bn)
+    additions = []
+    if recipe.adds is not None:
+        from .ops import quantize_additions
+
+        additions, untouched = quantize_additions(work, recipe.adds, skip=tuple(QUANT_MODULES.values()))
+        left += [LeftFloat(n, type(work.get_submodule(n)).__name__, why) for n, why in untouched]
+    qmodel = QuantizedModel(work, recipe, left, folded, float_model, fold_bn)
+    qmodel.additions = additions
+    return qmodel
 
 
 def _float_reason(module: nn.Module) -> str:
