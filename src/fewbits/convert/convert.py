@@ -3,14 +3,23 @@
 Every quantized linear / convolution layer becomes an :class:`IntegerLinear` /
 :class:`IntegerConv`: its input is quantized once (or arrives as integers), multiplied with the
 integer weights into an int32 accumulator (plus the int32 bias ``round(b / (s_x·s_w))``), and
-either dequantized to float or — when ``torch.fx`` shows that its output reaches the next
-quantized layer only through ReLU, ReLU6, max pooling, flatten, identity or dropout —
-requantized with fixed-point multipliers straight into the next layer's input grid, with the
-ReLU / ReLU6 turned into clamp bounds. Those operations commute with a monotone grid, so the
-chain is the simulated model's arithmetic done on integers. Everything else (residual additions,
-average pooling, normalization, attention, activations other than ReLU/ReLU6) runs in float
-between a dequantize and the next layer's quantize, exactly as in the simulated model, and is
-reported as a float island.
+either dequantized to float or requantized with fixed-point multipliers into the grid of what
+consumes it. Every quantized addition (recipe ``adds``) becomes an :class:`IntegerAdd`: both
+operands rescaled onto the output grid with fixed-point multipliers sharing one shift.
+
+``torch.fx`` decides where integers flow (an integer chain):
+
+* a layer whose output reaches one consumer only through ReLU, ReLU6, max pooling, flatten,
+  identity or dropout requantizes into that consumer's grid, ReLU / ReLU6 as clamp bounds
+  (they commute with a monotone grid); the consumer is a layer's input or an addition's operand;
+* a layer or an addition whose output goes straight to several consumers hands them integers
+  when all of them quantize on the same grid (e.g. a residual block's input, feeding both the
+  block's first convolution and its addition, calibrated on the same tensor);
+* an addition hands integers on only when its own output grid is that grid.
+
+Everything else (average pooling, normalization, attention, other activations, additions left
+float) runs in float between a dequantize and the next quantize, exactly as in the simulated
+model, and is reported as a float island.
 """
 from __future__ import annotations
 
