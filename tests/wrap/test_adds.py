@@ -141,3 +141,14 @@ def test_onnx_runs_additions_as_qlinearadd_and_matches(tmp_path):
     OnnxModel(result.path, optimized_path=tmp_path / "opt.onnx")
     ops = collections.Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
     assert ops["QLinearAdd"] == 2 and ops["QLinearConv"] == 8 and "Conv" not in ops, ops
+
+
+def test_packed_file_round_trips_the_addition_grids(tmp_path):
+    q = _prepared()
+    fewbits.save(q, tmp_path / "adds.fewbits")
+    torch.manual_seed(1)  # another initialisation: everything must come from the file
+    loaded = fewbits.load(tmp_path / "adds.fewbits", model=Net())
+    assert loaded.additions == q.additions
+    x = _batches(1, seed=4)[0]
+    with torch.no_grad():
+        assert torch.equal(loaded(x), q(x))
