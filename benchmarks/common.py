@@ -5,6 +5,7 @@ import os
 import platform
 
 import torch
+from torch import nn
 
 from fewbits.report.table import format_table
 
@@ -34,3 +35,28 @@ def save_json(data: dict, path: str) -> None:
     payload = {"schema_version": 1, "environment": environment(), **data}
     write_json_atomic(path, payload, default=float)
     print(f"results: {path}")
+
+
+# ---- what each task's exported file returns --------------------------------------------------
+class MobileNetOutputs(nn.Module):
+    """Pooled features and logits as two outputs, so the probe can read an ONNX model too."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        f = nn.functional.adaptive_avg_pool2d(self.model.features(x), 1).flatten(1)
+        return f, self.model.classifier(f)
+
+
+class MiniLMHidden(nn.Module):
+    """The last hidden state as one output (the tokenizer's three inputs by name)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state

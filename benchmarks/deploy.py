@@ -28,12 +28,10 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
 import torch
-from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, save_json, set_threads  # noqa: E402
+from common import MiniLMHidden, MobileNetOutputs, print_table, save_json, set_threads  # noqa: E402
 
 import fewbits  # noqa: E402
 from fewbits.export.onnx import NARROW_BITS, OnnxModel, _torch_onnx_bytes, export_onnx  # noqa: E402
@@ -50,29 +48,7 @@ CASES = [
 MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-# ---- what each task's file returns, and how its metric calls the file ------------------------
-class MobileNetOutputs(nn.Module):
-    """Pooled features and logits: the probe reads the features."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        f = nn.functional.adaptive_avg_pool2d(self.model.features(x), 1).flatten(1)
-        return f, self.model.classifier(f)
-
-
-class MiniLMHidden(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask,
-                          token_type_ids=token_type_ids).last_hidden_state
-
-
+# ---- how each task's metric calls a file -------------------------------------------------------
 def wrapper(task_name):
     return {"mobilenetv2-probe": MobileNetOutputs, "minilm-wordnet": MiniLMHidden}.get(task_name)
 
@@ -285,5 +261,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    np.set_printoptions(precision=4)
     main()

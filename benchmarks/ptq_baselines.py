@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import print_table, save_json, set_threads  # noqa: E402
+from common import MiniLMHidden, MobileNetOutputs, print_table, save_json, set_threads  # noqa: E402
 
 import fewbits  # noqa: E402
 from fewbits.cli import calib_label  # noqa: E402
@@ -39,37 +39,16 @@ ORT_STATIC = ["MinMax", "Entropy", "Percentile"]
 
 
 # ---- ONNX export of each task's model, and ONNX Runtime sessions that stand in for it ----------
-class _MobileNetOutputs(nn.Module):
-    """Features and logits as two outputs, so the probe can read the ONNX model too."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x):
-        f = nn.functional.adaptive_avg_pool2d(self.model.features(x), 1).flatten(1)
-        return f, self.model.classifier(f)
-
-
-class _MiniLMHidden(nn.Module):
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask, token_type_ids):
-        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).last_hidden_state
-
-
 def export(task, path: Path) -> list[str]:
     example = task.calibration[0]
     if task.name == "minilm-wordnet":
         names = ["input_ids", "attention_mask", "token_type_ids"]
         args = tuple(example[n] for n in names)
         dyn = {n: {0: "batch", 1: "tokens"} for n in names}
-        torch.onnx.export(_MiniLMHidden(task.model), args, path, input_names=names, output_names=["hidden"],
+        torch.onnx.export(MiniLMHidden(task.model), args, path, input_names=names, output_names=["hidden"],
                           dynamic_axes={**dyn, "hidden": {0: "batch", 1: "tokens"}}, opset_version=17, dynamo=False)
         return names
-    wrapped = _MobileNetOutputs(task.model) if task.name == "mobilenetv2-probe" else task.model
+    wrapped = MobileNetOutputs(task.model) if task.name == "mobilenetv2-probe" else task.model
     outputs = ["features", "logits"] if task.name == "mobilenetv2-probe" else ["logits"]
     torch.onnx.export(wrapped, (example[:1],), path, input_names=["x"], output_names=outputs,
                       dynamic_axes={"x": {0: "n"}, **{o: {0: "n"} for o in outputs}}, opset_version=17, dynamo=False)
