@@ -49,6 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..files import write_atomic
+from ..spec import PerChannel, PerGroup
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, int32_accumulator_blocker
 from ..wrap.prepare import QuantizedModel, Status, _replace
 
@@ -155,9 +156,9 @@ def _weight_only_blocker(layer: nn.Module) -> str:
     g = wq.spec.granularity
     if wq.spec.bits > 8:
         return f"{wq.spec.bits}-bit weights"
-    if type(g).__name__ == "PerGroup":
+    if isinstance(g, PerGroup):
         return "per-group weight scales (needs opset 21 blocked DequantizeLinear)"
-    if type(g).__name__ == "PerChannel" and g.axis != 0:
+    if isinstance(g, PerChannel) and g.axis != 0:
         return f"per-channel weights along axis {g.axis}"
     return ""
 
@@ -544,6 +545,19 @@ def _torch_onnx_bytes(module: nn.Module, args: tuple, kwargs: dict, dynamic_mode
 
 
 # ---- running the file, and the parity check --------------------------------------------------
+def _feeds(names: list[str], args: tuple, kwargs: dict, path) -> dict:
+    """ONNX Runtime's input dict: keyword arguments by name, the positional ones in order."""
+    flat, feeds = list(args), {}
+    for name in names:
+        if name in kwargs:
+            feeds[name] = kwargs[name]
+        elif flat:
+            feeds[name] = flat.pop(0)
+        else:
+            raise ValueError(f"{Path(path).name}: no value for ONNX input {name!r}")
+    return {k: (v.detach().numpy() if isinstance(v, torch.Tensor) else v) for k, v in feeds.items()}
+
+
 class OnnxModel:
     """An ONNX Runtime session called like the torch model it came from (outputs as tensors:
     one tensor, or a tuple when the graph has several outputs)."""
@@ -562,16 +576,7 @@ class OnnxModel:
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def feeds(self, *args, **kwargs) -> dict:
-        flat = list(args)
-        feeds = {}
-        for name in self.inputs:
-            if name in kwargs:
-                feeds[name] = kwargs[name]
-            elif flat:
-                feeds[name] = flat.pop(0)
-            else:
-                raise ValueError(f"{Path(self.path).name}: no value for ONNX input {name!r}")
-        return {k: (v.detach().numpy() if isinstance(v, torch.Tensor) else v) for k, v in feeds.items()}
+        return _feeds(self.inputs, args, kwargs, self.path)
 
     def run(self, feeds: dict) -> list:
         return self.session.run(None, feeds)
@@ -707,15 +712,14 @@ def verify_onnx(qmodel: QuantizedModel, onnx_path, batches, *, tolerance: float 
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
     session = ort.InferenceSession(_level_probe(model, probes), options, providers=["CPUExecutionProvider"])
-    feeder = OnnxModel.__new__(OnnxModel)
-    feeder.path, feeder.inputs = str(path), [i.name for i in session.get_inputs()]
+    input_names = [i.name for i in session.get_inputs()]
     n_out = len(model.graph.output)
     worst_steps, total, count, worst_abs, n_batches = 0.0, 0.0, 0, 0.0, 0
     per_layer: dict[str, list] = {}
     try:
         for batch in batches:
             args, kwargs = _as_call(batch)
-            got = session.run(None, feeder.feeds(*args, **kwargs))
+            got = session.run(None, _feeds(input_names, args, kwargs, path))
             seen.clear()
             forced.clear()
             forced.update({layer: torch.from_numpy(got[n_out + i].astype("int32"))
