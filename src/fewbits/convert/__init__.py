@@ -1,6 +1,6 @@
 """The integer model: ``fewbits.convert(qmodel)``."""
 from .convert import Chain, IntegerModel, convert
-from .layers import IntegerConv, IntegerEmbedding, IntegerLinear, IntegerMaxPool, OutputGrid
+from .layers import IntegerAdd, IntegerConv, IntegerEmbedding, IntegerLinear, IntegerMaxPool, OutputGrid
 
 __all__ = ["convert", "IntegerModel", "Chain", "IntegerLinear", "IntegerConv", "IntegerEmbedding",
-           "IntegerMaxPool", "OutputGrid"]
+           "IntegerMaxPool", "IntegerAdd", "OutputGrid"]

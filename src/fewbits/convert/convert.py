@@ -33,7 +33,7 @@ from ..spec import PerTensor
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, int32_accumulator_blocker
 from ..wrap.prepare import LeftFloat, QuantizedModel, Status, _replace
 from ..wrap.ops import QuantAdd
-from .layers import Grid, IntegerAdd, IntegerConv, IntegerEmbedding, IntegerLinear, IntegerMaxPool, OutputGrid
+from .layers import IntegerAdd, IntegerConv, IntegerEmbedding, IntegerLinear, IntegerMaxPool, OutputGrid
 
 _GRID_PRESERVING = (nn.Flatten, nn.Identity, nn.Dropout)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d)
@@ -110,7 +110,7 @@ class _Tracer(fx.Tracer):
             super().is_leaf_module(m, qualname)
 
 
-def _consumer_grid(work: nn.Module, integer: dict, node, value) -> Grid | OutputGrid | None:
+def _consumer_grid(work: nn.Module, integer: dict, node, value) -> OutputGrid | None:
     """The grid on which the call ``node`` takes ``value`` as integers, if it can."""
     if node.op != "call_module":
         return None
@@ -150,8 +150,8 @@ def _fuse_chains(work: nn.Module, integer: dict) -> tuple[list[Chain], str]:
             if any(g is None for g in grids) or any(calls.count(u.target) != 1 for u in node.users) or \
                     not all(_same(grids[0], g) for g in grids[1:]):
                 continue
-            _emit(producer, grids[0])
-            chains.append(Chain(node.target, ",".join(str(u.target) for u in node.users), ()))
+            if _emit(producer, grids[0]):
+                chains.append(Chain(node.target, ",".join(str(u.target) for u in node.users), ()))
             continue
         through, cur, grid, target = [], node, None, ""
         while len(cur.users) == 1:
@@ -171,9 +171,7 @@ def _fuse_chains(work: nn.Module, integer: dict) -> tuple[list[Chain], str]:
             cur = user
         if grid is None:
             continue
-        if isinstance(producer, IntegerAdd) and not _emit(producer, grid):
-            continue
-        for name in through:
+        for name in through:  # only after a layer: an addition's output goes straight to its consumer
             module = work.get_submodule(name)
             if isinstance(module, (nn.ReLU, nn.ReLU6)):
                 grid.clamp_below(0.0)
@@ -182,9 +180,8 @@ def _fuse_chains(work: nn.Module, integer: dict) -> tuple[list[Chain], str]:
                 _replace(work, name, nn.Identity())  # the clamp happens in requantize
             elif isinstance(module, _POOLS):
                 _replace(work, name, IntegerMaxPool(module))
-        if not isinstance(producer, IntegerAdd):
-            producer.requantize_into(grid)
-        chains.append(Chain(node.target, target, tuple(through)))
+        if _emit(producer, grid):
+            chains.append(Chain(node.target, target, tuple(through)))
     return chains, f"{len(chains)} integer chains found by torch.fx"
 
 

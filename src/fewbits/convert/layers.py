@@ -155,13 +155,6 @@ class Grid:
         self.scale = float(quantizer.scale.reshape(()))
         self.zero_point = int(quantizer.zero_point.reshape(()))
 
-    def equivalent(self, other: "Grid") -> bool:
-        """Levels on one grid are the same levels on the other: re-quantizing a grid value is
-        the identity (same zero point and range, scales equal to 1e-5 relative, far inside the
-        half level over 255 levels that could move a value)."""
-        return (self.zero_point == other.zero_point and self.spec.qmin == other.spec.qmin
-                and self.spec.qmax == other.spec.qmax and abs(self.scale / other.scale - 1) < 1e-5)
-
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return quantize(x, torch.tensor(self.scale), torch.tensor(self.zero_point), self.spec).to(torch.int32)
 
