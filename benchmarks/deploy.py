@@ -2,10 +2,10 @@
 
 For each task, in one process: the fp32 model exported with torch.onnx, fewbits' export of its
 recommended recipe (``fewbits.export_onnx``, hardware-aware weights, verified against the
-integer model) — on a CPU whose int8 kernels saturate, also the recipe prepared with 7-bit
+integer model; MiniLM also with dynamic activation ranges) — on a CPU whose int8 kernels saturate, also the recipe prepared with 7-bit
 weights from the start (``--fit-cpu``) — and ``onnxruntime.quantization.quantize_static`` on the fp32 file (QDQ,
 per-channel s8 weights, u8 activations, MinMax; with and without ``reduce_range``, ORT's 7-bit
-weight option for CPUs without VNNI). Every file is run by ONNX Runtime with 2 intra-op threads
+weight option for CPUs without VNNI; for MiniLM also ``quantize_dynamic``, per-channel). Every file is run by ONNX Runtime with 2 intra-op threads
 and ``session.intra_op.allow_spinning=0``; latencies are medians over repeats taken
 round-robin (engines interleaved, order rotated each round), speed-ups are ratios within the
 run. The task metric is measured by running the file itself on the task's test data.
@@ -43,7 +43,8 @@ RESULTS = "benchmarks/results/deploy.json"
 CASES = [
     {"task": "fashion-cnn", "recipes": ["w8a8"], "batches": [1, 64]},
     {"task": "mobilenetv2-probe", "recipes": ["w8a8-bc", "w8a8-bc-adds"], "batches": [1, 8], "size": 224},
-    {"task": "minilm-wordnet", "recipes": ["w8a8-smoothquant"], "batches": [32], "tokens": 128},
+    {"task": "minilm-wordnet", "recipes": ["w8a8-dynamic", "w8a8-smoothquant"], "batches": [32], "tokens": 128,
+     "ort_dynamic": True},
 ]
 MINILM_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -184,6 +185,14 @@ def bench_task(case: dict, workdir: Path) -> dict:
             files[label] = {"path": out, "quantize_s": time.perf_counter() - t0}
         except Exception as err:  # an anchor that fails is reported, not fatal
             files[label] = {"error": f"{type(err).__name__}: {str(err)[:150]}"}
+
+    if case.get("ort_dynamic"):  # what transformer users usually pick in ONNX Runtime
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        out = workdir / f"{name}-ort-dynamic.onnx"
+        t0 = time.perf_counter()
+        quantize_dynamic(str(fp32), str(out), per_channel=True, weight_type=QuantType.QInt8)
+        files["ORT quantize_dynamic"] = {"path": out, "quantize_s": time.perf_counter() - t0}
 
     rows = []
     for label, info in files.items():

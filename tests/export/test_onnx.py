@@ -157,6 +157,21 @@ def test_layers_without_integer_kernels_export_as_what_they_compute(tmp_path, re
     assert torch.allclose(OnnxModel(result.path)(batches[1]), expected, atol=1e-4, rtol=1e-4)
 
 
+def test_dynamic_inputs_export_as_dynamic_quantize_linear(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 10)).eval()
+    batches = [torch.randn(4, 16, 64) * 3 for _ in range(3)]  # 3-D: ONNX MatMul, as in transformers
+    q = _calibrated(model, "w8a8-dynamic", batches)
+    result = export_onnx(q, batches[0], tmp_path / "dyn.onnx", batches=batches, weights="narrow")
+    assert [e.mode for e in result.layers] == ["int8-dynamic", "int8-dynamic"]
+    ops = _ort_ops(result.path, tmp_path)
+    assert ops["DynamicQuantizeLinear"] >= 1 or ops["DynamicQuantizeMatMul"] >= 1, ops
+    assert "MatMul" not in ops and "Gemm" not in ops, ops  # every product runs on integers
+    # same per-batch grid (ONNX's formula is choose_qparams'); x/s against x·(1/s) can move a
+    # value sitting on a half level by one step, which shows as < 1e-3 of the output range
+    assert result.verification.max_steps < 0.5 and result.verification.mean_steps < 1e-3, result.verification.summary()
+
+
 # ---- bad input -------------------------------------------------------------------------------
 def test_bad_input_is_named(tmp_path):
     q = fewbits.prepare(_cnn(), "w8a8")
@@ -169,8 +184,10 @@ def test_bad_input_is_named(tmp_path):
         export_onnx(q, _batches(1)[0], tmp_path / "x.onnx", weights="8bit")
     with pytest.raises(ValueError, match="example_inputs"):
         export_onnx(q, "not a tensor", tmp_path / "x.onnx")
-    dynamic = _calibrated(_cnn(), "w8a8-dynamic")
-    with pytest.raises(ValueError, match="layer '0' quantizes its input dynamically"):
+    symmetric = TensorRecipe(QuantSpec(bits=8, signed=True, symmetric=True), "minmax", dynamic=True)
+    layer = LayerRecipe(weight=TensorRecipe(QuantSpec(bits=8, granularity=PerChannel(0))), input=symmetric)
+    dynamic = _calibrated(_cnn(), Recipe("sym-dynamic", (("Linear", layer), ("Conv2d", layer))))
+    with pytest.raises(ValueError, match="layer '0' quantizes its input dynamically on a grid"):
         export_onnx(dynamic, _batches(1)[0], tmp_path / "x.onnx")
     assert not (tmp_path / "x.onnx").exists()
     foreign = tmp_path / "foreign.onnx"

@@ -49,7 +49,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..files import write_atomic
-from ..spec import PerChannel, PerGroup
+from ..spec import PerChannel, PerGroup, PerTensor
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, int32_accumulator_blocker
 from ..wrap.prepare import QuantizedModel, Status, _replace
 
@@ -122,14 +122,31 @@ class LayerExport:
     """How one quantized layer went into the ONNX file."""
 
     name: str
-    mode: str  # "int8" | "weight-only" | "simulated"
+    mode: str  # "int8" | "int8-dynamic" | "weight-only" | "simulated"
     weight_bits: Optional[int] = None
     narrowed_from: Optional[int] = None  # original weight bits when the CPU profile narrowed them
     reason: str = ""
 
 
+def _dynamic_u8(quantizer) -> bool:
+    """A per-batch grid that ONNX's DynamicQuantizeLinear computes: 256 levels, asymmetric, per
+    tensor (its scale (max⁺ − min⁻)/255 and zero point −round(min⁻/s) are ``choose_qparams``')."""
+    spec = quantizer.spec
+    return (quantizer.recipe.dynamic and spec.bits == 8 and not spec.symmetric and not spec.narrow_range
+            and isinstance(spec.granularity, PerTensor))
+
+
 def _int8_blocker(layer: nn.Module) -> str:
     """Why ``layer`` cannot be a QDQ integer layer; empty when it can."""
+    xq = layer.input_quantizer
+    if xq is not None and xq.recipe.dynamic and _dynamic_u8(xq):
+        wq = layer.weight_quantizer
+        g = None if wq is None else wq.spec.granularity
+        if wq is None or not (isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0)):
+            return "dynamic inputs need per-tensor or per-output-channel weights"
+        if wq.spec.bits > 8 or bool((wq.zero_point != 0).any()) or layer.output_quantizer is not None:
+            return "dynamic inputs: symmetric weights of at most 8 bits, no output quantizer"
+        return ""
     why = int32_accumulator_blocker(layer.input_quantizer, layer.weight_quantizer)
     if why:
         return why
@@ -194,9 +211,9 @@ def plan_layers(qmodel: QuantizedModel, profile: KernelProfile, weights: str = "
     for name, layer in qmodel.quantized_layers().items():
         for slot in ("input", "output"):
             quantizer = getattr(layer, f"{slot}_quantizer", None)
-            if quantizer is not None and quantizer.recipe.dynamic:
-                raise ValueError(f"export_onnx: layer '{name}' quantizes its {slot} dynamically (ranges per batch), "
-                                 "which the export does not write yet: use a static recipe (e.g. w8a8)")
+            if quantizer is not None and quantizer.recipe.dynamic and not (slot == "input" and _dynamic_u8(quantizer)):
+                raise ValueError(f"export_onnx: layer '{name}' quantizes its {slot} dynamically on a grid ONNX's "
+                                 "DynamicQuantizeLinear does not compute (8-bit asymmetric per tensor inputs only)")
         if isinstance(layer, QuantEmbedding):
             why = _weight_only_blocker(layer)
             plan.append(LayerExport(name, "simulated" if why else "weight-only",
@@ -210,7 +227,7 @@ def plan_layers(qmodel: QuantizedModel, profile: KernelProfile, weights: str = "
                                     reason=why))
             continue
         bits = layer.weight_quantizer.spec.bits
-        entry = LayerExport(name, "int8", bits)
+        entry = LayerExport(name, "int8-dynamic" if layer.input_quantizer.recipe.dynamic else "int8", bits)
         check = weights == "narrow" or (weights == "auto" and profile.pair_saturation and not _depthwise(layer))
         if check:
             lo, hi = pair_sum_bound(_integer_weight(layer), _input_top_level(layer))
@@ -250,6 +267,31 @@ def _qd():
     return torch.ops.quantized_decomposed
 
 
+@torch.library.custom_op("fewbits::dynamic_qdq_u8", mutates_args=())
+def dynamic_qdq_u8(x: torch.Tensor) -> torch.Tensor:
+    """Fake-quantize ``x`` on the uint8 grid of its own range, as a dynamic input quantizer does
+    (``choose_qparams`` + ``fake_quantize``); exported as DynamicQuantizeLinear → DequantizeLinear."""
+    from ..numerics.affine import choose_qparams, fake_quantize
+    from ..spec import QuantSpec
+
+    spec = QuantSpec(bits=8, signed=False, symmetric=False)
+    lo, hi = torch.aminmax(x.detach().float())
+    scale, zero_point = choose_qparams(lo, hi, spec)
+    return fake_quantize(x, scale, zero_point, spec)
+
+
+@dynamic_qdq_u8.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def _onnx_dynamic_qdq_u8(x):
+    from onnxscript import opset18 as op
+
+    y, scale, zero_point = op.DynamicQuantizeLinear(x)
+    return op.DequantizeLinear(y, scale, zero_point)
+
+
 class _QDQLayer(nn.Module):
     """A linear / convolution layer as QuantizeLinear → DequantizeLinear → op (see module doc)."""
 
@@ -258,7 +300,8 @@ class _QDQLayer(nn.Module):
         xq, wq = layer.input_quantizer, layer.weight_quantizer
         # A grid narrower than uint8 clamps first; the bounds are grid points, so clamping the
         # real value before rounding equals clamping the level after it.
-        self.x_scale, self.x_zero_point, self.clip = _u8_grid(xq)
+        self.dynamic = xq.recipe.dynamic
+        self.x_scale, self.x_zero_point, self.clip = (1.0, 0, None) if self.dynamic else _u8_grid(xq)
         qw = _integer_weight(layer).reshape(layer.weight.shape).to(torch.int8)
         channels = qw.shape[0]
         self.name = wq.name.rpartition(".")[0]
@@ -266,7 +309,10 @@ class _QDQLayer(nn.Module):
         self.register_buffer("w_scale", wq.scale.detach().float().reshape(-1).expand(channels).contiguous())
         self.register_buffer("w_zero_point", torch.zeros(channels, dtype=torch.int64))
         self.w_range = (wq.spec.qmin, wq.spec.qmax)
-        if layer.bias is not None:
+        if layer.bias is not None and self.dynamic:  # no input scale before the call: a float bias
+            self.bias_q = None
+            self.register_buffer("bias", layer.bias.detach().clone())
+        elif layer.bias is not None:
             acc = torch.tensor(self.x_scale, dtype=torch.float64) * self.w_scale.double()
             self.register_buffer("bias_q", torch.round(layer.bias.detach().double() / acc).to(torch.int32))
             self.register_buffer("bias_scale", acc.float())
@@ -284,10 +330,13 @@ class _QDQLayer(nn.Module):
             x = x / self.smooth_scale
         if self.clip is not None:
             x = x.clamp(*self.clip)
-        q = qd.quantize_per_tensor(x, self.x_scale, self.x_zero_point, 0, 255, torch.uint8)
-        x = qd.dequantize_per_tensor(q, self.x_scale, self.x_zero_point, 0, 255, torch.uint8)
+        if self.dynamic:
+            x = torch.ops.fewbits.dynamic_qdq_u8(x)
+        else:
+            q = qd.quantize_per_tensor(x, self.x_scale, self.x_zero_point, 0, 255, torch.uint8)
+            x = qd.dequantize_per_tensor(q, self.x_scale, self.x_zero_point, 0, 255, torch.uint8)
         w = qd.dequantize_per_channel(self.qweight, self.w_scale, self.w_zero_point, 0, *self.w_range, torch.int8)
-        b = None
+        b = getattr(self, "bias", None)
         if self.bias_q is not None:
             b = qd.dequantize_per_channel(self.bias_q, self.bias_scale, torch.zeros_like(self.bias_q, dtype=torch.int64),
                                           0, -(2**31), 2**31 - 1, torch.int32)
@@ -375,7 +424,7 @@ def export_module(qmodel: QuantizedModel, plan: Sequence[LayerExport]) -> nn.Mod
     layers = dict(work.named_modules())
     for entry in plan:
         layer = layers[entry.name]
-        if entry.mode == "int8":
+        if entry.mode in ("int8", "int8-dynamic"):
             _replace(work, entry.name, _QDQLayer(layer))
         elif entry.mode == "weight-only":
             if isinstance(layer, QuantEmbedding) and layer.max_norm is not None:
@@ -535,7 +584,9 @@ def _torch_onnx_bytes(module: nn.Module, args: tuple, kwargs: dict, dynamic_mode
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
-                                        dynamic_shapes=dynamic, external_data=False, verbose=False)
+                                        dynamic_shapes=dynamic, external_data=False, verbose=False,
+                                        custom_translation_table={torch.ops.fewbits.dynamic_qdq_u8.default:
+                                                                  _onnx_dynamic_qdq_u8})
     finally:
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)
