@@ -27,8 +27,9 @@ integer reference that :func:`verify` compares against is built from the same na
 Layers that have no integer kernel here (weight-only, per-group weights, more than 8 bits,
 output quantizers) are exported as what they compute: weight-only layers keep
 int8 weights behind a DequantizeLinear and compute in float; the others are traced as the
-simulated layer itself (fake quantization as float operations). Every layer's mode is listed
-in the :class:`ExportResult`.
+simulated layer itself (fake quantization as float operations). Layers with dynamic 8-bit
+asymmetric input ranges quantize through DynamicQuantizeLinear (mode ``int8-dynamic``). Every
+layer's mode is listed in the :class:`ExportResult`.
 """
 from __future__ import annotations
 
