@@ -133,15 +133,8 @@ def test_layers_it_cannot_smooth_are_listed():
     assert all("input" in s.reason for s in fewbits.apply(w8, SmoothQuant(), _batches()).skipped)
 
 
-def test_minilm_fidelity_with_smoothquant():
-    from fewbits.tasks import load_task
-
-    task = load_task("minilm-wordnet", small=True)
-    scores = {}
-    for recipe in ("w8a8", "w8a8-smoothquant"):
-        q = fewbits.prepare(task.model, recipe)
-        fewbits.calibrate(q, task.calibration)
-        scores[recipe] = task.evaluate(q)
+def test_minilm_fidelity_with_smoothquant(task_scores):
+    scores = task_scores("minilm-wordnet", ("w8a8", "w8a8-smoothquant"))
     # measured on this subset: cosine mean 0.993 -> 0.996, top-10 overlap 0.90 -> 0.94 (full set:
     # 0.998, 0.94); the floors sit between plain w8a8 and what smoothing gives. The minimum over 400
     # embeddings with 64 calibration texts is one outlier sentence: the benchmark checks it on 2,000.

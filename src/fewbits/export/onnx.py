@@ -293,6 +293,19 @@ def _onnx_dynamic_qdq_u8(x):
     return op.DequantizeLinear(y, scale, zero_point)
 
 
+def _hold_integer_weight(module: nn.Module, layer: nn.Module) -> None:
+    """Give ``module`` the layer's integer weight and per-output-channel scales and zero points
+    as buffers (the initializers behind DequantizeLinear)."""
+    wq = layer.weight_quantizer
+    qw = _integer_weight(layer).reshape(layer.weight.shape)
+    channels = qw.shape[0]
+    module.register_buffer("qweight", qw.to(torch.int8 if wq.spec.signed else torch.uint8))
+    module.register_buffer("w_scale", wq.scale.detach().float().reshape(-1).expand(channels).contiguous())
+    module.register_buffer("w_zero_point",
+                           wq.zero_point.detach().reshape(-1).expand(channels).to(torch.int64).contiguous())
+    module.w_range = (wq.spec.qmin, wq.spec.qmax)
+
+
 class _QDQLayer(nn.Module):
     """A linear / convolution layer as QuantizeLinear → DequantizeLinear → op (see module doc)."""
 
@@ -303,13 +316,8 @@ class _QDQLayer(nn.Module):
         # real value before rounding equals clamping the level after it.
         self.dynamic = xq.recipe.dynamic
         self.x_scale, self.x_zero_point, self.clip = (1.0, 0, None) if self.dynamic else _u8_grid(xq)
-        qw = _integer_weight(layer).reshape(layer.weight.shape).to(torch.int8)
-        channels = qw.shape[0]
         self.name = wq.name.rpartition(".")[0]
-        self.register_buffer("qweight", qw)
-        self.register_buffer("w_scale", wq.scale.detach().float().reshape(-1).expand(channels).contiguous())
-        self.register_buffer("w_zero_point", torch.zeros(channels, dtype=torch.int64))
-        self.w_range = (wq.spec.qmin, wq.spec.qmax)
+        _hold_integer_weight(self, layer)  # zero points are all zero here (_int8_blocker)
         if layer.bias is not None and self.dynamic:  # no input scale before the call: a float bias
             self.bias_q = None
             self.register_buffer("bias", layer.bias.detach().clone())
@@ -352,13 +360,7 @@ class _WeightOnlyLayer(nn.Module):
 
     def __init__(self, layer: nn.Module) -> None:
         super().__init__()
-        wq = layer.weight_quantizer
-        qw = _integer_weight(layer).reshape(layer.weight.shape)
-        channels = qw.shape[0]
-        self.register_buffer("qweight", qw.to(torch.int8) if wq.spec.signed else qw.to(torch.uint8))
-        self.register_buffer("w_scale", wq.scale.detach().float().reshape(-1).expand(channels).contiguous())
-        self.register_buffer("w_zero_point", wq.zero_point.detach().reshape(-1).expand(channels).to(torch.int64).contiguous())
-        self.w_range = (wq.spec.qmin, wq.spec.qmax)
+        _hold_integer_weight(self, layer)
         self.layer = layer  # geometry and bias; its weight is not used
         self.embedding = isinstance(layer, QuantEmbedding)
         if self.embedding and not bool(self.w_zero_point.any()):
