@@ -46,8 +46,13 @@ class MobileNetOutputs(nn.Module):
         self.model = model
 
     def forward(self, x):
-        f = nn.functional.adaptive_avg_pool2d(self.model.features(x), 1).flatten(1)
-        return f, self.model.classifier(f)
+        pool = getattr(self.model, "pool", None)  # the quantized global pool of recipes with ``pools``
+        if pool is None:
+            f = nn.functional.adaptive_avg_pool2d(self.model.features(x), 1).flatten(1)
+            return f, self.model.classifier(f)
+        f = pool(self.model.features(x)).flatten(1)
+        logits = self.model.classifier(f)
+        return (f if torch.is_floating_point(f) else pool.out.dequantize(f)), logits
 
 
 class MiniLMHidden(nn.Module):

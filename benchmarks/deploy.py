@@ -10,7 +10,7 @@ and ``session.intra_op.allow_spinning=0``; latencies are medians over repeats ta
 round-robin (engines interleaved, order rotated each round), speed-ups are ratios within the
 run. The task metric is measured by running the file itself on the task's test data.
 
-    .venv/bin/python benchmarks/deploy.py            # ~10 min on 2 cores
+    .venv/bin/python benchmarks/deploy.py            # ~20 min on 2 cores
     .venv/bin/python benchmarks/deploy.py --tables   # reprint from the saved JSON
 
 MobileNetV2: latency at 224 px (the ImageNet size); the probe metric at the task's 64 px (the
@@ -42,7 +42,7 @@ from fewbits.tasks import load_task  # noqa: E402
 RESULTS = "benchmarks/results/deploy.json"
 CASES = [
     {"task": "fashion-cnn", "recipes": ["w8a8"], "batches": [1, 64]},
-    {"task": "mobilenetv2-probe", "recipes": ["w8a8-bc", "w8a8-bc-adds"], "batches": [1, 8], "size": 224},
+    {"task": "mobilenetv2-probe", "recipes": ["w8a8-bc", "w8a8-bc-adds", "w8a8-bc-int"], "batches": [1, 8], "size": 224},
     {"task": "minilm-wordnet", "recipes": ["w8a8-dynamic", "w8a8-smoothquant"], "batches": [32], "tokens": 128,
      "ort_dynamic": True},
 ]

@@ -44,6 +44,10 @@ class TensorRecipe:
         if self.dynamic and not isinstance(self.spec.granularity, PerTensor):
             raise ValueError("dynamic activation quantization is per tensor: use granularity PerTensor()")
 
+    def ops(self) -> dict[str, Optional[TensorRecipe]]:
+        """The grids of the quantized ops between layers, by recipe key."""
+        return {"adds": self.adds, "pools": self.pools, "concats": self.concats}
+
     def to_dict(self) -> dict:
         return {"spec": self.spec.to_dict(), "method": self.method, "dynamic": self.dynamic}
 
@@ -60,6 +64,10 @@ class LayerRecipe:
     weight: Optional[TensorRecipe] = None
     input: Optional[TensorRecipe] = None
     output: Optional[TensorRecipe] = None
+
+    def ops(self) -> dict[str, Optional[TensorRecipe]]:
+        """The grids of the quantized ops between layers, by recipe key."""
+        return {"adds": self.adds, "pools": self.pools, "concats": self.concats}
 
     def to_dict(self) -> dict:
         return {k: (getattr(self, k).to_dict() if getattr(self, k) else None) for k in ("weight", "input", "output")}
@@ -82,6 +90,8 @@ class Recipe:
     version: int = field(default=RECIPE_VERSION)
     steps: tuple = ()  # algorithm steps (fewbits.steps) that calibrate runs before observing ranges
     adds: Optional[TensorRecipe] = None  # quantize tensor additions (residuals) on this grid
+    pools: Optional[TensorRecipe] = None  # quantize average pooling's input and output on this grid
+    concats: Optional[TensorRecipe] = None  # quantize concatenations' operands and result on this grid
 
     def __post_init__(self) -> None:
         # by_type is a mapping: keep it in one canonical order so equal recipes compare equal
@@ -109,10 +119,14 @@ class Recipe:
 
     @property
     def needs_calibration(self) -> bool:
-        if self.steps or (self.adds is not None and not self.adds.dynamic):
+        if self.steps or any(t is not None and not t.dynamic for t in self.ops().values()):
             return True
         layers = [lr for _, lr in self.by_type] + [lr for _, lr in self.by_name if lr]
         return any(t and not t.dynamic for lr in layers for t in (lr.input, lr.output))
+
+    def ops(self) -> dict[str, Optional[TensorRecipe]]:
+        """The grids of the quantized ops between layers, by recipe key."""
+        return {"adds": self.adds, "pools": self.pools, "concats": self.concats}
 
     def to_dict(self) -> dict:
         return {
@@ -121,12 +135,13 @@ class Recipe:
             "by_name": [[p, lr.to_dict() if lr else None] for p, lr in self.by_name],
             "include": list(self.include), "exclude": list(self.exclude),
             "steps": [step_to_dict(s) for s in self.steps],
-            "adds": self.adds.to_dict() if self.adds else None,
+            **{k: t.to_dict() if t else None for k, t in self.ops().items()},
         }
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
-        _reject_unknown("recipe", data, {"version", "name", "by_type", "by_name", "include", "exclude", "steps", "adds"})
+        _reject_unknown("recipe", data, {"version", "name", "by_type", "by_name", "include", "exclude", "steps", "adds",
+                                         "pools", "concats"})
         return cls(
             name=data.get("name", "custom"),
             by_type=tuple((t, LayerRecipe.from_dict(lr)) for t, lr in data.get("by_type", {}).items()),
@@ -134,7 +149,7 @@ class Recipe:
             include=tuple(data.get("include", ("*",))), exclude=tuple(data.get("exclude", ())),
             version=data.get("version", None),
             steps=tuple(step_from_dict(s) for s in data.get("steps", ())),
-            adds=TensorRecipe.from_dict(data["adds"]) if data.get("adds") else None,
+            **{k: TensorRecipe.from_dict(data[k]) if data.get(k) else None for k in ("adds", "pools", "concats")},
         )
 
     def to_json(self) -> str:
@@ -185,6 +200,10 @@ BUILTIN_RECIPES = {
     # them on integers (QLinearAdd) and every convolution has a quantized output.
     "w8a8-bc-adds": Recipe("w8a8-bc-adds", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES,
                            steps=(BiasCorrection(),), adds=_ACT_STATIC),
+    # ... and average pooling and concatenation: every op the integer model (and ONNX Runtime's
+    # QLinear* kernels) can run on integers does.
+    "w8a8-bc-int": Recipe("w8a8-bc-int", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES,
+                          steps=(BiasCorrection(),), adds=_ACT_STATIC, pools=_ACT_STATIC, concats=_ACT_STATIC),
     "w4a8": Recipe("w4a8", _conv_linear(_weights(4, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES),
     "w4-g128": Recipe("w4-g128", _conv_linear(_weights(4, PerGroup(128, axis=1)), None), _KEEP_FLOAT_TABLES),
 }
@@ -201,8 +220,9 @@ def with_calibration(recipe: Recipe, method: str) -> Recipe:
                 for k, t in (("input", layer.input), ("output", layer.output))}
         return replace(layer, **acts)
 
+    ops = {k: replace(t, method=method) if t and not t.dynamic else t for k, t in recipe.ops().items()}
     return replace(recipe, by_type=tuple((t, swap(lr)) for t, lr in recipe.by_type),
-                   by_name=tuple((p, swap(lr)) for p, lr in recipe.by_name))
+                   by_name=tuple((p, swap(lr)) for p, lr in recipe.by_name), **ops)
 
 
 def with_weight_bits_at_most(recipe: Recipe, bits: int) -> Recipe:

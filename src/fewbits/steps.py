@@ -55,8 +55,39 @@ class BiasCorrection:
     needs_ranges = True  # class attribute: runs after the activation ranges are calibrated
 
 
+@dataclass(frozen=True)
+class CrossLayerEqualization:
+    """Cross-layer equalization with high-bias absorption (Nagel et al., ICCV 2019, section 4.1):
+    rescale the channels between consecutive conv / linear layers joined by ReLU, ReLU6 or
+    nothing, so both layers' per-channel weight ranges become equal, then move large biases into
+    the next layer. Runs before the activation ranges are observed.
+
+    Args:
+        iterations: at most this many sweeps over the pairs (chains need several to settle).
+        tolerance: stop once no scale of a sweep differs from 1 by more than this.
+        high_bias_absorption: absorb ``max(0, mean − 3 std)`` of each ReLU input into the next layer.
+        relu6: ``"relu"`` replaces ReLU6 between equalized layers by ReLU (the paper's choice: ReLU6
+            is not positively homogeneous); ``"keep"`` leaves such pairs alone.
+        layers: glob of layer names; a pair is equalized when both of its layers match.
+    """
+
+    iterations: int = 100
+    tolerance: float = 1e-6
+    high_bias_absorption: bool = True
+    relu6: str = "relu"
+    layers: str = "*"
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1:
+            raise ValueError(f"cle iterations must be >= 1, got {self.iterations}")
+        if not self.tolerance > 0:
+            raise ValueError(f"cle tolerance must be > 0, got {self.tolerance}")
+        if self.relu6 not in ("relu", "keep"):
+            raise ValueError(f"cle relu6 must be 'relu' or 'keep', got {self.relu6!r}")
+
+
 # Names used in recipe files and on the command line; dispatch elsewhere is by type.
-STEPS = {"smoothquant": SmoothQuant, "bc": BiasCorrection}
+STEPS = {"cle": CrossLayerEqualization, "smoothquant": SmoothQuant, "bc": BiasCorrection}
 STEP_NAMES = {cls: name for name, cls in STEPS.items()}
 
 
@@ -88,4 +119,19 @@ def parse_steps(text: str) -> list:
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"--algo lists {repeated} more than once: each step runs once")
-    return [step_from_dict(name) for name in names]
+    steps = [step_from_dict(name) for name in names]
+    check_order(steps)
+    return steps
+
+
+def check_order(steps) -> None:
+    """Reject orders that undo or invalidate an earlier step, with the reason."""
+    names = [STEP_NAMES[type(s)] for s in steps]
+    for i, step in enumerate(steps):
+        later = names[i + 1:]
+        if getattr(step, "needs_ranges", False) and any(not getattr(s, "needs_ranges", False) for s in steps[i + 1:]):
+            raise ValueError(f"'{names[i]}' corrects the calibrated model, so it must come after "
+                             f"{[n for n, s in zip(later, steps[i + 1:]) if not getattr(s, 'needs_ranges', False)]}, "
+                             "which change the weights before calibration")
+        if names[i] == "smoothquant" and "cle" in later:
+            raise ValueError("'cle' after 'smoothquant' would rescale the smoothed weights: put cle first")

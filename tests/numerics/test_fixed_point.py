@@ -88,6 +88,21 @@ def test_rounding_right_shift_matches_reference(pairs):
     assert rounding_right_shift(x, e).tolist() == [ref_round_half_away(Fraction(v, 2**k)) for v, k in pairs]
 
 
+@given(st.lists(st.tuples(st.integers(-2**40, 2**40), st.integers(0, 70)), min_size=1, max_size=50))
+def test_rounding_right_shift_ties_to_even_matches_reference(pairs):
+    x = torch.tensor([p[0] for p in pairs])
+    e = torch.tensor([p[1] for p in pairs])
+    # Python rounds a Fraction's exact half to the even integer
+    assert rounding_right_shift(x, e, "even").tolist() == [round(Fraction(v, 2**k)) for v, k in pairs]
+
+
+def test_rounding_right_shift_ties_to_even_on_halves():
+    x = torch.tensor([1, 3, 5, -1, -3, -5, 7, 6])
+    assert rounding_right_shift(x, 1, "even").tolist() == [0, 2, 2, 0, -2, -2, 4, 3]
+    with pytest.raises(ValueError, match="ties"):
+        rounding_right_shift(x, 1, "up")
+
+
 def test_rounding_right_shift_ties_go_away_from_zero():
     assert rounding_right_shift(torch.tensor([3, -3, 5, -5, INT32_MIN]), torch.tensor([1, 1, 1, 1, 32])).tolist() == [2, -2, 3, -3, -1]
 

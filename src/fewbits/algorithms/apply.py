@@ -11,10 +11,10 @@ from torch import nn
 
 from ..progress import Progress
 from ..spec import PerTensor
-from ..steps import STEP_NAMES, BiasCorrection, SmoothQuant, step_to_dict
+from ..steps import STEP_NAMES, BiasCorrection, CrossLayerEqualization, SmoothQuant, step_to_dict
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantLinear
 from ..wrap.prepare import LeftFloat, QuantizedModel, Status, as_call, quantization_disabled
-from . import bias_correction, smoothquant
+from . import bias_correction, cle, smoothquant
 
 
 @dataclass
@@ -56,10 +56,7 @@ def apply(qmodel: QuantizedModel, step, batches) -> AlgorithmResult:
 
 # ---- SmoothQuant -----------------------------------------------------------------------------
 def _smoothable(qmodel: QuantizedModel, pattern: str, result: AlgorithmResult) -> dict[str, QuantLinear]:
-    owners: dict[int, int] = {}
-    for module in qmodel.model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
+    shared = {id(p) for p in _shared_parameters(qmodel.model)}
     chosen = {}
     for name, module in qmodel.quantized_layers().items():
         if not fnmatch.fnmatchcase(name, pattern):
@@ -71,7 +68,7 @@ def _smoothable(qmodel: QuantizedModel, pattern: str, result: AlgorithmResult) -
             why = "SmoothQuant needs both an input and a weight quantizer"
         elif not isinstance(module.input_quantizer.spec.granularity, PerTensor):
             why = "SmoothQuant targets per-tensor inputs"
-        elif owners.get(id(module.weight), 0) > 1:
+        elif id(module.weight) in shared:
             why = "the weight is tied to another module: scaling it would change that module too"
         if why:
             result.skipped.append(LeftFloat(name, type(module).__name__, why))
@@ -197,4 +194,207 @@ def _run_bias_correction(qmodel: QuantizedModel, step: BiasCorrection, batches: 
                                    "max_abs_shift": round(delta.abs().max().item(), 6)}
 
 
-_DRIVERS = {SmoothQuant: _run_smoothquant, BiasCorrection: _run_bias_correction}
+# ---- cross-layer equalization ----------------------------------------------------------------
+_HOMOGENEOUS = (nn.ReLU, nn.Identity, nn.Dropout)  # f(s·x) = s·f(x) for s > 0 (dropout: in eval)
+_LAYERS = (QuantLinear, QuantConv1d, QuantConv2d)
+
+
+@dataclass
+class _Pair:
+    first: str
+    second: str
+    through: list  # activation module names between them
+    relu: bool  # a ReLU between: high-bias absorption applies
+    depthwise: bool  # the second layer is a depthwise convolution
+
+
+def _depthwise(m: nn.Module) -> bool:
+    return isinstance(m, (QuantConv1d, QuantConv2d)) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def _cle_pairs(qmodel: QuantizedModel, step: CrossLayerEqualization, result: AlgorithmResult) -> list[_Pair]:
+    """Consecutive quantized layers joined only through ReLU / ReLU6 / identity / dropout, the
+    first layer's output used by the second alone (torch.fx on the prepared model)."""
+    from torch import fx
+
+    from ..wrap.ops import QUANT_OPS
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, (*_LAYERS, *QUANT_OPS)) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = Tracer().trace(qmodel.model)
+    except Exception as err:  # noqa: BLE001 — no graph, no pairs
+        result.skipped.append(LeftFloat("", type(qmodel.model).__name__,
+                                        f"not traceable by torch.fx ({type(err).__name__}): no layer pairs found"))
+        return []
+    calls = [n.target for n in graph.nodes if n.op == "call_module"]
+    shared = _shared_parameters(qmodel.model)
+    pairs = []
+    for node in graph.nodes:
+        if node.op != "call_module" or calls.count(node.target) != 1:
+            continue
+        first = qmodel.model.get_submodule(node.target)
+        if not isinstance(first, _LAYERS) or not fnmatch.fnmatchcase(node.target, step.layers):
+            continue
+        through, cur, relu, second = [], node, False, None
+        while len(cur.users) == 1:
+            (user,) = cur.users
+            if user.op != "call_module" or calls.count(user.target) != 1:
+                break
+            module = qmodel.model.get_submodule(user.target)
+            if isinstance(module, _LAYERS):
+                if user.args == (cur,) and not user.kwargs:
+                    second = user.target
+                break
+            if isinstance(module, nn.ReLU6) and step.relu6 == "keep":
+                break
+            if not isinstance(module, (*_HOMOGENEOUS, nn.ReLU6)):
+                break
+            relu = relu or isinstance(module, (nn.ReLU, nn.ReLU6))
+            through.append(user.target)
+            cur = user
+        if second is None or not fnmatch.fnmatchcase(second, step.layers):
+            continue
+        m2 = qmodel.model.get_submodule(second)
+        why = ""
+        if type(first) is QuantLinear and type(m2) is not QuantLinear or type(first) is not QuantLinear and type(m2) is QuantLinear:
+            why = "a linear layer and a convolution: their channels do not line up one to one"
+        elif isinstance(m2, (QuantConv1d, QuantConv2d)) and m2.groups > 1 and not _depthwise(m2):
+            why = "grouped (not depthwise) convolution as the second layer"
+        elif getattr(first, "smooth_scale", None) is not None or getattr(m2, "smooth_scale", None) is not None:
+            why = "already smoothed by SmoothQuant"
+        elif any(first.weight is p or m2.weight is p for p in shared):
+            why = "a weight tied to another module: rescaling it would change that module too"
+        if why:
+            result.skipped.append(LeftFloat(f"{node.target} → {second}", "pair", why))
+            continue
+        pairs.append(_Pair(node.target, second, through, relu, _depthwise(m2)))
+    return pairs
+
+
+@torch.no_grad()
+def _run_cle(qmodel: QuantizedModel, step: CrossLayerEqualization, batches: list, result: AlgorithmResult) -> None:
+    pairs = _cle_pairs(qmodel, step, result)
+    models = (qmodel.model, qmodel.float_model)  # the fp32 reference changes with it: same function
+    for pair in pairs:  # ReLU6 → ReLU where it sits between equalized layers (the paper's choice)
+        for name in pair.through:
+            for model in models:
+                if isinstance(model.get_submodule(name), nn.ReLU6):
+                    _replace_module(model, name, nn.ReLU())
+                    if model is qmodel.model:
+                        result.layers.setdefault("relu6_replaced", []).append(name)
+
+    def spread(name):
+        r = cle.output_ranges(qmodel.model.get_submodule(name).weight)
+        return round(float(r.max() / r.clamp(min=1e-12).min()), 2)
+
+    before = {n: spread(n) for p in pairs for n in (p.first,)}
+    total = {p.first: torch.ones(qmodel.model.get_submodule(p.first).weight.shape[0], dtype=torch.float64) for p in pairs}
+    sweeps = 0
+    with Progress("cross-layer equalization, sweep", step.iterations) as progress:
+        for sweeps in range(1, step.iterations + 1):
+            progress.step()
+            change = 0.0
+            for pair in pairs:
+                w1, w2 = (qmodel.model.get_submodule(n).weight for n in (pair.first, pair.second))
+                s = cle.equalization_scale(cle.output_ranges(w1), cle.input_ranges(w2, pair.depthwise))
+                change = max(change, float((s - 1).abs().max()))
+                total[pair.first] *= s
+                for model in models:
+                    l1, l2 = model.get_submodule(pair.first), model.get_submodule(pair.second)
+                    cle.scale_output_channels(l1.weight, l1.bias, s)
+                    cle.scale_input_channels(l2.weight, s, pair.depthwise)
+            if change < step.tolerance:
+                break
+    absorbed = {}
+    if step.high_bias_absorption:
+        exact = []
+        for p in pairs:
+            padding = getattr(qmodel.model.get_submodule(p.second), "padding", 0)
+            if p.relu and (padding == "valid" or not any(padding if isinstance(padding, tuple) else (padding,))):
+                exact.append(p)
+            elif p.relu:
+                result.skipped.append(LeftFloat(f"{p.first} → {p.second}", "high-bias absorption",
+                                                "the second layer pads with zeros: the border outputs would see "
+                                                "c only from inside the image; bias kept"))
+        absorbed = _absorb_high_biases(qmodel, exact, batches)
+    for pair in pairs:
+        result.layers[f"{pair.first} → {pair.second}"] = {
+            "scale_min": round(float(total[pair.first].min()), 4), "scale_max": round(float(total[pair.first].max()), 4),
+            "range_spread_before": before[pair.first], "range_spread_after": spread(pair.first),
+            **({"absorbed_mean": round(absorbed[pair.first], 6)} if pair.first in absorbed else {})}
+    result.layers["sweeps"] = sweeps
+    changed = {n for p in pairs for n in (p.first, p.second)}
+    for name in changed:
+        layer = qmodel.model.get_submodule(name)
+        if layer.weight_quantizer is not None:
+            layer.weight_quantizer.set_from(layer._weight_view())
+    stale = [q for q in qmodel.quantizers().values() if q.role != "weight" and not q.recipe.dynamic and q.scale is not None]
+    for q in stale:  # the activations between equalized layers are rescaled: observe them again
+        q.scale = q.zero_point = None
+    if any(q.role != "weight" and not q.recipe.dynamic and q.scale is None for q in qmodel.quantizers().values()):
+        qmodel.status = Status.PREPARED
+
+
+def _shared_parameters(model: nn.Module) -> list:
+    """Parameters held by more than one module (tied weights)."""
+    owners: dict[int, list] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(p)
+    return [ps[0] for ps in owners.values() if len(ps) > 1]
+
+
+def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, leaf = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _absorb_high_biases(qmodel: QuantizedModel, pairs: list, batches: list) -> dict:
+    """Per pair with a ReLU between: measure the first layer's pre-activations on the batches (fp32
+    reference model), absorb ``c = max(0, mean − 3 std)`` into the second layer's bias."""
+    stats: dict = {}
+
+    def hook(name):
+        def grab(module, _args, out):
+            y = out.detach().double().movedim(1 if not isinstance(module, nn.Linear) else -1, -1)
+            y = y.reshape(-1, y.shape[-1])
+            old = stats.get(name, (0.0, 0.0, 0))
+            stats[name] = (old[0] + y.sum(0), old[1] + y.pow(2).sum(0), old[2] + y.shape[0])
+        return grab
+
+    model = qmodel.float_model
+    handles = [model.get_submodule(p.first).register_forward_hook(hook(p.first)) for p in pairs]
+    try:
+        with Progress("high-bias absorption statistics, batch", len(batches)) as progress:
+            for args, kwargs in batches:
+                model(*args, **kwargs)
+                progress.step()
+    finally:
+        for h in handles:
+            h.remove()
+    absorbed = {}
+    for pair in pairs:
+        if pair.first not in stats:
+            continue
+        s, s2, n = stats[pair.first]
+        mean = s / n
+        std = (s2 / n - mean.pow(2)).clamp(min=0).sqrt()
+        c = cle.absorption_amount(mean, std)
+        if not bool((c > 0).any()):
+            absorbed[pair.first] = 0.0
+            continue
+        for m in (qmodel.model, qmodel.float_model):
+            l1, l2 = m.get_submodule(pair.first), m.get_submodule(pair.second)
+            gain = cle.absorbed_bias(l2.weight, c, pair.depthwise)
+            for layer, delta in ((l1, -c), (l2, gain)):
+                if layer.bias is None:
+                    layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
+                layer.bias.add_(delta.to(layer.bias.dtype))
+        absorbed[pair.first] = float(c.mean())
+    return absorbed
+
+
+_DRIVERS = {SmoothQuant: _run_smoothquant, BiasCorrection: _run_bias_correction, CrossLayerEqualization: _run_cle}

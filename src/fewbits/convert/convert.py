@@ -4,22 +4,26 @@ Every quantized linear / convolution layer becomes an :class:`IntegerLinear` /
 :class:`IntegerConv`: its input is quantized once (or arrives as integers), multiplied with the
 integer weights into an int32 accumulator (plus the int32 bias ``round(b / (s_x·s_w))``), and
 either dequantized to float or requantized with fixed-point multipliers into the grid of what
-consumes it. Every quantized addition (recipe ``adds``) becomes an :class:`IntegerAdd`: both
-operands rescaled onto the output grid with fixed-point multipliers sharing one shift.
+consumes it. The quantized ops between layers become integer ops: additions (recipe ``adds``)
+an :class:`IntegerAdd` (both operands rescaled onto the output grid with fixed-point multipliers
+sharing one shift), average pooling (``pools``) an :class:`IntegerAvgPool` (exact window sums,
+one multiplier per window size), concatenation (``concats``) an :class:`IntegerConcat` (each
+operand requantized onto the output grid).
 
 ``torch.fx`` decides where integers flow (an integer chain):
 
-* a layer whose output reaches one consumer only through ReLU, ReLU6, max pooling, flatten,
-  identity or dropout requantizes into that consumer's grid, ReLU / ReLU6 as clamp bounds
-  (they commute with a monotone grid); the consumer is a layer's input or an addition's operand;
-* a layer or an addition whose output goes straight to several consumers hands them integers
-  when all of them quantize on the same grid (e.g. a residual block's input, feeding both the
+* a layer whose output reaches one consumer only through ReLU, ReLU6, max pooling, flatten /
+  reshapes, identity or dropout requantizes into that consumer's grid, ReLU / ReLU6 as clamp
+  bounds (they commute with a monotone grid); the consumer is a layer's input or an op's operand;
+* a layer or an op whose output goes straight to several consumers hands them integers when
+  all of them quantize on the same grid (e.g. a residual block's input, feeding both the
   block's first convolution and its addition, calibrated on the same tensor);
-* an addition hands integers on only when its own output grid is that grid.
+* an op (addition, pool, concatenation) hands integers on, through max pooling and reshapes
+  only, when its own output grid is the consumer's grid.
 
-Everything else (average pooling, normalization, attention, other activations, additions left
-float) runs in float between a dequantize and the next quantize, exactly as in the simulated
-model, and is reported as a float island.
+Everything else (normalization, attention, other activations, ops the recipe left float) runs
+in float between a dequantize and the next quantize, exactly as in the simulated model, and
+is reported as a float island.
 """
 from __future__ import annotations
 
@@ -32,11 +36,22 @@ from torch import fx, nn
 from ..spec import PerTensor
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, int32_accumulator_blocker
 from ..wrap.prepare import LeftFloat, QuantizedModel, Status, _replace
-from ..wrap.ops import QuantAdd
-from .layers import IntegerAdd, IntegerConv, IntegerEmbedding, IntegerLinear, IntegerMaxPool, OutputGrid
+from ..wrap.ops import QuantAdd, QuantConcat, QuantPool
+from ..wrap.quantizer import TensorQuantizer
+from .layers import (IntegerAdd, IntegerAvgPool, IntegerConcat, IntegerConv, IntegerEmbedding, IntegerLinear,
+                     IntegerMaxPool, OutputGrid)
 
 _GRID_PRESERVING = (nn.Flatten, nn.Identity, nn.Dropout)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d)
+_INTEGER_OPS = {QuantAdd: IntegerAdd, QuantPool: IntegerAvgPool, QuantConcat: IntegerConcat}
+_FIXED_GRID = tuple(_INTEGER_OPS.values())  # ops with their own output grid
+_RESHAPES = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous"}  # tensor methods keeping levels
+
+
+def _reshape(node) -> bool:
+    """A call that only rearranges its first argument's values (integers stay integers)."""
+    return (node.op == "call_method" and node.target in _RESHAPES) or \
+        (node.op == "call_function" and node.target in (torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze))
 
 
 @dataclass(frozen=True)
@@ -94,19 +109,19 @@ def convert(qmodel: QuantizedModel) -> IntegerModel:
             new = IntegerLinear(layer) if isinstance(layer, QuantLinear) else IntegerConv(layer)
             integer[name] = new
             _replace(work, name, new)
-        elif isinstance(layer, QuantAdd):
-            quantizers = (layer.a_quantizer, layer.b_quantizer, layer.output_quantizer)
+        elif type(layer) in _INTEGER_OPS:
+            quantizers = [q for q in layer.modules() if isinstance(q, TensorQuantizer)]
             if any(q.recipe.dynamic or not isinstance(q.spec.granularity, PerTensor) for q in quantizers):
-                islands.append(LeftFloat(name, "QuantAdd", "dynamic or per-channel grids: runs simulated"))
+                islands.append(LeftFloat(name, type(layer).__name__, "dynamic or per-channel grids: runs simulated"))
                 continue
-            _replace(work, name, IntegerAdd(layer))
+            _replace(work, name, _INTEGER_OPS[type(layer)](layer))
     chains, note = _fuse_chains(work, integer)
     return IntegerModel(work, islands, chains, qmodel.recipe, note)
 
 
 class _Tracer(fx.Tracer):
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, (IntegerLinear, IntegerConv, IntegerEmbedding, IntegerMaxPool, IntegerAdd)) or \
+        return isinstance(m, (IntegerLinear, IntegerConv, IntegerEmbedding, IntegerMaxPool, *_FIXED_GRID)) or \
             super().is_leaf_module(m, qualname)
 
 
@@ -120,10 +135,18 @@ def _consumer_grid(work: nn.Module, integer: dict, node, value) -> OutputGrid | 
         if layer.smooth_scale is None and node.args and node.args[0] is value and len(node.args) == 1:
             return OutputGrid(float(layer.x_scale), int(layer.x_zero_point), layer.in_spec.qmin, layer.in_spec.qmax)
         return None
-    if isinstance(module, IntegerAdd) and len(node.args) == 2 and (node.args[0] is value) != (node.args[1] is value):
-        g = module.a if node.args[0] is value else module.b
-        return OutputGrid(g.scale, g.zero_point, g.spec.qmin, g.spec.qmax)
-    return None
+    if isinstance(module, IntegerAvgPool):
+        grids = [module.a] if len(node.args) == 1 else []
+    elif isinstance(module, IntegerAdd):
+        grids = [module.a, module.b] if len(node.args) == 2 else []
+    elif isinstance(module, IntegerConcat):
+        grids = module.grids if len(node.args) == len(module.grids) else []
+    else:
+        return None
+    if node.kwargs or sum(a is value for a in node.args) != 1 or not grids:
+        return None  # the value must be exactly one operand
+    g = grids[[a is value for a in node.args].index(True)]
+    return OutputGrid(g.scale, g.zero_point, g.spec.qmin, g.spec.qmax)
 
 
 def _same(g1: OutputGrid, g2: OutputGrid) -> bool:
@@ -142,7 +165,7 @@ def _fuse_chains(work: nn.Module, integer: dict) -> tuple[list[Chain], str]:
         if node.op != "call_module" or calls.count(node.target) != 1:
             continue
         producer = work.get_submodule(node.target)
-        if node.target not in integer and not isinstance(producer, IntegerAdd):
+        if node.target not in integer and not isinstance(producer, _FIXED_GRID):
             continue
         # several consumers: all must take integers on one grid, straight from the producer
         if len(node.users) > 1:
@@ -156,6 +179,10 @@ def _fuse_chains(work: nn.Module, integer: dict) -> tuple[list[Chain], str]:
         through, cur, grid, target = [], node, None, ""
         while len(cur.users) == 1:
             (user,) = cur.users
+            if _reshape(user) and user.args and user.args[0] is cur:
+                through.append(user)
+                cur = user
+                continue
             if user.op != "call_module" or calls.count(user.target) != 1:
                 break
             grid = _consumer_grid(work, integer, user, cur)
@@ -163,31 +190,34 @@ def _fuse_chains(work: nn.Module, integer: dict) -> tuple[list[Chain], str]:
                 target = user.target
                 break
             module = work.get_submodule(user.target)
-            if isinstance(producer, IntegerAdd) or isinstance(module, IntegerAdd):
-                break  # an addition's output passes only straight into its consumers
-            if not isinstance(module, (nn.ReLU, nn.ReLU6, *_POOLS, *_GRID_PRESERVING)):
+            # an op with its own grid hands it on unchanged only: no clamps in between
+            allowed = (*_POOLS, *_GRID_PRESERVING) if isinstance(producer, _FIXED_GRID) else \
+                (nn.ReLU, nn.ReLU6, *_POOLS, *_GRID_PRESERVING)
+            if not isinstance(module, allowed):
                 break
-            through.append(user.target)
+            through.append(user)
             cur = user
         if grid is None:
             continue
-        for name in through:  # only after a layer: an addition's output goes straight to its consumer
-            module = work.get_submodule(name)
+        for step in through:
+            if step.op != "call_module":
+                continue  # a reshape: integers pass as they are
+            module = work.get_submodule(step.target)
             if isinstance(module, (nn.ReLU, nn.ReLU6)):
                 grid.clamp_below(0.0)
                 if isinstance(module, nn.ReLU6):
                     grid.clamp_above(6.0)
-                _replace(work, name, nn.Identity())  # the clamp happens in requantize
+                _replace(work, step.target, nn.Identity())  # the clamp happens in requantize
             elif isinstance(module, _POOLS):
-                _replace(work, name, IntegerMaxPool(module))
+                _replace(work, step.target, IntegerMaxPool(module))
         if _emit(producer, grid):
-            chains.append(Chain(node.target, target, tuple(through)))
+            chains.append(Chain(node.target, target, tuple(str(s.target) for s in through)))
     return chains, f"{len(chains)} integer chains found by torch.fx"
 
 
 def _emit(producer: nn.Module, grid: OutputGrid) -> bool:
     """Make ``producer`` hand integers on ``grid`` to its consumers; False when it cannot."""
-    if isinstance(producer, IntegerAdd):
+    if isinstance(producer, _FIXED_GRID):
         out = producer.out
         if not _same(OutputGrid(out.scale, out.zero_point, out.spec.qmin, out.spec.qmax), grid):
             return False  # a second rounding onto another grid: leave it to the consumer, in float

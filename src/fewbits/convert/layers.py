@@ -15,7 +15,7 @@ from torch import nn
 
 from ..numerics.affine import dequantize, quantize
 from ..numerics.fixed_point import fixed_point_multiplier, requantize, rounding_right_shift
-from ..runtime.reference import int_conv, int_linear, int_max_pool
+from ..runtime.reference import int_avg_pool_sums, int_conv, int_linear, int_max_pool
 from ..spec import PerChannel
 
 
@@ -158,10 +158,29 @@ class Grid:
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         return quantize(x, torch.tensor(self.scale), torch.tensor(self.zero_point), self.spec).to(torch.int32)
 
+    def dequantize(self, levels: torch.Tensor) -> torch.Tensor:
+        return ((levels.to(torch.int64) - self.zero_point).to(torch.float64) * self.scale).to(torch.float32)
 
-class IntegerAdd(nn.Module):
+
+class _IntegerOp(nn.Module):
+    """An op between layers with its own output grid: integers out when the converter found that
+    every consumer works on that grid (``emit_integers``), float (dequantized) otherwise."""
+
+    out: Grid
+
+    def _finish(self, levels: torch.Tensor) -> torch.Tensor:
+        return levels.to(torch.int32) if self.emit_integers else self.out.dequantize(levels)
+
+    @staticmethod
+    def _centered(x: torch.Tensor, grid: Grid) -> torch.Tensor:
+        """``q − z`` of ``x``: float operands are quantized here, integers arrive on ``grid``."""
+        return (grid.quantize(x) if torch.is_floating_point(x) else x).to(torch.int64) - grid.zero_point
+
+
+class IntegerAdd(_IntegerOp):
     """``Q_out(Q_a(a) + Q_b(b))`` on integers: ``(q_a − z_a)·m_a + (q_b − z_b)·m_b`` exactly in int64,
-    with ``m ≈ (s/s_out)·2^k`` sharing one shift ``k``, rounded once, plus ``z_out``, clamped.
+    with ``m ≈ (s/s_out)·2^k`` sharing one shift ``k``, rounded once (an exact half to the even
+    level, as the simulation and ONNX Runtime round), plus ``z_out``, clamped.
 
     Operands arrive as float (quantized here) or as integers already on their grid; the result
     is dequantized to float unless the converter found that every consumer works on the output
@@ -179,17 +198,65 @@ class IntegerAdd(nn.Module):
                              "no shared fixed-point shift in 64 bits")
         self.emit_integers = False
 
-    def _levels(self, x: torch.Tensor, grid: Grid) -> torch.Tensor:
-        return grid.quantize(x) if torch.is_floating_point(x) else x
-
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        qa = self._levels(a, self.a).to(torch.int64) - self.a.zero_point
-        qb = self._levels(b, self.b).to(torch.int64) - self.b.zero_point
-        t = qa * self.m_a + qb * self.m_b
-        out = (rounding_right_shift(t, self.shift) + self.out.zero_point).clamp(self.out.spec.qmin, self.out.spec.qmax)
-        if self.emit_integers:
-            return out.to(torch.int32)
-        return ((out - self.out.zero_point).to(torch.float64) * self.out.scale).to(torch.float32)
+        t = self._centered(a, self.a) * self.m_a + self._centered(b, self.b) * self.m_b
+        levels = rounding_right_shift(t, self.shift, "even") + self.out.zero_point
+        return self._finish(levels.clamp(self.out.spec.qmin, self.out.spec.qmax))
 
     def extra_repr(self) -> str:
         return f"{self.name}: m_a={self.m_a}, m_b={self.m_b}, shift={self.shift}, output {'integers' if self.emit_integers else 'float'}"
+
+
+class IntegerAvgPool(_IntegerOp):
+    """Average pooling on integers: exact window sums of ``q − z_in`` requantized with
+    ``M = s_in / (n · s_out)`` (one fixed-point multiplier per window size ``n``), rounded once,
+    an exact half to the even level (frequent: four values averaged on one grid give halves)."""
+
+    def __init__(self, op: nn.Module) -> None:
+        super().__init__()
+        self.name, self.pool = op.name, op.pool
+        self.a, self.out = Grid(op.input_quantizer), Grid(op.output_quantizer)
+        self.emit_integers = False
+        self._multipliers: dict[int, tuple[int, int]] = {}
+
+    def _fixed_point(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for n in counts.unique().tolist():
+            if n not in self._multipliers:
+                self._multipliers[n] = fixed_point_multiplier(self.a.scale / (n * self.out.scale))
+        pairs = [self._multipliers[n] for n in counts.reshape(-1).tolist()]
+        m0 = torch.tensor([p[0] for p in pairs], dtype=torch.int64).reshape(counts.shape)
+        shift = torch.tensor([p[1] for p in pairs], dtype=torch.int64).reshape(counts.shape)
+        return m0, shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sums, counts = int_avg_pool_sums(self._centered(x, self.a), self.pool)
+        m0, shift = self._fixed_point(counts)
+        o = self.out
+        return self._finish(requantize(sums, m0, shift, o.zero_point, o.spec.qmin, o.spec.qmax, single_rounding=True,
+                                       ties="even"))
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {type(self.pool).__name__}, output {'integers' if self.emit_integers else 'float'}"
+
+
+class IntegerConcat(_IntegerOp):
+    """Concatenation on integers: each operand's ``q − z_i`` requantized onto the output grid with
+    ``M_i = s_i / s_out`` (exactly the identity when the grids are equal)."""
+
+    def __init__(self, op: nn.Module) -> None:
+        super().__init__()
+        self.name, self.dim = op.name, op.dim
+        self.grids = [Grid(q) for q in op.input_quantizers]
+        self.out = Grid(op.output_quantizer)
+        self.multipliers = [fixed_point_multiplier(g.scale / self.out.scale) for g in self.grids]
+        self.emit_integers = False
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        o = self.out
+        parts = [requantize(self._centered(x, g), m0, shift, o.zero_point, o.spec.qmin, o.spec.qmax,
+                            single_rounding=True, ties="even")
+                 for x, g, (m0, shift) in zip(xs, self.grids, self.multipliers)]
+        return self._finish(torch.cat(parts, self.dim))
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: {len(self.grids)} operands on dim {self.dim}, output {'integers' if self.emit_integers else 'float'}"

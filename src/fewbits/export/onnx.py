@@ -383,6 +383,16 @@ class _WeightOnlyLayer(nn.Module):
         return layer._conv_forward(x, w, layer.bias)
 
 
+def _qdq(x: torch.Tensor, grid: tuple) -> torch.Tensor:
+    """QuantizeLinear → DequantizeLinear on a uint8 grid from :func:`_u8_grid`."""
+    qd = _qd()
+    scale, zero_point, clip = grid
+    if clip is not None:
+        x = x.clamp(*clip)
+    q = qd.quantize_per_tensor(x, scale, zero_point, 0, 255, torch.uint8)
+    return qd.dequantize_per_tensor(q, scale, zero_point, 0, 255, torch.uint8)
+
+
 class _QDQAdd(nn.Module):
     """A quantized addition as DequantizeLinear ×2 → Add → QuantizeLinear (ORT: QLinearAdd)."""
 
@@ -390,18 +400,55 @@ class _QDQAdd(nn.Module):
         super().__init__()
         self.grids = [_u8_grid(q) for q in (add.a_quantizer, add.b_quantizer, add.output_quantizer)]
 
-    @staticmethod
-    def _qdq(x, grid):
-        qd = _qd()
-        scale, zero_point, clip = grid
-        if clip is not None:
-            x = x.clamp(*clip)
-        q = qd.quantize_per_tensor(x, scale, zero_point, 0, 255, torch.uint8)
-        return qd.dequantize_per_tensor(q, scale, zero_point, 0, 255, torch.uint8)
-
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ga, gb, go = self.grids
-        return self._qdq(self._qdq(a, ga) + self._qdq(b, gb), go)
+        return _qdq(_qdq(a, ga) + _qdq(b, gb), go)
+
+
+@torch.library.custom_op("fewbits::global_avg_pool", mutates_args=())
+def global_avg_pool(x: torch.Tensor) -> torch.Tensor:
+    """The mean over every axis after the channel axis, kept as size 1 (ONNX GlobalAveragePool;
+    torch.onnx writes adaptive pooling to size 1 as ReduceMean, which ORT runs in float only)."""
+    return x.mean(dim=tuple(range(2, x.dim())), keepdim=True)
+
+
+@global_avg_pool.register_fake
+def _(x: torch.Tensor) -> torch.Tensor:
+    return x.new_empty((*x.shape[:2], *([1] * (x.dim() - 2))))
+
+
+def _onnx_global_avg_pool(x):
+    from onnxscript import opset18 as op
+
+    return op.GlobalAveragePool(x)
+
+
+class _QDQPool(nn.Module):
+    """Quantized average pooling as DequantizeLinear → (Global)AveragePool → QuantizeLinear
+    (ORT: QLinearGlobalAveragePool / QLinearAveragePool)."""
+
+    def __init__(self, op: nn.Module) -> None:
+        super().__init__()
+        self.pool, self.is_global = op.pool, op.is_global
+        self.grids = [_u8_grid(q) for q in (op.input_quantizer, op.output_quantizer)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gi, go = self.grids
+        x = _qdq(x, gi)
+        return _qdq(global_avg_pool(x) if self.is_global else self.pool(x), go)
+
+
+class _QDQConcat(nn.Module):
+    """Quantized concatenation as DequantizeLinear ×n → Concat → QuantizeLinear (ORT: QLinearConcat)."""
+
+    def __init__(self, op: nn.Module) -> None:
+        super().__init__()
+        self.dim = op.dim
+        self.grids = [_u8_grid(q) for q in op.input_quantizers]
+        self.out = _u8_grid(op.output_quantizer)
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return _qdq(torch.cat([_qdq(x, g) for x, g in zip(xs, self.grids)], self.dim), self.out)
 
 
 def _u8_grid(quantizer) -> tuple:
@@ -418,12 +465,13 @@ def _u8_grid(quantizer) -> tuple:
 
 def export_module(qmodel: QuantizedModel, plan: Sequence[LayerExport]) -> nn.Module:
     """The copy of ``qmodel``'s network that torch.onnx traces (``plan`` from :func:`plan_layers`)."""
-    from ..wrap.ops import QuantAdd
+    from ..wrap.ops import QuantAdd, QuantConcat, QuantPool
 
     work = copy.deepcopy(qmodel.model)
+    ops = {QuantAdd: _QDQAdd, QuantPool: _QDQPool, QuantConcat: _QDQConcat}
     for name, module in list(work.named_modules()):
-        if isinstance(module, QuantAdd):
-            _replace(work, name, _QDQAdd(module))
+        if type(module) in ops:
+            _replace(work, name, ops[type(module)](module))
     layers = dict(work.named_modules())
     for entry in plan:
         layer = layers[entry.name]
@@ -588,8 +636,9 @@ def _torch_onnx_bytes(module: nn.Module, args: tuple, kwargs: dict, dynamic_mode
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
                                         dynamic_shapes=dynamic, external_data=False, verbose=False,
-                                        custom_translation_table={torch.ops.fewbits.dynamic_qdq_u8.default:
-                                                                  _onnx_dynamic_qdq_u8})
+                                        custom_translation_table={
+                                            torch.ops.fewbits.dynamic_qdq_u8.default: _onnx_dynamic_qdq_u8,
+                                            torch.ops.fewbits.global_avg_pool.default: _onnx_global_avg_pool})
     finally:
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)

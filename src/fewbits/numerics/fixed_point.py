@@ -58,19 +58,28 @@ def saturating_rounding_doubling_high_mul(a: torch.Tensor, b) -> torch.Tensor:
     return torch.where(overflow, torch.tensor(INT32_MAX), high)
 
 
-def rounding_right_shift(x: torch.Tensor, exponent) -> torch.Tensor:
-    """``x / 2^exponent`` rounded half away from zero (gemmlowp's RoundingDivideByPOT)."""
+def rounding_right_shift(x: torch.Tensor, exponent, ties: str = "away") -> torch.Tensor:
+    """``x / 2^exponent`` rounded to the nearest integer; an exact half rounds away from zero
+    (``ties="away"``, gemmlowp's RoundingDivideByPOT) or to the even neighbour (``ties="even"``,
+    as ``torch.round`` and ONNX Runtime's float requantization do)."""
     x = torch.as_tensor(x).to(torch.int64)
     e = torch.as_tensor(exponent, dtype=torch.int64).clamp(0, _MAX_SHIFT)
     if (torch.as_tensor(exponent) < 0).any():
         raise ValueError("rounding_right_shift needs exponent >= 0")
     half = torch.where(e > 0, torch.bitwise_left_shift(torch.ones_like(e), e - 1), torch.zeros_like(e))
+    if ties == "even":
+        floor = torch.bitwise_right_shift(x, e)  # arithmetic shift: rounds toward −∞
+        rest = x - torch.bitwise_left_shift(floor, e)  # in [0, 2^e)
+        up = (rest > half) | ((rest == half) & (half > 0) & (floor % 2 == 1))
+        return floor + up.to(torch.int64)
+    if ties != "away":
+        raise ValueError(f"rounding_right_shift: ties must be 'away' or 'even', got {ties!r}")
     magnitude = torch.bitwise_right_shift(x.abs() + half, e)
     return torch.where(x < 0, -magnitude, magnitude)
 
 
 def requantize(acc_int32: torch.Tensor, m0, shift, zero_point, qmin: int, qmax: int, *,
-               single_rounding: bool = False) -> torch.Tensor:
+               single_rounding: bool = False, ties: str = "away") -> torch.Tensor:
     """Integer-only ``clamp(round(acc · m0 · 2^(−shift)) + zero_point, qmin, qmax)``.
 
     ``m0``, ``shift`` and ``zero_point`` are ints or integer tensors broadcastable to
@@ -82,7 +91,10 @@ def requantize(acc_int32: torch.Tensor, m0, shift, zero_point, qmin: int, qmax: 
     about ``2^(31−shift)`` of a half rounds the wrong way (measured: 1.4% of the outputs of a
     MobileNetV2 depthwise layer, always upward). ``single_rounding=True`` forms ``acc · m0``
     exactly in 64 bits and rounds once (half away from zero), as TFLite's
-    ``TFLITE_SINGLE_ROUNDING`` and CMSIS-NN do.
+    ``TFLITE_SINGLE_ROUNDING`` and CMSIS-NN do; with it, ``ties="even"`` rounds an exact half
+    to the even level instead (as the simulation's ``torch.round`` and ONNX Runtime's QLinear*
+    ops: they meet exact halves whenever the multiplier is a power of two, e.g. averaging 4
+    values on one grid).
     """
     acc = torch.as_tensor(acc_int32)
     if acc.dtype not in (torch.int32, torch.int64):
@@ -96,8 +108,10 @@ def requantize(acc_int32: torch.Tensor, m0, shift, zero_point, qmin: int, qmax: 
         raise ValueError("requantize: m0 must lie in [0, 2^31)")
     if (shift < 0).any():
         raise ValueError("requantize: shift must be >= 0")
+    if ties != "away" and not single_rounding:
+        raise ValueError("requantize: ties='even' needs single_rounding=True")
     if single_rounding:  # |acc · m0| < 2^62: exact in int64
-        out = rounding_right_shift(acc * m0, shift)
+        out = rounding_right_shift(acc * m0, shift, ties)
         out = torch.where(shift > _MAX_SHIFT, torch.zeros_like(out), out)  # |acc·m0| / 2^63 < 1/2
     else:
         left = (31 - shift).clamp(min=0)

@@ -44,3 +44,46 @@ def int_conv(qx: torch.Tensor, zx: int, qw: torch.Tensor, zw: torch.Tensor, bias
 def int_max_pool(qx: torch.Tensor, pool) -> torch.Tensor:
     """Max pooling on integers (exact in float64; max commutes with any monotone grid)."""
     return pool(qx.to(torch.float64)).to(qx.dtype)
+
+
+def _adaptive_counts(sizes: tuple, outputs: tuple) -> torch.Tensor:
+    """Window sizes of adaptive pooling: output ``i`` of ``L → O`` spans ``[⌊iL/O⌋, ⌈(i+1)L/O⌉)``."""
+    counts = torch.ones((), dtype=torch.int64)
+    for length, out in zip(sizes, outputs):
+        i = torch.arange(out)
+        per_dim = -((-(i + 1) * length) // out) - (i * length) // out
+        counts = counts.unsqueeze(-1) * per_dim
+    return counts
+
+
+def int_avg_pool_sums(qx: torch.Tensor, pool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Window sums of integers (``qx``, zero point already subtracted) and the divisor of each
+    output position, for torch's average-pooling module ``pool`` (1-d or 2-d, adaptive or not).
+
+    The sums are exact (float64 holds every integer below 2^53); the divisors follow the
+    module's ``count_include_pad`` / ``ceil_mode`` rules, so ``sums / counts`` is its output.
+    """
+    x = qx.to(torch.float64)
+    spatial = 1 if type(pool).__name__.endswith("1d") else 2
+    if hasattr(pool, "output_size"):  # adaptive: mean × window size recovers the sum exactly
+        size = pool.output_size
+        size = tuple(size) if isinstance(size, (tuple, list)) else (size,) * spatial
+        size = tuple(x.shape[-spatial + i] if s is None else s for i, s in enumerate(size))
+        counts = _adaptive_counts(tuple(x.shape[-spatial:]), size)
+        sums = torch.round(pool(x) * counts.to(torch.float64))
+    else:
+        geometry = dict(kernel_size=pool.kernel_size, stride=pool.stride, padding=pool.padding,
+                        ceil_mode=pool.ceil_mode, count_include_pad=pool.count_include_pad)
+        if spatial == 1:  # avg_pool1d has no divisor_override: go through 2-d with a unit height
+            geometry.update({k: (int(k != "padding"), geometry[k][0]) for k in ("kernel_size", "stride", "padding")})
+
+        def window_sums(t: torch.Tensor) -> torch.Tensor:
+            t = t.unsqueeze(-2) if spatial == 1 else t
+            s = F.avg_pool2d(t, divisor_override=1, **geometry)
+            return s.squeeze(-2) if spatial == 1 else s
+
+        sums = window_sums(x)
+        ones = torch.ones((1, 1, *x.shape[-spatial:]), dtype=torch.float64)
+        # pool(ones) = (elements of the window inside the input) / divisor
+        counts = torch.round(window_sums(ones) / pool(ones)).to(torch.int64)[0, 0]
+    return _to_int32(sums, "int_avg_pool"), counts

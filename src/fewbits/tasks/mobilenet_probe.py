@@ -42,7 +42,16 @@ def features_and_logits(model: nn.Module, x: torch.Tensor, batch: int = 100):
             logits.append(model(x[i:i + batch]))
     finally:
         hook.remove()
-    return torch.cat(feats), torch.cat(logits)
+    return _real(torch.cat(feats), inner.classifier), torch.cat(logits)
+
+
+def _real(feats: torch.Tensor, classifier: nn.Module) -> torch.Tensor:
+    """Features in real units: an integer model hands its classifier levels on the classifier's
+    input grid (``fewbits.convert`` chains the global pool into it)."""
+    if torch.is_floating_point(feats):
+        return feats
+    layer = next(m for m in classifier.modules() if hasattr(m, "x_scale"))
+    return ((feats.to(torch.float64) - float(layer.x_zero_point)) * float(layer.x_scale)).to(torch.float32)
 
 
 def mobilenet_task(small: bool = False) -> Task:

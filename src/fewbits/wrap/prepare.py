@@ -62,6 +62,7 @@ class QuantizedModel(nn.Module):
         self.status = Status.PREPARED if recipe.needs_calibration else Status.CALIBRATED
         self.applied: list = []  # results of fewbits.apply, in order
         self.additions: list[str] = []  # QuantAdd modules (recipe.adds), by name
+        self.ops: list[str] = []  # every quantized op between layers (adds, pools, concats), by name
 
     def forward(self, *args, **kwargs):
         if self.status is Status.PREPARED:
@@ -118,14 +119,16 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True) -> Quantiz
             left.append(LeftFloat(name, type(module).__name__, str(err)))
             continue
         _replace(work, name, swapped)
-    additions = []
-    if recipe.adds is not None:
-        from .ops import quantize_additions
+    ops = []
+    if recipe.adds is not None or recipe.pools is not None or recipe.concats is not None:
+        from .ops import quantize_ops
 
-        additions, untouched = quantize_additions(work, recipe.adds, skip=tuple(QUANT_MODULES.values()))
+        work, ops, untouched = quantize_ops(work, recipe.adds, recipe.pools, recipe.concats,
+                                            skip=tuple(QUANT_MODULES.values()))
         left += [LeftFloat(n, type(work.get_submodule(n)).__name__, why) for n, why in untouched]
     qmodel = QuantizedModel(work, recipe, left, folded, float_model, fold_bn)
-    qmodel.additions = additions
+    qmodel.ops = ops
+    qmodel.additions = [n for n in ops if type(work.get_submodule(n)).__name__ == "QuantAdd"]
     return qmodel
 
 
