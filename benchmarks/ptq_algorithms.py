@@ -1,18 +1,25 @@
 """Post-training algorithms on the real tasks, same data, one run.
 
-Sections (``--sections``; more join as the algorithms land):
+Sections (``--sections``, each re-runnable alone: the JSON keeps the other sections' rows):
 
 * ``dfq`` — the data-free quantization experiment (Nagel et al. 2019, table 1 / 6) on
   ``mobilenetv2-probe``: 8-bit weights with ONE scale per tensor, 8-bit activations. Naive
-  per-tensor quantization, cross-layer equalization (CLE, with high-bias absorption), CLE + bias
-  correction, against per-channel weight scales and fp32. MobileNetV2's depthwise layers mix
-  channels whose weight ranges differ by orders of magnitude: one scale per tensor rounds the
-  small channels to zero, which CLE fixes by moving range between consecutive layers.
+  per-tensor quantization, cross-layer equalization (CLE, with high-bias absorption), CLE + analytic
+  (data-free) bias correction, CLE + empirical bias correction, against per-channel weight scales
+  and fp32. MobileNetV2's depthwise layers mix channels whose weight ranges differ by orders of
+  magnitude: one scale per tensor rounds the small channels to zero, which CLE fixes by moving
+  range between consecutive layers.
+* ``rounding`` — weights at 4 bits on ``mobilenetv2-probe`` (w4a8 and weight-only w4) and at 3 and
+  2 bits on ``fashion-cnn`` (with 8-bit activations), per-channel: nearest vs stochastic vs bias
+  correction vs AdaRound (``--adaround-iterations``, default 1,000 per layer; the paper's 10,000
+  take ~50 min on MobileNetV2 here) vs AdaRound + bias correction.
+* ``llm`` — ``minilm-wordnet``: 4-bit weight-only with groups of 128 (``w4-g128``): nearest vs GPTQ vs
+  AWQ vs AWQ + GPTQ; and w8a8 with and without SmoothQuant.
 
 Reports the task's metrics and the wall time of each algorithm step (fewbits' simulated model;
 ``fewbits.convert`` / ``export_onnx`` deploy the same numbers, see docs/deploy.md).
 
-    .venv/bin/python benchmarks/ptq_algorithms.py [--sections dfq] [--small]
+    .venv/bin/python benchmarks/ptq_algorithms.py [--sections dfq,rounding,llm] [--small]
 """
 from __future__ import annotations
 
@@ -27,7 +34,7 @@ from common import print_table, save_json, set_threads  # noqa: E402
 import fewbits  # noqa: E402
 from fewbits.recipe import LayerRecipe, Recipe, TensorRecipe, get_recipe  # noqa: E402
 from fewbits.spec import PerChannel, PerTensor, QuantSpec  # noqa: E402
-from fewbits.steps import BiasCorrection, CrossLayerEqualization  # noqa: E402
+from fewbits.steps import AWQ, GPTQ, AdaRound, BiasCorrection, CrossLayerEqualization, SmoothQuant, StochasticRounding  # noqa: E402,E501
 from fewbits.tasks import load_task  # noqa: E402
 
 RESULTS = "benchmarks/results/ptq_algorithms.json"
@@ -35,46 +42,124 @@ _ACT = TensorRecipe(QuantSpec(bits=8, signed=False, symmetric=False), "minmax")
 
 
 def w8a8(granularity, steps=(), name="") -> Recipe:
-    layer = LayerRecipe(weight=TensorRecipe(QuantSpec(bits=8, granularity=granularity)), input=_ACT)
+    return weights_at(8, granularity, steps, name)
+
+
+def weights_at(bits: int, granularity=PerChannel(0), steps=(), name="", activations=True) -> Recipe:
+    layer = LayerRecipe(weight=TensorRecipe(QuantSpec(bits=bits, granularity=granularity)),
+                        input=_ACT if activations else None)
     base = get_recipe("w8a8")
-    return Recipe(name, (("Conv2d", layer), ("Linear", layer)), base.by_name, steps=steps)
+    return Recipe(name or f"w{bits}{'a8' if activations else ''}", (("Conv2d", layer), ("Linear", layer)), base.by_name,
+                  steps=steps)
 
 
-def dfq_rows(small: bool) -> list[dict]:
+def run(task, label: str, recipe: Recipe, section: str, extra: dict) -> dict:
+    print(f"  {section}: {task.name} {label} ...", file=sys.stderr, flush=True)
+    start = time.perf_counter()
+    q = fewbits.calibrate(fewbits.prepare(task.model, recipe), task.calibration)
+    seconds = time.perf_counter() - start
+    steps = {r.step["name"]: round(r.seconds, 2) for r in q.applied}
+    return {"section": section, "task": task.name, "method": label, **extra, **task.evaluate(q), "seconds": seconds,
+            "steps": steps}
+
+
+def dfq_rows(small: bool, _iterations: int) -> list[dict]:
     task = load_task("mobilenetv2-probe", small=small)
-    fp32 = task.evaluate(task.model)
-    rows = [{"section": "dfq", "method": "fp32", **fp32, "seconds": 0.0}]
-    cases = [("per-tensor, nearest", w8a8(PerTensor())),
-             ("per-tensor, CLE", w8a8(PerTensor(), (CrossLayerEqualization(),))),
-             ("per-tensor, CLE + bias correction", w8a8(PerTensor(), (CrossLayerEqualization(), BiasCorrection()))),
-             ("per-channel, nearest", w8a8(PerChannel(0))),
-             ("per-channel, bias correction", w8a8(PerChannel(0), (BiasCorrection(),)))]
-    for label, recipe in cases:
-        print(f"  dfq: {label} ...", file=sys.stderr, flush=True)
-        start = time.perf_counter()
-        q = fewbits.calibrate(fewbits.prepare(task.model, recipe), task.calibration)
-        seconds = time.perf_counter() - start
-        steps = {r.step["name"]: round(r.seconds, 2) for r in q.applied}
-        rows.append({"section": "dfq", "method": label, **task.evaluate(q), "seconds": seconds, "steps": steps})
+    rows = [{"section": "dfq", "task": task.name, "method": "fp32", "weights": "fp32", **task.evaluate(task.model),
+             "seconds": 0.0}]
+    cases = [("nearest", w8a8(PerTensor()), "per-tensor"),
+             ("CLE", w8a8(PerTensor(), (CrossLayerEqualization(),)), "per-tensor"),
+             ("CLE + analytic bias correction (data-free DFQ)",
+              w8a8(PerTensor(), (CrossLayerEqualization(), BiasCorrection(mode="analytic"))), "per-tensor"),
+             ("CLE + bias correction", w8a8(PerTensor(), (CrossLayerEqualization(), BiasCorrection())), "per-tensor"),
+             ("nearest", w8a8(PerChannel(0)), "per-channel"),
+             ("bias correction", w8a8(PerChannel(0), (BiasCorrection(),)), "per-channel")]
+    return rows + [run(task, label, recipe, "dfq", {"weights": w}) for label, recipe, w in cases]
+
+
+def rounding_rows(small: bool, iterations: int) -> list[dict]:
+    ada = AdaRound(iterations=iterations)
+    methods = [("nearest", ()), ("stochastic", (StochasticRounding(),)), ("bias correction", (BiasCorrection(),)),
+               (f"AdaRound ({iterations} it.)", (ada,)), (f"AdaRound ({iterations} it.) + bias correction", (ada, BiasCorrection()))]
+    rows = []
+    for name, configs in (("mobilenetv2-probe", [(4, True), (4, False)]), ("fashion-cnn", [(3, True), (2, True)])):
+        task = load_task(name, small=small)
+        rows.append({"section": "rounding", "task": name, "method": "fp32", "weights": "fp32",
+                     **task.evaluate(task.model), "seconds": 0.0})
+        for bits, acts in configs:
+            for label, steps in methods:
+                if not acts and "bias correction" in label:
+                    continue  # bias correction needs a calibrated input grid: w4a8 only
+                recipe = weights_at(bits, steps=steps, activations=acts)
+                rows.append(run(task, label, recipe, "rounding", {"weights": recipe.name}))
     return rows
+
+
+def llm_rows(small: bool, _iterations: int) -> list[dict]:
+    from dataclasses import replace
+
+    task = load_task("minilm-wordnet", small=small)
+    rows = [{"section": "llm", "task": task.name, "method": "fp32", "weights": "fp32", **task.evaluate(task.model),
+             "seconds": 0.0}]
+    g128, w8a8_ = get_recipe("w4-g128"), get_recipe("w8a8")
+    cases = [("nearest", g128), ("GPTQ", replace(g128, steps=(GPTQ(),))),
+             ("GPTQ, activation order", replace(g128, steps=(GPTQ(act_order=True),))),
+             ("AWQ", replace(g128, steps=(AWQ(),))), ("AWQ + GPTQ", replace(g128, steps=(AWQ(), GPTQ()))),
+             ("nearest", w8a8_), ("SmoothQuant (α searched)", get_recipe("w8a8-smoothquant")),
+             ("SmoothQuant (α = 0.5)", replace(w8a8_, steps=(SmoothQuant(),)))]
+    return rows + [run(task, label, recipe, "llm", {"weights": recipe.name.split("-smoothquant")[0]})
+                   for label, recipe in cases]
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", default="dfq")
+    p.add_argument("--sections", default="dfq,rounding,llm")
+    p.add_argument("--adaround-iterations", type=int, default=1000)
     p.add_argument("--small", action="store_true", help="the tasks' small subsets (quick look)")
+    p.add_argument("--tables", action="store_true", help="reprint the tables from the saved JSON")
     args = p.parse_args()
     set_threads()
+    if args.tables:
+        import json
+
+        print_tables(json.loads(Path(RESULTS).read_text())["rows"])
+        return
+    sections = {"dfq": dfq_rows, "rounding": rounding_rows, "llm": llm_rows}
     rows = []
     for section in args.sections.split(","):
-        rows += {"dfq": dfq_rows}[section](args.small)
-    table = [{"section": r["section"], "method": r["method"],
-              "probe accuracy": round(r["probe_accuracy"], 1), "top-1 agreement": round(r["top1_agreement"], 1),
-              "feature cosine": round(r["feature_cosine"], 4),
-              "algorithm s": ", ".join(f"{k} {v}" for k, v in r.get("steps", {}).items()) or "-",
-              "total s": round(r["seconds"], 1)} for r in rows]
-    print_table(table, title="post-training algorithms (mobilenetv2-probe, w8a8)")
-    save_json({"rows": rows, "small": args.small}, RESULTS)
+        if section not in sections:
+            p.error(f"unknown section {section!r}; sections: {sorted(sections)}")
+        rows += sections[section](args.small, args.adaround_iterations)
+    for r in rows:
+        r.update(small=args.small, adaround_iterations=args.adaround_iterations)
+    print_tables(rows)
+    run_sections = {r["section"] for r in rows}
+    kept = []  # the other sections' rows of the saved run stay: sections can be re-run one at a time
+    if Path(RESULTS).is_file():
+        import json
+
+        kept = [r for r in json.loads(Path(RESULTS).read_text()).get("rows", []) if r["section"] not in run_sections]
+    save_json({"rows": kept + rows}, RESULTS)
+
+
+def _quality(r: dict) -> str:
+    if "feature_cosine" in r:
+        return f"top-1 agreement {r['top1_agreement']:.1f}, feature cosine {r['feature_cosine']:.4f}"
+    if "cosine_mean" in r:
+        return f"cosine {r['cosine_mean']:.4f} / min {r['cosine_min']:.4f}, top-10 {r['top10_overlap']:.3f}"
+    return ""
+
+
+def print_tables(rows: list[dict]) -> None:
+    for section in dict.fromkeys(r["section"] for r in rows):
+        table = []
+        for r in (r for r in rows if r["section"] == section):
+            metric = next(k for k in ("probe_accuracy", "accuracy", "recall@1") if k in r)
+            table.append({"task": r["task"], "weights": r.get("weights", ""), "method": r["method"],
+                          "metric": f"{metric} {r[metric]:.2f}", "fidelity to fp32": _quality(r),
+                          "algorithm s": ", ".join(f"{k} {v}" for k, v in r.get("steps", {}).items()) or "-",
+                          "total s": round(r["seconds"], 1)})
+        print_table(table, title=section)
 
 
 if __name__ == "__main__":

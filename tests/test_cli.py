@@ -48,6 +48,14 @@ def test_quantize_with_cle_then_bias_correction(tmp_path):
     assert any("→" in k for k in algorithms[0]["layers"])  # the digits MLP's linear pairs
 
 
+def test_quantize_with_gptq_reports_the_error_per_layer(tmp_path):
+    path = tmp_path / "r.json"
+    assert main(["quantize", "--task", "digits", "--recipe", "w4a8", "--algo", "gptq", "--json", str(path)]) == 0
+    (gptq,) = json.loads(path.read_text())["algorithms"]
+    assert gptq["step"]["name"] == "gptq" and gptq["layers"]
+    assert all(v["error_gptq"] <= v["error_nearest"] for v in gptq["layers"].values())
+
+
 def test_quantize_onnx_exports_verifies_and_reports(tmp_path, capsys):
     path, onnx_path = tmp_path / "r.json", tmp_path / "digits.onnx"
     assert main(["quantize", "--task", "digits", "--recipe", "w8a8", "--json", str(path), "--onnx", str(onnx_path),
@@ -99,9 +107,9 @@ def test_errors_are_one_line_and_exit_2(capsys, tmp_path):
     assert main(["quantize", "--task", "digits", "--calib", "kl"]) == 2
     assert "calibration method must be one of" in capsys.readouterr().err
     assert main(["quantize", "--task", "digits", "--algo", "smoothquant,gptx"]) == 2
-    assert "unknown step 'gptx'; known: ['bc', 'cle', 'smoothquant']" in capsys.readouterr().err
+    assert "unknown step 'gptx'; known: ['adaround', 'awq', 'bc', 'cle', 'gptq', 'smoothquant', 'stochastic']" in capsys.readouterr().err
     assert main(["quantize", "--task", "digits", "--algo", "bc,cle"]) == 2
-    assert "'bc' corrects the calibrated model, so it must come after ['cle']" in capsys.readouterr().err
+    assert "'bc' corrects the biases for the weights as they are, so it must come after ['cle']" in capsys.readouterr().err
     assert main(["quantize", "--task", "digits", "--algo", "smoothquant,smoothquant"]) == 2
     assert "more than once" in capsys.readouterr().err
 

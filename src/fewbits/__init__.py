@@ -26,7 +26,7 @@ from .observe import (
 from .recipe import BUILTIN_RECIPES, LayerRecipe, Recipe, TensorRecipe, get_recipe
 from .spec import PerChannel, PerGroup, PerTensor, QuantSpec, Rounding
 from .wrap import QuantizedModel, calibrate, prepare
-from .steps import BiasCorrection, CrossLayerEqualization, SmoothQuant
+from .steps import AWQ, GPTQ, AdaRound, BiasCorrection, CrossLayerEqualization, SmoothQuant, StochasticRounding
 from .algorithms import AlgorithmResult, apply
 from .export import export_onnx, load, save, verify
 from .convert import IntegerModel, convert
@@ -42,6 +42,7 @@ __all__ = [
     "make_observer", "estimate_range", "calibrate_qparams", "sample_stats", "weight_qparams",
     "Recipe", "LayerRecipe", "TensorRecipe", "BUILTIN_RECIPES", "get_recipe",
     "prepare", "calibrate", "QuantizedModel", "evaluate", "Report",
-    "apply", "AlgorithmResult", "SmoothQuant", "BiasCorrection", "CrossLayerEqualization", "save", "load", "convert", "IntegerModel",
+    "apply", "AlgorithmResult", "SmoothQuant", "BiasCorrection", "CrossLayerEqualization", "AdaRound",
+    "StochasticRounding", "GPTQ", "AWQ", "save", "load", "convert", "IntegerModel",
     "export_onnx", "verify",
 ]

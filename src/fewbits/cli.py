@@ -249,8 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--recipe", default="w8a8", help="built-in name or a .json recipe file")
     q.add_argument("--calib", help="activation calibration method: minmax, ema, percentile, mse, entropy, aciq, octav")
-    q.add_argument("--algo", help="post-training algorithms, comma-separated, in order: cle, smoothquant (before calibration), "
-                   "bc (after); an order that undoes a step is refused")
+    q.add_argument("--algo", help="post-training algorithms, comma-separated, in order: cle, smoothquant, awq, stochastic "
+                   "(before calibration), adaround, gptq, bc (after); an order that undoes a step is refused")
     q.add_argument("--small", action="store_true", help="evaluate on a subset (quick)")
     q.add_argument("--json", help="write the result as JSON")
     q.add_argument("--out", help="directory for report.json and a per-layer SQNR plot")

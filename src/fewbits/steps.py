@@ -47,12 +47,22 @@ class BiasCorrection:
     layer's bias by the per-channel mean of ``y_float − y_quantized`` on calibration data, layer
     by layer in execution order with the earlier layers already corrected.
 
+    ``mode="analytic"`` is the paper's data-free variant: the shift ``(W̃ − W)·E[x]`` of the weight
+    error, with ``E[x]`` from the folded BatchNorm before the layer (``β``, ``|γ|``) through its
+    ReLU / ReLU6; layers whose input has no such BatchNorm are listed and left alone.
+
     Args:
         layers: glob of layer names to correct.
+        mode: ``"empirical"`` (calibration data) or ``"analytic"`` (BatchNorm statistics).
     """
 
     layers: str = "*"
+    mode: str = "empirical"
     needs_ranges = True  # class attribute: runs after the activation ranges are calibrated
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("empirical", "analytic"):
+            raise ValueError(f"bc mode must be 'empirical' or 'analytic', got {self.mode!r}")
 
 
 @dataclass(frozen=True)
@@ -86,8 +96,109 @@ class CrossLayerEqualization:
             raise ValueError(f"cle relu6 must be 'relu' or 'keep', got {self.relu6!r}")
 
 
+@dataclass(frozen=True)
+class AdaRound:
+    """AdaRound (Nagel et al., ICML 2020): learn for every weight whether to round up or down by
+    reconstructing each layer's fp32 output from the quantized model's inputs, layer by layer in
+    execution order. Runs after the activation ranges are calibrated (the inputs are quantized).
+
+    Args:
+        iterations: optimisation steps per layer (the paper: 10,000; AIMET's default too).
+        batch_size: calibration samples per step (images, or rows for linear layers on sequences).
+        lr: Adam's learning rate on ``V``.
+        reg_weight: λ, the weight of the rounding regulariser.
+        beta_start, beta_end: the annealed exponent β of the regulariser.
+        warmup: share of the iterations without the regulariser.
+        seed: the sampling of batches.
+        layers: glob of layer names.
+    """
+
+    iterations: int = 10000
+    batch_size: int = 32
+    lr: float = 1e-2
+    reg_weight: float = 0.01
+    beta_start: float = 20.0
+    beta_end: float = 2.0
+    warmup: float = 0.2
+    seed: int = 0
+    layers: str = "*"
+    needs_ranges = True
+
+    def __post_init__(self) -> None:
+        if self.iterations < 1 or self.batch_size < 1:
+            raise ValueError(f"adaround iterations and batch_size must be >= 1, got {self.iterations}, {self.batch_size}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"adaround warmup must lie in [0, 1), got {self.warmup}")
+        if not (self.lr > 0 and self.reg_weight >= 0 and self.beta_start >= self.beta_end > 0):
+            raise ValueError("adaround needs lr > 0, reg_weight >= 0 and beta_start >= beta_end > 0")
+
+
+@dataclass(frozen=True)
+class GPTQ:
+    """GPTQ (Frantar et al., ICLR 2023): quantize each weight column in turn and spread its
+    rounding error over the columns not yet quantized, weighted by the inverse Hessian of the
+    layer's calibration inputs; layer by layer in execution order, each layer's inputs coming
+    from the already-quantized layers before it. Runs after calibration.
+
+    Args:
+        damp: dampening λ, as a share of the mean Hessian diagonal.
+        block_size: columns per lazy batch update.
+        act_order: quantize columns in order of decreasing Hessian diagonal.
+        layers: glob of layer names (linear layers and ungrouped 2-d convolutions).
+    """
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    layers: str = "*"
+    needs_ranges = True
+
+    def __post_init__(self) -> None:
+        if not self.damp > 0 or self.block_size < 1:
+            raise ValueError(f"gptq needs damp > 0 and block_size >= 1, got {self.damp}, {self.block_size}")
+
+
+@dataclass(frozen=True)
+class AWQ:
+    """AWQ (Lin et al., MLSys 2024): for weight-only layers, scale the weight columns by the
+    activation magnitude to the power α (searched per layer) and divide the input by the same,
+    so the salient weights lose less to rounding. Runs before calibration.
+
+    Args:
+        grid: number of α values tried in [0, 1] (the paper: 20).
+        samples: input rows kept per layer to score the candidates.
+        layers: glob of layer names (linear layers without an input quantizer).
+    """
+
+    grid: int = 20
+    samples: int = 2048
+    layers: str = "*"
+
+    def __post_init__(self) -> None:
+        if self.grid < 1 or self.samples < 1:
+            raise ValueError(f"awq grid and samples must be >= 1, got {self.grid}, {self.samples}")
+
+
+@dataclass(frozen=True)
+class StochasticRounding:
+    """Round every weight up with probability equal to its fractional part (once, seeded): the
+    unbiased baseline the AdaRound paper compares nearest rounding with.
+
+    Args:
+        seed: the draw.
+        layers: glob of layer names.
+    """
+
+    seed: int = 0
+    layers: str = "*"
+
+
 # Names used in recipe files and on the command line; dispatch elsewhere is by type.
-STEPS = {"cle": CrossLayerEqualization, "smoothquant": SmoothQuant, "bc": BiasCorrection}
+STEPS = {"cle": CrossLayerEqualization, "smoothquant": SmoothQuant, "stochastic": StochasticRounding,
+         "adaround": AdaRound, "awq": AWQ, "gptq": GPTQ, "bc": BiasCorrection}
+# steps that choose the weights (later steps must not be ones that fit the weights they find)
+_SETS_WEIGHTS = {"cle", "smoothquant", "awq", "stochastic", "adaround", "gptq"}
+_ROUNDS = ("stochastic", "adaround", "gptq")  # steps that choose each weight's grid point
 STEP_NAMES = {cls: name for name, cls in STEPS.items()}
 
 
@@ -129,9 +240,17 @@ def check_order(steps) -> None:
     names = [STEP_NAMES[type(s)] for s in steps]
     for i, step in enumerate(steps):
         later = names[i + 1:]
+        if names[i] == "bc" and _SETS_WEIGHTS & set(later):
+            raise ValueError(f"'bc' corrects the biases for the weights as they are, so it must come after "
+                             f"{[n for n in later if n in _SETS_WEIGHTS]}, which change the weights")
+        if names[i] in _ROUNDS and set(_ROUNDS) & set(later):
+            raise ValueError(f"'{names[i]}' and {[n for n in later if n in _ROUNDS]} both choose "
+                             "the rounding of the same weights: pick one")
+        if names[i] in ("smoothquant", "awq") and "cle" in later:
+            raise ValueError(f"'cle' after '{names[i]}' would rescale the scaled weights: put cle first")
+        if names[i] in _ROUNDS and "awq" in later:
+            raise ValueError(f"'awq' after '{names[i]}' would rescale the rounded weights: put awq first")
         if getattr(step, "needs_ranges", False) and any(not getattr(s, "needs_ranges", False) for s in steps[i + 1:]):
-            raise ValueError(f"'{names[i]}' corrects the calibrated model, so it must come after "
+            raise ValueError(f"'{names[i]}' works on the calibrated model, so it must come after "
                              f"{[n for n, s in zip(later, steps[i + 1:]) if not getattr(s, 'needs_ranges', False)]}, "
-                             "which change the weights before calibration")
-        if names[i] == "smoothquant" and "cle" in later:
-            raise ValueError("'cle' after 'smoothquant' would rescale the smoothed weights: put cle first")
+                             "which run before calibration")

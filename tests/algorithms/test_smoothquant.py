@@ -93,7 +93,7 @@ def test_recipe_steps_run_once_inside_calibrate_and_round_trip():
 
 
 def test_step_errors_name_the_fault():
-    with pytest.raises(ValueError, match=r"unknown step 'gptx'; known: \['bc', 'cle', 'smoothquant'\]"):
+    with pytest.raises(ValueError, match=r"unknown step 'gptx'; known: \['adaround', 'awq', 'bc', 'cle', 'gptq', 'smoothquant', 'stochastic'\]"):
         step_from_dict({"name": "gptx"})
     with pytest.raises(ValueError, match=r"step 'smoothquant': unknown keys \['beta'\]"):
         step_from_dict({"name": "smoothquant", "beta": 1})

@@ -4,7 +4,8 @@ Each algorithm is a pure-math module (the paper's equations, plain tensors in an
 driver in :mod:`.apply` that runs the hooks and the layer loop. The hyperparameters are the
 frozen step objects of :mod:`fewbits.steps`.
 """
-from ..steps import BiasCorrection, CrossLayerEqualization, SmoothQuant
+from ..steps import AWQ, GPTQ, AdaRound, BiasCorrection, CrossLayerEqualization, SmoothQuant, StochasticRounding
 from .apply import AlgorithmResult, apply
 
-__all__ = ["apply", "AlgorithmResult", "SmoothQuant", "BiasCorrection", "CrossLayerEqualization"]
+__all__ = ["apply", "AlgorithmResult", "SmoothQuant", "BiasCorrection", "CrossLayerEqualization", "AdaRound",
+           "StochasticRounding", "GPTQ", "AWQ"]

@@ -4,17 +4,21 @@ from __future__ import annotations
 import fnmatch
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from ..progress import Progress
-from ..spec import PerTensor
-from ..steps import STEP_NAMES, BiasCorrection, CrossLayerEqualization, SmoothQuant, step_to_dict
+from ..numerics.affine import _grid
+from ..observe.methods import weight_qparams
+from ..spec import PerChannel, PerGroup, PerTensor
+from ..steps import (AWQ, GPTQ, STEP_NAMES, AdaRound, BiasCorrection, CrossLayerEqualization, SmoothQuant,
+                     StochasticRounding, step_to_dict)
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantLinear
 from ..wrap.prepare import LeftFloat, QuantizedModel, Status, as_call, quantization_disabled
-from . import bias_correction, cle, smoothquant
+from . import adaround, awq, bias_correction, cle, gptq, smoothquant
 
 
 @dataclass
@@ -78,9 +82,10 @@ def _smoothable(qmodel: QuantizedModel, pattern: str, result: AlgorithmResult) -
 
 
 @torch.no_grad()
-def _collect_inputs(qmodel: QuantizedModel, layers: dict, batches: list, samples: int) -> dict:
-    """Per-channel min/max of every input of ``layers`` over all batches and a seeded row sample,
-    with the model computing in float."""
+def _collect_inputs(qmodel: QuantizedModel, layers: dict, batches: list, samples: int,
+                    label: str = "smoothquant statistics") -> dict:
+    """Per-channel min/max and mean magnitude of every input of ``layers`` over all batches and a
+    seeded row sample, with the model computing in float."""
     per_batch = math.ceil(samples / len(batches))
     generator = torch.Generator().manual_seed(0)
     seen: dict[str, list] = {}
@@ -88,25 +93,27 @@ def _collect_inputs(qmodel: QuantizedModel, layers: dict, batches: list, samples
     def hook(name):
         def grab(_module, args):
             x = args[0].detach().float().reshape(-1, args[0].shape[-1])
-            lo, hi = x.amin(0), x.amax(0)
+            lo, hi, mag = x.amin(0), x.amax(0), x.abs().double().sum(0)
             pick = x[torch.randperm(len(x), generator=generator)[:per_batch]]
             if name in seen:
                 old = seen[name]
-                seen[name] = [torch.minimum(old[0], lo), torch.maximum(old[1], hi), old[2] + [pick]]
+                seen[name] = [torch.minimum(old[0], lo), torch.maximum(old[1], hi), old[2] + [pick], old[3] + mag,
+                              old[4] + len(x)]
             else:
-                seen[name] = [lo, hi, [pick]]
+                seen[name] = [lo, hi, [pick], mag, len(x)]
         return grab
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
     try:
-        with quantization_disabled(qmodel) as model, Progress("smoothquant statistics, batch", len(batches)) as p:
+        with quantization_disabled(qmodel) as model, Progress(f"{label}, batch", len(batches)) as p:
             for args, kwargs in batches:
                 model(*args, **kwargs)
                 p.step()
     finally:
         for h in handles:
             h.remove()
-    return {n: smoothquant.LayerInputs(lo, hi, torch.cat(rows)[:samples]) for n, (lo, hi, rows) in seen.items()}
+    return {n: smoothquant.LayerInputs(lo, hi, torch.cat(rows)[:samples], (mag / count).float())
+            for n, (lo, hi, rows, mag, count) in seen.items()}
 
 
 def _run_smoothquant(qmodel: QuantizedModel, step: SmoothQuant, batches: list, result: AlgorithmResult) -> None:
@@ -159,15 +166,20 @@ def _channel_means(model, names: list[str], batches: list, stop_after: str | Non
 
     handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
     try:
-        for args, kwargs in batches:
-            try:
-                model(*args, **kwargs)
-            except _Stop:
-                pass
+        _run_batches(model, batches)
     finally:
         for h in handles:
             h.remove()
     return {n: s / c for n, (s, c) in sums.items()}
+
+
+def _run_batches(model: nn.Module, batches: list) -> None:
+    """Every batch through ``model``; a hook raising :class:`_Stop` ends that batch's forward."""
+    for args, kwargs in batches:
+        try:
+            model(*args, **kwargs)
+        except _Stop:
+            pass
 
 
 @torch.no_grad()
@@ -180,6 +192,9 @@ def _run_bias_correction(qmodel: QuantizedModel, step: BiasCorrection, batches: 
     for name, m in qmodel.quantized_layers().items():
         if fnmatch.fnmatchcase(name, step.layers) and name not in layers:
             result.skipped.append(LeftFloat(name, type(m).__name__, "bias correction treats linear and conv layers"))
+    if step.mode == "analytic":
+        _analytic_bias_correction(qmodel, layers, result)
+        return
     float_means = _channel_means(qmodel.float_model, list(layers), batches)  # insertion order = execution order
     with Progress("bias correction, layer", len(float_means)) as progress:
         for name in float_means:
@@ -192,6 +207,36 @@ def _run_bias_correction(qmodel: QuantizedModel, step: BiasCorrection, batches: 
             module.bias.add_(delta.to(module.bias.dtype))
             result.layers[name] = {"mean_abs_shift": round(delta.abs().mean().item(), 6),
                                    "max_abs_shift": round(delta.abs().max().item(), 6)}
+
+
+def _analytic_bias_correction(qmodel: QuantizedModel, layers: dict, result: AlgorithmResult) -> None:
+    sources = {second: (first, through) for first, second, through in
+               _layer_chains(qmodel, result, (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout))}
+    for name, module in layers.items():
+        first, through = sources.get(name, (None, []))
+        if first not in qmodel.bn_stats or module.weight_quantizer is None:
+            why = ("its input does not come from a layer with a folded BatchNorm (through ReLU / ReLU6 / nothing)"
+                   if module.weight_quantizer is not None else "the weights are not quantized")
+            result.skipped.append(LeftFloat(name, type(module).__name__, why))
+            continue
+        mu, sigma = qmodel.bn_stats[first]
+        lo, hi = float("-inf"), float("inf")
+        for t in through:
+            act = qmodel.model.get_submodule(t)
+            if isinstance(act, (nn.ReLU, nn.ReLU6)):
+                lo = max(lo, 0.0)
+            if isinstance(act, nn.ReLU6):
+                hi = min(hi, 6.0)
+        mean = bias_correction.clipped_normal_mean(mu, sigma, lo, hi)
+        error = (module.quantized_weight() - module.weight).detach()
+        if getattr(module, "smooth_scale", None) is not None:
+            mean = mean / module.smooth_scale.double()
+        shift = bias_correction.expected_output_shift(error, mean, getattr(module, "groups", 1))
+        if module.bias is None:
+            module.bias = nn.Parameter(torch.zeros(shift.shape[0], dtype=module.weight.dtype))
+        module.bias.sub_(shift.to(module.bias.dtype))
+        result.layers[name] = {"mean_abs_shift": round(shift.abs().mean().item(), 6),
+                               "max_abs_shift": round(shift.abs().max().item(), 6), "input_from": first}
 
 
 # ---- cross-layer equalization ----------------------------------------------------------------
@@ -212,9 +257,10 @@ def _depthwise(m: nn.Module) -> bool:
     return isinstance(m, (QuantConv1d, QuantConv2d)) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
-def _cle_pairs(qmodel: QuantizedModel, step: CrossLayerEqualization, result: AlgorithmResult) -> list[_Pair]:
-    """Consecutive quantized layers joined only through ReLU / ReLU6 / identity / dropout, the
-    first layer's output used by the second alone (torch.fx on the prepared model)."""
+def _layer_chains(qmodel: QuantizedModel, result: AlgorithmResult, through_types: tuple) -> list[tuple]:
+    """``(first, second, through)``: quantized layers where ``first``'s output reaches ``second``'s
+    only input through modules of ``through_types`` alone, every module called once (torch.fx on
+    the prepared model; an untraceable model has none, noted in ``result``)."""
     from torch import fx
 
     from ..wrap.ops import QUANT_OPS
@@ -230,15 +276,12 @@ def _cle_pairs(qmodel: QuantizedModel, step: CrossLayerEqualization, result: Alg
                                         f"not traceable by torch.fx ({type(err).__name__}): no layer pairs found"))
         return []
     calls = [n.target for n in graph.nodes if n.op == "call_module"]
-    shared = _shared_parameters(qmodel.model)
-    pairs = []
+    chains = []
     for node in graph.nodes:
-        if node.op != "call_module" or calls.count(node.target) != 1:
+        if node.op != "call_module" or calls.count(node.target) != 1 or \
+                not isinstance(qmodel.model.get_submodule(node.target), _LAYERS):
             continue
-        first = qmodel.model.get_submodule(node.target)
-        if not isinstance(first, _LAYERS) or not fnmatch.fnmatchcase(node.target, step.layers):
-            continue
-        through, cur, relu, second = [], node, False, None
+        through, cur = [], node
         while len(cur.users) == 1:
             (user,) = cur.users
             if user.op != "call_module" or calls.count(user.target) != 1:
@@ -246,17 +289,26 @@ def _cle_pairs(qmodel: QuantizedModel, step: CrossLayerEqualization, result: Alg
             module = qmodel.model.get_submodule(user.target)
             if isinstance(module, _LAYERS):
                 if user.args == (cur,) and not user.kwargs:
-                    second = user.target
+                    chains.append((node.target, user.target, through))
                 break
-            if isinstance(module, nn.ReLU6) and step.relu6 == "keep":
+            if not isinstance(module, through_types):
                 break
-            if not isinstance(module, (*_HOMOGENEOUS, nn.ReLU6)):
-                break
-            relu = relu or isinstance(module, (nn.ReLU, nn.ReLU6))
             through.append(user.target)
             cur = user
-        if second is None or not fnmatch.fnmatchcase(second, step.layers):
+    return chains
+
+
+def _cle_pairs(qmodel: QuantizedModel, step: CrossLayerEqualization, result: AlgorithmResult) -> list[_Pair]:
+    """Consecutive quantized layers joined only through ReLU / ReLU6 / identity / dropout, the
+    first layer's output used by the second alone."""
+    acts = (*_HOMOGENEOUS, nn.ReLU6) if step.relu6 == "relu" else _HOMOGENEOUS
+    shared = _shared_parameters(qmodel.model)
+    pairs = []
+    for first_name, second, through in _layer_chains(qmodel, result, acts):
+        if not (fnmatch.fnmatchcase(first_name, step.layers) and fnmatch.fnmatchcase(second, step.layers)):
             continue
+        first = qmodel.model.get_submodule(first_name)
+        relu = any(isinstance(qmodel.model.get_submodule(t), (nn.ReLU, nn.ReLU6)) for t in through)
         m2 = qmodel.model.get_submodule(second)
         why = ""
         if type(first) is QuantLinear and type(m2) is not QuantLinear or type(first) is not QuantLinear and type(m2) is QuantLinear:
@@ -268,9 +320,9 @@ def _cle_pairs(qmodel: QuantizedModel, step: CrossLayerEqualization, result: Alg
         elif any(first.weight is p or m2.weight is p for p in shared):
             why = "a weight tied to another module: rescaling it would change that module too"
         if why:
-            result.skipped.append(LeftFloat(f"{node.target} → {second}", "pair", why))
+            result.skipped.append(LeftFloat(f"{first_name} → {second}", "pair", why))
             continue
-        pairs.append(_Pair(node.target, second, through, relu, _depthwise(m2)))
+        pairs.append(_Pair(first_name, second, through, relu, _depthwise(m2)))
     return pairs
 
 
@@ -306,6 +358,9 @@ def _run_cle(qmodel: QuantizedModel, step: CrossLayerEqualization, batches: list
                     l1, l2 = model.get_submodule(pair.first), model.get_submodule(pair.second)
                     cle.scale_output_channels(l1.weight, l1.bias, s)
                     cle.scale_input_channels(l2.weight, s, pair.depthwise)
+                if pair.first in qmodel.bn_stats:  # the output's BatchNorm statistics scale with it
+                    mu, sigma = qmodel.bn_stats[pair.first]
+                    qmodel.bn_stats[pair.first] = (mu / s.to(mu.dtype), sigma / s.to(sigma.dtype))
             if change < step.tolerance:
                 break
     absorbed = {}
@@ -393,8 +448,269 @@ def _absorb_high_biases(qmodel: QuantizedModel, pairs: list, batches: list) -> d
                 if layer.bias is None:
                     layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
                 layer.bias.add_(delta.to(layer.bias.dtype))
+        if pair.first in qmodel.bn_stats:
+            mu, sigma = qmodel.bn_stats[pair.first]
+            qmodel.bn_stats[pair.first] = (mu - c.to(mu.dtype), sigma)
         absorbed[pair.first] = float(c.mean())
     return absorbed
 
 
-_DRIVERS = {SmoothQuant: _run_smoothquant, BiasCorrection: _run_bias_correction, CrossLayerEqualization: _run_cle}
+# ---- rounding: stochastic and AdaRound -------------------------------------------------------
+def _rounding_layers(qmodel: QuantizedModel, pattern: str, result: AlgorithmResult) -> dict:
+    chosen = {}
+    for name, m in qmodel.quantized_layers().items():
+        if not fnmatch.fnmatchcase(name, pattern):
+            continue
+        if not isinstance(m, _LAYERS):
+            result.skipped.append(LeftFloat(name, type(m).__name__, "rounding is chosen for linear and conv layers"))
+        elif m.weight_quantizer is None:
+            result.skipped.append(LeftFloat(name, type(m).__name__, "the weights are not quantized"))
+        else:
+            chosen[name] = m
+    return chosen
+
+
+def _grid_of(layer: nn.Module) -> tuple:
+    """(W/s, zero point, qmin, qmax, scale) of the layer's weight view, broadcast to it."""
+    wq = layer.weight_quantizer
+    view, s, z = _grid(layer._weight_view().detach(), wq.scale, wq.zero_point, wq.spec)
+    return view * torch.reciprocal(s), z, wq.spec.qmin, wq.spec.qmax, s
+
+
+def _write_levels(layer: nn.Module, levels: torch.Tensor, z: torch.Tensor, s: torch.Tensor) -> None:
+    """Put the weight on the chosen grid points: nearest rounding (the quantizer, its qparams
+    unchanged) then gives exactly these levels."""
+    layer.weight.data.copy_(((levels - z) * s).reshape(layer.weight.shape).to(layer.weight.dtype))
+
+
+@torch.no_grad()
+def _run_stochastic(qmodel: QuantizedModel, step: StochasticRounding, batches: list, result: AlgorithmResult) -> None:
+    generator = torch.Generator().manual_seed(step.seed)
+    for name, layer in _rounding_layers(qmodel, step.layers, result).items():
+        scaled, z, qmin, qmax, s = _grid_of(layer)
+        levels = adaround.stochastic_levels(scaled, z, qmin, qmax, generator)
+        result.layers[name] = {"changed_from_nearest": round(adaround.flips(levels, scaled, z, qmin, qmax), 4)}
+        _write_levels(layer, levels, z, s)
+
+
+def _execution_order(model: nn.Module, names: list, batch) -> list:
+    order = []
+    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: order.append(n) if n not in order else None)
+               for n in names]
+    try:
+        args, kwargs = batch
+        model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def _feed_until(model: nn.Module, name: str, batches: list, take) -> None:
+    """Run ``batches`` through ``model`` up to layer ``name``: ``take(input)`` sees its input each
+    time and the rest of the forward is skipped."""
+    def grab(_module, args):
+        take(args[0].detach())
+        raise _Stop
+
+    handle = model.get_submodule(name).register_forward_pre_hook(grab)
+    try:
+        _run_batches(model, batches)
+    finally:
+        handle.remove()
+
+
+def _layer_inputs(model: nn.Module, name: str, batches: list) -> torch.Tensor:
+    """The input of layer ``name`` on every batch, concatenated along the first dimension."""
+    seen = []
+    _feed_until(model, name, batches, seen.append)
+    return torch.cat(seen)
+
+
+def _layer_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    if isinstance(layer, QuantLinear):
+        return F.linear(x, weight, bias)
+    return layer._conv_forward(x, weight, bias)
+
+
+def _run_adaround(qmodel: QuantizedModel, step: AdaRound, batches: list, result: AlgorithmResult) -> None:
+    if qmodel.status is not Status.CALIBRATED:
+        raise ValueError("adaround reconstructs from quantized inputs: run fewbits.calibrate first "
+                         "(a recipe's 'adaround' step runs after the ranges are observed)")
+    layers = _rounding_layers(qmodel, step.layers, result)
+    order = _execution_order(qmodel.float_model, list(layers), batches[0])
+    generator = torch.Generator().manual_seed(step.seed)
+    with Progress("adaround, layer", len(order)) as progress:
+        for name in order:
+            progress.step(name)
+            start = time.perf_counter()
+            layer = layers[name]
+            with torch.no_grad():
+                x_fp = _layer_inputs(qmodel.float_model, name, batches)
+                target = qmodel.float_model.get_submodule(name)(x_fp)
+                del x_fp
+                x_q = _layer_inputs(qmodel.model, name, batches)  # the earlier layers already rounded
+                if getattr(layer, "smooth_scale", None) is not None:
+                    x_q = x_q / layer.smooth_scale
+                x_q = layer._in(x_q)
+                bias = layer.quantized_bias()
+                bias = None if bias is None else bias.detach()
+            result.layers[name] = _adaround_layer(layer, x_q, target, bias, step, generator)
+            result.layers[name]["seconds"] = round(time.perf_counter() - start, 2)
+
+
+def _adaround_layer(layer, x_q, target, bias, step: AdaRound, generator) -> dict:
+    scaled, z, qmin, qmax, s = _grid_of(layer)
+    floor = torch.floor(scaled)
+    channel = -1 if isinstance(layer, QuantLinear) else 1
+
+    def weight_of(levels):
+        return ((levels - z) * s).reshape(layer.weight.shape)
+
+    def error(levels) -> float:  # the reconstruction loss on (up to) 256 samples, in float64
+        with torch.no_grad():
+            out = _layer_forward(layer, x_q[:256], weight_of(levels), bias)
+            return float((out - target[:256]).double().pow(2).sum(channel).mean())
+
+    nearest = torch.clamp(torch.round(scaled) + z, qmin, qmax)
+    v = adaround.initial_v(scaled).requires_grad_(True)
+    optimizer = torch.optim.Adam([v], lr=step.lr)
+    n = x_q.shape[0]
+    with torch.enable_grad():  # calibrate runs recipe steps under no_grad
+        for it in range(step.iterations):
+            idx = torch.randint(n, (min(step.batch_size, n),), generator=generator)
+            out = _layer_forward(layer, x_q[idx], weight_of(adaround.soft_levels(floor, v, z, qmin, qmax)), bias)
+            loss = (out - target[idx]).pow(2).sum(channel).mean()
+            b = adaround.beta(it, step.iterations, step.warmup, step.beta_start, step.beta_end)
+            if b is not None and step.reg_weight > 0:
+                loss = loss + step.reg_weight * adaround.regularizer(v, b)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    levels = adaround.hard_levels(floor, v.detach(), z, qmin, qmax)
+    before, after = error(nearest), error(levels)
+    with torch.no_grad():
+        _write_levels(layer, levels, z, s)
+    return {"error_nearest": before, "error_adaround": after,
+            "changed_from_nearest": round(adaround.flips(levels, scaled, z, qmin, qmax), 4)}
+
+
+# ---- GPTQ ------------------------------------------------------------------------------------
+def _input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """What the layer's weight multiplies, one row per product: the (smoothed, quantized) input,
+    unfolded into patches for a convolution (columns in the order of ``weight.reshape(out, -1)``)."""
+    if getattr(layer, "smooth_scale", None) is not None:
+        x = x / layer.smooth_scale
+    x = layer._in(x)
+    if isinstance(layer, QuantLinear):
+        return x.reshape(-1, x.shape[-1])
+    patches = F.unfold(x, layer.kernel_size, layer.dilation, layer.padding, layer.stride)
+    return patches.transpose(1, 2).reshape(-1, patches.shape[1])
+
+
+def _layer_hessian(model: nn.Module, name: str, layer: nn.Module, batches: list) -> tuple[torch.Tensor, int]:
+    acc = {"h": None, "n": 0}
+
+    def take(x):
+        h, n = gptq.hessian(_input_rows(layer, x))
+        acc["h"] = h if acc["h"] is None else acc["h"] + h
+        acc["n"] += n
+
+    _feed_until(model, name, batches, take)
+    return acc["h"], acc["n"]
+
+
+@torch.no_grad()
+def _run_gptq(qmodel: QuantizedModel, step: GPTQ, batches: list, result: AlgorithmResult) -> None:
+    if qmodel.status is not Status.CALIBRATED:
+        raise ValueError("gptq works on the calibrated model: run fewbits.calibrate first "
+                         "(a recipe's 'gptq' step runs after the ranges are observed)")
+    layers = {}
+    for name, m in _rounding_layers(qmodel, step.layers, result).items():
+        if isinstance(m, QuantConv1d) or (isinstance(m, QuantConv2d) and m.groups != 1):
+            result.skipped.append(LeftFloat(name, type(m).__name__, "GPTQ here handles linear layers and ungrouped "
+                                                                    "2-d convolutions"))
+        elif isinstance(m.weight_quantizer.spec.granularity, PerGroup) and \
+                m.weight_quantizer.spec.granularity.axis % 2 != 1:
+            result.skipped.append(LeftFloat(name, type(m).__name__, "groups must run along the input dimension"))
+        else:
+            layers[name] = m
+    order = _execution_order(qmodel.float_model, list(layers), batches[0])
+    with Progress("gptq, layer", len(order)) as progress:
+        for name in order:
+            progress.step(name)
+            start = time.perf_counter()
+            layer = layers[name]
+            h, n = _layer_hessian(qmodel.model, name, layer, batches)
+            result.layers[name] = _gptq_layer(layer, h, n, step)
+            result.layers[name]["seconds"] = round(time.perf_counter() - start, 2)
+
+
+def _gptq_layer(layer: nn.Module, h: torch.Tensor, n: int, step: GPTQ) -> dict:
+    wq = layer.weight_quantizer
+    spec = wq.spec
+    view = layer._weight_view().detach()
+    rows = view.shape[0]
+    scale = wq.scale.detach().double().reshape(-1).expand(rows).reshape(rows, 1) \
+        if not isinstance(spec.granularity, PerGroup) else wq.scale.detach().double().reshape(rows, -1)
+    zero = wq.zero_point.detach().double().reshape(-1).expand(rows).reshape(rows, 1) \
+        if not isinstance(spec.granularity, PerGroup) else wq.zero_point.detach().double().reshape(rows, -1)
+    group = spec.granularity.size if isinstance(spec.granularity, PerGroup) else None
+    per_row = replace(spec, granularity=PerChannel(0))
+    refit = (lambda cols: weight_qparams(cols.float(), per_row, wq.recipe.method, wq.name)) if group else None
+    levels, scale, zero = gptq.gptq(view, h, scale, zero, spec.qmin, spec.qmax, group_size=group,
+                                    block_size=step.block_size, damp=step.damp, act_order=step.act_order, refit=refit)
+    cols = torch.arange(view.shape[1]) // (group or view.shape[1])
+    deq = (levels - zero[:, cols]) * scale[:, cols]
+    nearest = wq(view).detach().double()  # round-to-nearest with the qparams prepare fitted
+    before = gptq.output_error(view.double() - nearest, h, n)
+    after = gptq.output_error(view.double() - deq, h, n)
+    layer.weight.data.copy_(deq.reshape(layer.weight.shape).to(layer.weight.dtype))
+    if group:
+        wq.scale = scale.reshape(wq.scale.shape).to(wq.scale.dtype)
+        wq.zero_point = zero.reshape(wq.zero_point.shape).to(wq.zero_point.dtype)
+    return {"error_nearest": before, "error_gptq": after}
+
+
+# ---- AWQ -------------------------------------------------------------------------------------
+def _run_awq(qmodel: QuantizedModel, step: AWQ, batches: list, result: AlgorithmResult) -> None:
+    shared = {id(p) for p in _shared_parameters(qmodel.model)}
+    layers = {}
+    for name, m in qmodel.quantized_layers().items():
+        if not fnmatch.fnmatchcase(name, step.layers):
+            continue
+        why = ""
+        if not isinstance(m, QuantLinear):
+            why = f"AWQ scales linear layers, this is a {type(m).__name__}"
+        elif m.weight_quantizer is None:
+            why = "the weights are not quantized"
+        elif m.input_quantizer is not None:
+            why = "AWQ is for weight-only layers (SmoothQuant balances quantized inputs)"
+        elif id(m.weight) in shared:
+            why = "the weight is tied to another module: scaling it would change that module too"
+        if why:
+            result.skipped.append(LeftFloat(name, type(m).__name__, why))
+        else:
+            layers[name] = m
+    stats = _collect_inputs(qmodel, layers, batches, step.samples, label="awq statistics")
+    grid = [i / step.grid for i in range(step.grid)]
+    with Progress("awq, layer", len(layers)) as progress:
+        for name, layer in layers.items():
+            progress.step(name)
+            if name not in stats:
+                result.skipped.append(LeftFloat(name, "QuantLinear", "the layer never ran on the batches"))
+                continue
+            inputs, wq = stats[name], layer.weight_quantizer
+            if layer.smooth_scale is not None:
+                inputs = smoothquant.LayerInputs(inputs.lo, inputs.hi, inputs.rows / layer.smooth_scale,
+                                                 inputs.absmean / layer.smooth_scale)
+            alpha, before, after = awq.search_alpha(inputs.rows, inputs.absmean, layer.weight, wq.spec, grid,
+                                                    wq.recipe.method)
+            if alpha > 0:
+                with torch.no_grad():
+                    layer.smooth(awq.awq_scale(inputs.absmean, alpha))
+            result.layers[name] = {"alpha": alpha, "error_before": before, "error_after": after}
+
+
+_DRIVERS = {SmoothQuant: _run_smoothquant, AWQ: _run_awq, BiasCorrection: _run_bias_correction, CrossLayerEqualization: _run_cle,
+            StochasticRounding: _run_stochastic, AdaRound: _run_adaround, GPTQ: _run_gptq}

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -38,6 +39,7 @@ class LayerInputs:
     lo: torch.Tensor
     hi: torch.Tensor
     rows: torch.Tensor
+    absmean: Optional[torch.Tensor] = None  # mean |x_j| over every row (AWQ's activation salience)
 
     @property
     def absmax(self) -> torch.Tensor:

@@ -27,11 +27,14 @@ def fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
 
 
-def fold_batchnorm(model: nn.Module) -> tuple[list[str], list[str]]:
+def fold_batchnorm(model: nn.Module, stats: dict | None = None) -> tuple[list[str], list[str]]:
     """Fold every BatchNorm that directly follows a foldable layer inside an ``nn.Sequential``.
 
     Works in place (``prepare`` calls it on its own copy); folded BatchNorms become
     ``nn.Identity``. Returns the names of the folded BatchNorms and of those left as they were.
+    ``stats``, if given, receives per folded layer the mean and standard deviation its output has
+    by the BatchNorm's design, ``(β, |γ|)`` per channel — what data-free methods (analytic bias
+    correction) know of the activations.
     """
     folded = []
     for parent_name, parent in model.named_modules():
@@ -42,6 +45,12 @@ def fold_batchnorm(model: nn.Module) -> tuple[list[str], list[str]]:
             bn_type = _FOLDABLE.get(type(layer))
             if bn_type is None or type(bn) is not bn_type or bn.num_features != layer.weight.shape[0]:
                 continue
+            if stats is not None:
+                layer_key = children[[k for k, _ in children].index(bn_key) - 1][0]
+                name = f"{parent_name}.{layer_key}" if parent_name else layer_key
+                ones = torch.ones(bn.num_features)
+                stats[name] = ((bn.bias.detach().clone() if bn.affine else ones * 0),
+                               (bn.weight.detach().abs().clone() if bn.affine else ones))
             fold_into(layer, bn)
             setattr(parent, bn_key, nn.Identity())
             folded.append(f"{parent_name}.{bn_key}" if parent_name else bn_key)

@@ -63,6 +63,8 @@ class QuantizedModel(nn.Module):
         self.applied: list = []  # results of fewbits.apply, in order
         self.additions: list[str] = []  # QuantAdd modules (recipe.adds), by name
         self.ops: list[str] = []  # every quantized op between layers (adds, pools, concats), by name
+        # per layer with a folded BatchNorm: its output's (mean, std) per channel by design, (β, |γ|)
+        self.bn_stats: dict = {}
 
     def forward(self, *args, **kwargs):
         if self.status is Status.PREPARED:
@@ -88,10 +90,12 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True) -> Quantiz
     recipe = get_recipe(recipe)
     work = copy.deepcopy(model).eval()
     if fold_bn:
-        folded, unfolded = fold_batchnorm(work)
+        bn_stats: dict = {}
+        folded, unfolded = fold_batchnorm(work, bn_stats)
         why_bn = "BatchNorm not directly after a conv/linear in an nn.Sequential: kept float"
     else:
         folded, unfolded = [], [n for n, m in work.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        bn_stats = {}
         why_bn = "BatchNorm folding disabled (fold_bn=False): kept float"
     left = [LeftFloat(n, type(work.get_submodule(n)).__name__, why_bn) for n in unfolded]
     float_model = copy.deepcopy(work)
@@ -128,6 +132,7 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True) -> Quantiz
         left += [LeftFloat(n, type(work.get_submodule(n)).__name__, why) for n, why in untouched]
     qmodel = QuantizedModel(work, recipe, left, folded, float_model, fold_bn)
     qmodel.ops = ops
+    qmodel.bn_stats = bn_stats
     qmodel.additions = [n for n in ops if type(work.get_submodule(n)).__name__ == "QuantAdd"]
     return qmodel
 
