@@ -115,3 +115,18 @@ def test_fashion_cnn_3_bit_gptq_beats_nearest():
     # measured on this subset (fp32 91.25): nearest 87.6, GPTQ 90.9 (2 bits: 80.15 → 90.1); the floor
     # leaves room for changes of the fit
     assert scores["gptq"] > scores["nearest"] + 1.0, scores
+
+
+def test_rounded_model_deploys_unchanged(tmp_path):
+    """GPTQ's (and AdaRound's) grid weights go through convert and the ONNX export as they are."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from fewbits.tasks import load_task
+
+    task = load_task("fashion-cnn", small=True)
+    q = fewbits.calibrate(fewbits.prepare(task.model, _recipe(4, steps=(GPTQ(),))), task.calibration)
+    # measured: simulated = integer = 90.8 on this subset; a one-level difference at a half step
+    # could move one of its 400 images (0.25 point), no more
+    assert abs(task.evaluate(fewbits.convert(q))[task.metric] - task.evaluate(q)[task.metric]) <= 0.25
+    result = fewbits.export_onnx(q, task.calibration[0][:2], tmp_path / "g.onnx", batches=task.calibration[:2])
+    assert result.verification.ok and {e.mode for e in result.layers} == {"int8"}
