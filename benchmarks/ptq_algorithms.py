@@ -13,13 +13,18 @@ Sections (``--sections``, each re-runnable alone: the JSON keeps the other secti
   2 bits on ``fashion-cnn`` (with 8-bit activations), per-channel: nearest vs stochastic vs bias
   correction vs AdaRound (``--adaround-iterations``, default 1,000 per layer; the paper's 10,000
   take ~50 min on MobileNetV2 here) vs AdaRound + bias correction.
+* ``compare`` — the same AdaRound recipes through Qualcomm AIMET (``pip install ".[compare]"``;
+  skipped with a note when it is not installed): AIMET's QuantSim with nearest rounding and with
+  its AdaRound at the same number of iterations, next to fewbits' AdaRound, timed in the same
+  run. AIMET quantizes layer outputs and the model input where fewbits quantizes layer inputs:
+  the same tensors up to where the ReLUs sit.
 * ``llm`` — ``minilm-wordnet``: 4-bit weight-only with groups of 128 (``w4-g128``): nearest vs GPTQ vs
   AWQ vs AWQ + GPTQ; and w8a8 with and without SmoothQuant.
 
 Reports the task's metrics and the wall time of each algorithm step (fewbits' simulated model;
 ``fewbits.convert`` / ``export_onnx`` deploy the same numbers, see docs/deploy.md).
 
-    .venv/bin/python benchmarks/ptq_algorithms.py [--sections dfq,rounding,llm] [--small]
+    .venv/bin/python benchmarks/ptq_algorithms.py [--sections dfq,rounding,compare,llm] [--small]
 """
 from __future__ import annotations
 
@@ -95,6 +100,98 @@ def rounding_rows(small: bool, iterations: int) -> list[dict]:
     return rows
 
 
+def _stub_torchvision() -> None:
+    """AIMET imports names from torchvision, whose PyPI build fails to import beside torch 2.13:
+    stand in a module whose every attribute is a placeholder (AIMET's paths used here need none)."""
+    import importlib.machinery
+    import types
+
+    class Placeholder(types.ModuleType):
+        def __getattr__(self, name):
+            if name.startswith("__"):
+                raise AttributeError(name)
+            value = type(name, (), {})
+            setattr(self, name, value)
+            return value
+
+    for name in ("torchvision", "torchvision.datasets", "torchvision.transforms", "torchvision.models",
+                 "torchvision.ops", "torchvision.io"):
+        module = Placeholder(name)
+        module.__path__ = []
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=True)
+        sys.modules[name] = module
+        if "." in name:
+            setattr(sys.modules["torchvision"], name.split(".")[1], module)
+
+
+_AIMET_CONFIG = {"defaults": {"ops": {"is_output_quantized": "True"},
+                              "params": {"is_quantized": "True", "is_symmetric": "True"},
+                              "per_channel_quantization": "True"},
+                 "params": {"bias": {"is_quantized": "False"}}, "op_type": {}, "supergroups": [],
+                 "model_input": {"is_input_quantized": "True"}, "model_output": {}}
+
+
+def compare_rows(small: bool, iterations: int) -> list[dict]:
+    import importlib.util
+
+    if importlib.util.find_spec("aimet_torch") is None:
+        print("  compare: aimet-torch is not installed (pip install '.[compare]'): section skipped", file=sys.stderr)
+        return [{"section": "compare", "task": "-", "method": "skipped: aimet-torch not installed", "weights": "",
+                 "seconds": 0.0}]
+    import copy
+    import json
+    import os
+    import tempfile
+
+    import torch
+
+    _stub_torchvision()
+    from aimet_common.defs import QuantScheme
+    from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
+    from aimet_torch.batch_norm_fold import fold_all_batch_norms
+    from aimet_torch.quantsim import QuantizationSimModel
+
+    rows = []
+    workdir = tempfile.mkdtemp(prefix="fewbits-aimet-")
+    config = os.path.join(workdir, "config.json")
+    with open(config, "w") as f:
+        json.dump(_AIMET_CONFIG, f)
+    for name, bits in (("fashion-cnn", 3), ("fashion-cnn", 2), ("mobilenetv2-probe", 4)):
+        task = load_task(name, small=small)
+        dummy = task.calibration[0][:1]
+
+        def forward(model, _):
+            with torch.no_grad():
+                for x in task.calibration:
+                    model(x)
+
+        for ada in (False, True):
+            label = f"AIMET AdaRound ({iterations} it.)" if ada else "AIMET nearest"
+            print(f"  compare: {name} w{bits}a8 {label} ...", file=sys.stderr, flush=True)
+            model = copy.deepcopy(task.model).eval()
+            fold_all_batch_norms(model, tuple(dummy.shape))
+            start = time.perf_counter()
+            if ada:
+                params = AdaroundParameters(data_loader=[(x, None) for x in task.calibration],
+                                            num_batches=len(task.calibration), default_num_iterations=iterations)
+                model = Adaround.apply_adaround(model, dummy, params, path=workdir, filename_prefix="ada",
+                                                default_param_bw=bits, default_quant_scheme=QuantScheme.post_training_tf,
+                                                default_config_file=config)
+            ada_seconds = time.perf_counter() - start
+            sim = QuantizationSimModel(model, dummy, quant_scheme=QuantScheme.post_training_tf, default_param_bw=bits,
+                                       default_output_bw=8, config_file=config)
+            if ada:
+                sim.set_and_freeze_param_encodings(encoding_path=os.path.join(workdir, "ada.encodings"))
+            sim.compute_encodings(forward, None)
+            seconds = time.perf_counter() - start
+            rows.append({"section": "compare", "task": name, "method": label, "weights": f"w{bits}a8",
+                         **task.evaluate(sim.model), "seconds": seconds,
+                         "steps": {"adaround": round(ada_seconds, 2)} if ada else {}})
+        rows.append(run(task, f"fewbits AdaRound ({iterations} it.)",
+                        weights_at(bits, steps=(AdaRound(iterations=iterations),)), "compare", {"weights": f"w{bits}a8"}))
+    return rows
+
+
 def llm_rows(small: bool, _iterations: int) -> list[dict]:
     from dataclasses import replace
 
@@ -113,7 +210,7 @@ def llm_rows(small: bool, _iterations: int) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", default="dfq,rounding,llm")
+    p.add_argument("--sections", default="dfq,rounding,compare,llm")
     p.add_argument("--adaround-iterations", type=int, default=1000)
     p.add_argument("--small", action="store_true", help="the tasks' small subsets (quick look)")
     p.add_argument("--tables", action="store_true", help="reprint the tables from the saved JSON")
@@ -124,7 +221,7 @@ def main() -> None:
 
         print_tables(json.loads(Path(RESULTS).read_text())["rows"])
         return
-    sections = {"dfq": dfq_rows, "rounding": rounding_rows, "llm": llm_rows}
+    sections = {"dfq": dfq_rows, "rounding": rounding_rows, "compare": compare_rows, "llm": llm_rows}
     rows = []
     for section in args.sections.split(","):
         if section not in sections:
@@ -154,9 +251,9 @@ def print_tables(rows: list[dict]) -> None:
     for section in dict.fromkeys(r["section"] for r in rows):
         table = []
         for r in (r for r in rows if r["section"] == section):
-            metric = next(k for k in ("probe_accuracy", "accuracy", "recall@1") if k in r)
+            metric = next((k for k in ("probe_accuracy", "accuracy", "recall@1") if k in r), None)
             table.append({"task": r["task"], "weights": r.get("weights", ""), "method": r["method"],
-                          "metric": f"{metric} {r[metric]:.2f}", "fidelity to fp32": _quality(r),
+                          "metric": f"{metric} {r[metric]:.2f}" if metric else "-", "fidelity to fp32": _quality(r),
                           "algorithm s": ", ".join(f"{k} {v}" for k, v in r.get("steps", {}).items()) or "-",
                           "total s": round(r["seconds"], 1)})
         print_table(table, title=section)
