@@ -18,13 +18,15 @@ Sections (``--sections``, each re-runnable alone: the JSON keeps the other secti
   its AdaRound at the same number of iterations, next to fewbits' AdaRound, timed in the same
   run. AIMET quantizes layer outputs and the model input where fewbits quantizes layer inputs:
   the same tensors up to where the ReLUs sit.
+* ``grids`` — the weight range fit under nearest rounding on ``fashion-cnn`` at 3 and 2 bits:
+  min-max (PyTorch's symmetric convention), MSE, narrow range.
 * ``llm`` — ``minilm-wordnet``: 4-bit weight-only with groups of 128 (``w4-g128``): nearest vs GPTQ vs
   AWQ vs AWQ + GPTQ; and w8a8 with and without SmoothQuant.
 
 Reports the task's metrics and the wall time of each algorithm step (fewbits' simulated model;
 ``fewbits.convert`` / ``export_onnx`` deploy the same numbers, see docs/deploy.md).
 
-    .venv/bin/python benchmarks/ptq_algorithms.py [--sections dfq,rounding,compare,llm] [--small]
+    .venv/bin/python benchmarks/ptq_algorithms.py [--sections dfq,rounding,compare,grids,llm] [--small]
 """
 from __future__ import annotations
 
@@ -192,6 +194,20 @@ def compare_rows(small: bool, iterations: int) -> list[dict]:
     return rows
 
 
+def grid_rows(small: bool, _iterations: int) -> list[dict]:
+    task = load_task("fashion-cnn", small=small)
+    rows = []
+    for bits in (3, 2):
+        for label, spec, method in (
+                ("min-max", QuantSpec(bits=bits, granularity=PerChannel(0)), "minmax"),
+                ("mse", QuantSpec(bits=bits, granularity=PerChannel(0)), "mse"),
+                ("narrow range, min-max", QuantSpec(bits=bits, granularity=PerChannel(0), narrow_range=True), "minmax")):
+            layer = LayerRecipe(weight=TensorRecipe(spec, method), input=_ACT)
+            recipe = Recipe(f"w{bits}a8", (("Conv2d", layer), ("Linear", layer)), get_recipe("w8a8").by_name)
+            rows.append(run(task, f"nearest, {label}", recipe, "grids", {"weights": recipe.name}))
+    return rows
+
+
 def llm_rows(small: bool, _iterations: int) -> list[dict]:
     from dataclasses import replace
 
@@ -210,7 +226,7 @@ def llm_rows(small: bool, _iterations: int) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", default="dfq,rounding,compare,llm")
+    p.add_argument("--sections", default="dfq,rounding,compare,grids,llm")
     p.add_argument("--adaround-iterations", type=int, default=1000)
     p.add_argument("--small", action="store_true", help="the tasks' small subsets (quick look)")
     p.add_argument("--tables", action="store_true", help="reprint the tables from the saved JSON")
@@ -221,7 +237,8 @@ def main() -> None:
 
         print_tables(json.loads(Path(RESULTS).read_text())["rows"])
         return
-    sections = {"dfq": dfq_rows, "rounding": rounding_rows, "compare": compare_rows, "llm": llm_rows}
+    sections = {"dfq": dfq_rows, "rounding": rounding_rows, "compare": compare_rows, "grids": grid_rows,
+                "llm": llm_rows}
     rows = []
     for section in args.sections.split(","):
         if section not in sections:
