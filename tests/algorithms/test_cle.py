@@ -61,9 +61,11 @@ class Chain(nn.Module):
         return self.head(self.features(x).mean((2, 3)))
 
 
-def _unbalanced(model: nn.Module) -> nn.Module:
-    """Channel ranges spread over three orders of magnitude, as depthwise layers have."""
+def _unbalanced(act=nn.ReLU) -> nn.Module:
+    """A :class:`Chain` (initialised from a fixed seed: how much CLE gains depends on the draw)
+    with channel ranges spread over three orders of magnitude, as depthwise layers have."""
     torch.manual_seed(3)
+    model = Chain(act)
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, nn.Conv2d):
@@ -83,7 +85,7 @@ def _batches(n=3, seed=0):
 
 
 def test_cle_keeps_the_fp32_function_and_equalizes_the_ranges():
-    net = _unbalanced(Chain())
+    net = _unbalanced()
     q = fewbits.prepare(net, _per_tensor())
     result = fewbits.apply(q, CrossLayerEqualization(high_bias_absorption=False), _batches())
     pairs = [k for k in result.layers if "→" in k]
@@ -103,7 +105,7 @@ def test_cle_keeps_the_fp32_function_and_equalizes_the_ranges():
 
 
 def test_cle_lowers_the_per_tensor_error():
-    net = _unbalanced(Chain())
+    net = _unbalanced()
     batches, x = _batches(), _batches(1, seed=9)[0]
     errors = {}
     for steps in ((), (CrossLayerEqualization(),)):
@@ -111,11 +113,12 @@ def test_cle_lowers_the_per_tensor_error():
         q = fewbits.calibrate(fewbits.prepare(net, recipe), batches)
         with torch.no_grad():
             errors[bool(steps)] = float((q(x) - net(x)).pow(2).mean())
-    assert errors[True] < errors[False] / 4, errors  # measured ~40× smaller on this network
+    # measured 21× smaller on this (seeded) network; over six random draws of it, 1.2× to 330×
+    assert errors[True] < errors[False] / 4, errors
 
 
 def test_relu6_is_replaced_by_relu_or_the_pair_kept():
-    net = _unbalanced(Chain(nn.ReLU6))
+    net = _unbalanced(nn.ReLU6)
     q = fewbits.prepare(net, _per_tensor())
     result = fewbits.apply(q, CrossLayerEqualization(), _batches())
     assert result.layers["relu6_replaced"] == ["features.1", "features.3", "features.5"]
@@ -126,7 +129,7 @@ def test_relu6_is_replaced_by_relu_or_the_pair_kept():
 
 
 def test_high_bias_absorption_moves_bias_into_the_next_layer():
-    net = _unbalanced(Chain())
+    net = _unbalanced()
     with torch.no_grad():
         net.features[4].bias.add_(5.0)  # pre-activations of the depthwise layer sit far above zero
     q = fewbits.prepare(net, _per_tensor())
@@ -154,7 +157,7 @@ def test_order_of_steps_is_checked():
 def test_recipe_file_and_cli_run_cle(tmp_path):
     recipe = Recipe("pt-cle", _per_tensor().by_type, steps=(CrossLayerEqualization(iterations=5), ))
     assert Recipe.from_json(recipe.to_json()) == recipe
-    q = fewbits.calibrate(fewbits.prepare(_unbalanced(Chain()), recipe), _batches())
+    q = fewbits.calibrate(fewbits.prepare(_unbalanced(), recipe), _batches())
     assert [r.step["name"] for r in q.applied] == ["cle"] and q.applied[0].layers["sweeps"] <= 5
 
 

@@ -11,13 +11,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..progress import Progress
-from ..numerics.affine import _grid
+from ..numerics.layout import expand
 from ..observe.methods import weight_qparams
 from ..spec import PerChannel, PerGroup, PerTensor
 from ..steps import (AWQ, GPTQ, STEP_NAMES, AdaRound, BiasCorrection, CrossLayerEqualization, SmoothQuant,
                      StochasticRounding, step_to_dict)
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantLinear
-from ..wrap.prepare import LeftFloat, QuantizedModel, Status, as_call, quantization_disabled
+from ..wrap.prepare import LeftFloat, QuantizedModel, Status, _replace, as_call, quantization_disabled
 from . import adaround, awq, bias_correction, cle, gptq, smoothquant
 
 
@@ -47,9 +47,13 @@ def apply(qmodel: QuantizedModel, step, batches) -> AlgorithmResult:
     driver = _DRIVERS.get(type(step))
     if driver is None:
         raise ValueError(f"apply: {step!r} is not an algorithm step; known: {sorted(STEP_NAMES.values())}")
+    name = STEP_NAMES[type(step)]
+    if getattr(step, "needs_ranges", False) and qmodel.status is not Status.CALIBRATED:
+        raise ValueError(f"{name} needs calibrated activation ranges: run fewbits.calibrate first "
+                         f"(a recipe's '{name}' step runs after the ranges are observed)")
     batches = [as_call(b, i) for i, b in enumerate(batches)]
     if not batches:
-        raise ValueError(f"apply {STEP_NAMES[type(step)]}: no calibration batches given")
+        raise ValueError(f"apply {name}: no calibration batches given")
     start = time.perf_counter()
     result = AlgorithmResult(step_to_dict(step))
     driver(qmodel, step, batches, result)
@@ -59,7 +63,9 @@ def apply(qmodel: QuantizedModel, step, batches) -> AlgorithmResult:
 
 
 # ---- SmoothQuant -----------------------------------------------------------------------------
-def _smoothable(qmodel: QuantizedModel, pattern: str, result: AlgorithmResult) -> dict[str, QuantLinear]:
+def _scalable_linears(qmodel: QuantizedModel, pattern: str, result: AlgorithmResult, algo: str) -> dict:
+    """The linear layers ``algo`` may rescale per input channel (``"smoothquant"``: quantized
+    per-tensor inputs; ``"awq"``: weight-only), the others listed in ``result`` with the reason."""
     shared = {id(p) for p in _shared_parameters(qmodel.model)}
     chosen = {}
     for name, module in qmodel.quantized_layers().items():
@@ -67,11 +73,16 @@ def _smoothable(qmodel: QuantizedModel, pattern: str, result: AlgorithmResult) -
             continue
         why = ""
         if not isinstance(module, QuantLinear):
-            why = f"SmoothQuant smooths linear layers, this is a {type(module).__name__}"
-        elif module.input_quantizer is None or module.weight_quantizer is None:
+            why = (f"SmoothQuant smooths linear layers, this is a {type(module).__name__}" if algo == "smoothquant"
+                   else f"AWQ scales linear layers, this is a {type(module).__name__}")
+        elif algo == "smoothquant" and (module.input_quantizer is None or module.weight_quantizer is None):
             why = "SmoothQuant needs both an input and a weight quantizer"
-        elif not isinstance(module.input_quantizer.spec.granularity, PerTensor):
+        elif algo == "smoothquant" and not isinstance(module.input_quantizer.spec.granularity, PerTensor):
             why = "SmoothQuant targets per-tensor inputs"
+        elif algo == "awq" and module.weight_quantizer is None:
+            why = "the weights are not quantized"
+        elif algo == "awq" and module.input_quantizer is not None:
+            why = "AWQ is for weight-only layers (SmoothQuant balances quantized inputs)"
         elif id(module.weight) in shared:
             why = "the weight is tied to another module: scaling it would change that module too"
         if why:
@@ -117,7 +128,7 @@ def _collect_inputs(qmodel: QuantizedModel, layers: dict, batches: list, samples
 
 
 def _run_smoothquant(qmodel: QuantizedModel, step: SmoothQuant, batches: list, result: AlgorithmResult) -> None:
-    layers = _smoothable(qmodel, step.layers, result)
+    layers = _scalable_linears(qmodel, step.layers, result, "smoothquant")
     stats = _collect_inputs(qmodel, layers, batches, step.samples)
     with Progress("smoothquant, layer", len(layers)) as progress:
         for name, module in layers.items():
@@ -139,7 +150,16 @@ def _run_smoothquant(qmodel: QuantizedModel, step: SmoothQuant, batches: list, r
                 module.smooth(smoothquant.smoothing_scale(inputs.absmax, w_absmax, alpha))
                 module.input_quantizer.scale = module.input_quantizer.zero_point = None
             result.layers[name] = {"alpha": alpha, "sqnr_db_before": _db(before), "sqnr_db_after": _db(after)}
-    if any(q.role != "weight" and not q.recipe.dynamic and q.scale is None for q in qmodel.quantizers().values()):
+    _mark_uncalibrated(qmodel)
+
+
+def _static_activation_quantizers(qmodel: QuantizedModel) -> list:
+    return [q for q in qmodel.quantizers().values() if q.role != "weight" and not q.recipe.dynamic]
+
+
+def _mark_uncalibrated(qmodel: QuantizedModel) -> None:
+    """Back to PREPARED when a step cleared a static activation range (calibrate must run again)."""
+    if any(q.scale is None for q in _static_activation_quantizers(qmodel)):
         qmodel.status = Status.PREPARED
 
 
@@ -173,6 +193,13 @@ def _channel_means(model, names: list[str], batches: list, stop_after: str | Non
     return {n: s / c for n, (s, c) in sums.items()}
 
 
+def _add_to_bias(layer: nn.Module, delta: torch.Tensor) -> None:
+    """``b ← b + delta``, creating a zero bias where the layer has none."""
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
+    layer.bias.add_(delta.to(layer.bias.dtype))
+
+
 def _run_batches(model: nn.Module, batches: list) -> None:
     """Every batch through ``model``; a hook raising :class:`_Stop` ends that batch's forward."""
     for args, kwargs in batches:
@@ -184,9 +211,6 @@ def _run_batches(model: nn.Module, batches: list) -> None:
 
 @torch.no_grad()
 def _run_bias_correction(qmodel: QuantizedModel, step: BiasCorrection, batches: list, result: AlgorithmResult) -> None:
-    if qmodel.status is not Status.CALIBRATED:
-        raise ValueError("bias correction needs calibrated activation ranges: run fewbits.calibrate first "
-                         "(a recipe's 'bc' step runs after the ranges are observed)")
     layers = {n: m for n, m in qmodel.quantized_layers().items()
               if fnmatch.fnmatchcase(n, step.layers) and isinstance(m, (QuantLinear, QuantConv1d, QuantConv2d))}
     for name, m in qmodel.quantized_layers().items():
@@ -202,9 +226,7 @@ def _run_bias_correction(qmodel: QuantizedModel, step: BiasCorrection, batches: 
             module = layers[name]
             quant = _channel_means(qmodel.model, [name], batches, stop_after=name)[name]
             delta = bias_correction.correction(float_means[name], quant)
-            if module.bias is None:
-                module.bias = nn.Parameter(torch.zeros(delta.shape[0], dtype=module.weight.dtype))
-            module.bias.add_(delta.to(module.bias.dtype))
+            _add_to_bias(module, delta)
             result.layers[name] = {"mean_abs_shift": round(delta.abs().mean().item(), 6),
                                    "max_abs_shift": round(delta.abs().max().item(), 6)}
 
@@ -214,9 +236,12 @@ def _analytic_bias_correction(qmodel: QuantizedModel, layers: dict, result: Algo
                _layer_chains(qmodel, result, (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout))}
     for name, module in layers.items():
         first, through = sources.get(name, (None, []))
-        if first not in qmodel.bn_stats or module.weight_quantizer is None:
-            why = ("its input does not come from a layer with a folded BatchNorm (through ReLU / ReLU6 / nothing)"
-                   if module.weight_quantizer is not None else "the weights are not quantized")
+        why = ""
+        if module.weight_quantizer is None:
+            why = "the weights are not quantized"
+        elif first not in qmodel.bn_stats:
+            why = "its input does not come from a layer with a folded BatchNorm (through ReLU / ReLU6 / nothing)"
+        if why:
             result.skipped.append(LeftFloat(name, type(module).__name__, why))
             continue
         mu, sigma = qmodel.bn_stats[first]
@@ -232,9 +257,7 @@ def _analytic_bias_correction(qmodel: QuantizedModel, layers: dict, result: Algo
         if getattr(module, "smooth_scale", None) is not None:
             mean = mean / module.smooth_scale.double()
         shift = bias_correction.expected_output_shift(error, mean, getattr(module, "groups", 1))
-        if module.bias is None:
-            module.bias = nn.Parameter(torch.zeros(shift.shape[0], dtype=module.weight.dtype))
-        module.bias.sub_(shift.to(module.bias.dtype))
+        _add_to_bias(module, -shift)
         result.layers[name] = {"mean_abs_shift": round(shift.abs().mean().item(), 6),
                                "max_abs_shift": round(shift.abs().max().item(), 6), "input_from": first}
 
@@ -334,7 +357,7 @@ def _run_cle(qmodel: QuantizedModel, step: CrossLayerEqualization, batches: list
         for name in pair.through:
             for model in models:
                 if isinstance(model.get_submodule(name), nn.ReLU6):
-                    _replace_module(model, name, nn.ReLU())
+                    _replace(model, name, nn.ReLU())
                     if model is qmodel.model:
                         result.layers.setdefault("relu6_replaced", []).append(name)
 
@@ -342,7 +365,7 @@ def _run_cle(qmodel: QuantizedModel, step: CrossLayerEqualization, batches: list
         r = cle.output_ranges(qmodel.model.get_submodule(name).weight)
         return round(float(r.max() / r.clamp(min=1e-12).min()), 2)
 
-    before = {n: spread(n) for p in pairs for n in (p.first,)}
+    before = {p.first: spread(p.first) for p in pairs}
     total = {p.first: torch.ones(qmodel.model.get_submodule(p.first).weight.shape[0], dtype=torch.float64) for p in pairs}
     sweeps = 0
     with Progress("cross-layer equalization, sweep", step.iterations) as progress:
@@ -386,11 +409,9 @@ def _run_cle(qmodel: QuantizedModel, step: CrossLayerEqualization, batches: list
         layer = qmodel.model.get_submodule(name)
         if layer.weight_quantizer is not None:
             layer.weight_quantizer.set_from(layer._weight_view())
-    stale = [q for q in qmodel.quantizers().values() if q.role != "weight" and not q.recipe.dynamic and q.scale is not None]
-    for q in stale:  # the activations between equalized layers are rescaled: observe them again
+    for q in _static_activation_quantizers(qmodel):  # the activations are rescaled: observe them again
         q.scale = q.zero_point = None
-    if any(q.role != "weight" and not q.recipe.dynamic and q.scale is None for q in qmodel.quantizers().values()):
-        qmodel.status = Status.PREPARED
+    _mark_uncalibrated(qmodel)
 
 
 def _shared_parameters(model: nn.Module) -> list:
@@ -402,11 +423,6 @@ def _shared_parameters(model: nn.Module) -> list:
     return [ps[0] for ps in owners.values() if len(ps) > 1]
 
 
-def _replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    parent, _, leaf = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, leaf, new)
-
-
 def _absorb_high_biases(qmodel: QuantizedModel, pairs: list, batches: list) -> dict:
     """Per pair with a ReLU between: measure the first layer's pre-activations on the batches (fp32
     reference model), absorb ``c = max(0, mean − 3 std)`` into the second layer's bias."""
@@ -414,10 +430,10 @@ def _absorb_high_biases(qmodel: QuantizedModel, pairs: list, batches: list) -> d
 
     def hook(name):
         def grab(module, _args, out):
-            y = out.detach().double().movedim(1 if not isinstance(module, nn.Linear) else -1, -1)
-            y = y.reshape(-1, y.shape[-1])
+            dim = 1 if not isinstance(module, nn.Linear) else out.dim() - 1
+            (s1, n), (s2, _) = bias_correction.channel_sum(out, dim), bias_correction.channel_sum(out.double() ** 2, dim)
             old = stats.get(name, (0.0, 0.0, 0))
-            stats[name] = (old[0] + y.sum(0), old[1] + y.pow(2).sum(0), old[2] + y.shape[0])
+            stats[name] = (old[0] + s1, old[1] + s2, old[2] + n)
         return grab
 
     model = qmodel.float_model
@@ -444,10 +460,8 @@ def _absorb_high_biases(qmodel: QuantizedModel, pairs: list, batches: list) -> d
         for m in (qmodel.model, qmodel.float_model):
             l1, l2 = m.get_submodule(pair.first), m.get_submodule(pair.second)
             gain = cle.absorbed_bias(l2.weight, c, pair.depthwise)
-            for layer, delta in ((l1, -c), (l2, gain)):
-                if layer.bias is None:
-                    layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
-                layer.bias.add_(delta.to(layer.bias.dtype))
+            _add_to_bias(l1, -c)
+            _add_to_bias(l2, gain)
         if pair.first in qmodel.bn_stats:
             mu, sigma = qmodel.bn_stats[pair.first]
             qmodel.bn_stats[pair.first] = (mu - c.to(mu.dtype), sigma)
@@ -473,7 +487,8 @@ def _rounding_layers(qmodel: QuantizedModel, pattern: str, result: AlgorithmResu
 def _grid_of(layer: nn.Module) -> tuple:
     """(W/s, zero point, qmin, qmax, scale) of the layer's weight view, broadcast to it."""
     wq = layer.weight_quantizer
-    view, s, z = _grid(layer._weight_view().detach(), wq.scale, wq.zero_point, wq.spec)
+    view = layer._weight_view().detach().float()
+    s, z = (expand(t.float(), tuple(view.shape), wq.spec.granularity) for t in (wq.scale, wq.zero_point))
     return view * torch.reciprocal(s), z, wq.spec.qmin, wq.spec.qmax, s
 
 
@@ -495,8 +510,14 @@ def _run_stochastic(qmodel: QuantizedModel, step: StochasticRounding, batches: l
 
 def _execution_order(model: nn.Module, names: list, batch) -> list:
     order = []
-    handles = [model.get_submodule(n).register_forward_hook(lambda m, a, o, n=n: order.append(n) if n not in order else None)
-               for n in names]
+
+    def seen(name):
+        def hook(_module, _args, _out):
+            if name not in order:
+                order.append(name)
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(seen(n)) for n in names]
     try:
         args, kwargs = batch
         model(*args, **kwargs)
@@ -534,9 +555,6 @@ def _layer_forward(layer: nn.Module, x: torch.Tensor, weight: torch.Tensor, bias
 
 
 def _run_adaround(qmodel: QuantizedModel, step: AdaRound, batches: list, result: AlgorithmResult) -> None:
-    if qmodel.status is not Status.CALIBRATED:
-        raise ValueError("adaround reconstructs from quantized inputs: run fewbits.calibrate first "
-                         "(a recipe's 'adaround' step runs after the ranges are observed)")
     layers = _rounding_layers(qmodel, step.layers, result)
     order = _execution_order(qmodel.float_model, list(layers), batches[0])
     generator = torch.Generator().manual_seed(step.seed)
@@ -622,9 +640,6 @@ def _layer_hessian(model: nn.Module, name: str, layer: nn.Module, batches: list)
 
 @torch.no_grad()
 def _run_gptq(qmodel: QuantizedModel, step: GPTQ, batches: list, result: AlgorithmResult) -> None:
-    if qmodel.status is not Status.CALIBRATED:
-        raise ValueError("gptq works on the calibrated model: run fewbits.calibrate first "
-                         "(a recipe's 'gptq' step runs after the ranges are observed)")
     layers = {}
     for name, m in _rounding_layers(qmodel, step.layers, result).items():
         if isinstance(m, QuantConv1d) or (isinstance(m, QuantConv2d) and m.groups != 1):
@@ -651,11 +666,13 @@ def _gptq_layer(layer: nn.Module, h: torch.Tensor, n: int, step: GPTQ) -> dict:
     spec = wq.spec
     view = layer._weight_view().detach()
     rows = view.shape[0]
-    scale = wq.scale.detach().double().reshape(-1).expand(rows).reshape(rows, 1) \
-        if not isinstance(spec.granularity, PerGroup) else wq.scale.detach().double().reshape(rows, -1)
-    zero = wq.zero_point.detach().double().reshape(-1).expand(rows).reshape(rows, 1) \
-        if not isinstance(spec.granularity, PerGroup) else wq.zero_point.detach().double().reshape(rows, -1)
     group = spec.granularity.size if isinstance(spec.granularity, PerGroup) else None
+
+    def per_group(t: torch.Tensor) -> torch.Tensor:  # qparams as [rows, groups]; one group without groups
+        t = t.detach().double()
+        return t.reshape(rows, -1) if group else t.reshape(-1).expand(rows).reshape(rows, 1)
+
+    scale, zero = per_group(wq.scale), per_group(wq.zero_point)
     per_row = replace(spec, granularity=PerChannel(0))
     refit = (lambda cols: weight_qparams(cols.float(), per_row, wq.recipe.method, wq.name)) if group else None
     levels, scale, zero = gptq.gptq(view, h, scale, zero, spec.qmin, spec.qmax, group_size=group,
@@ -674,24 +691,7 @@ def _gptq_layer(layer: nn.Module, h: torch.Tensor, n: int, step: GPTQ) -> dict:
 
 # ---- AWQ -------------------------------------------------------------------------------------
 def _run_awq(qmodel: QuantizedModel, step: AWQ, batches: list, result: AlgorithmResult) -> None:
-    shared = {id(p) for p in _shared_parameters(qmodel.model)}
-    layers = {}
-    for name, m in qmodel.quantized_layers().items():
-        if not fnmatch.fnmatchcase(name, step.layers):
-            continue
-        why = ""
-        if not isinstance(m, QuantLinear):
-            why = f"AWQ scales linear layers, this is a {type(m).__name__}"
-        elif m.weight_quantizer is None:
-            why = "the weights are not quantized"
-        elif m.input_quantizer is not None:
-            why = "AWQ is for weight-only layers (SmoothQuant balances quantized inputs)"
-        elif id(m.weight) in shared:
-            why = "the weight is tied to another module: scaling it would change that module too"
-        if why:
-            result.skipped.append(LeftFloat(name, type(m).__name__, why))
-        else:
-            layers[name] = m
+    layers = _scalable_linears(qmodel, step.layers, result, "awq")
     stats = _collect_inputs(qmodel, layers, batches, step.samples, label="awq statistics")
     grid = [i / step.grid for i in range(step.grid)]
     with Progress("awq, layer", len(layers)) as progress:

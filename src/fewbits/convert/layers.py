@@ -217,16 +217,13 @@ class IntegerAvgPool(_IntegerOp):
         self.name, self.pool = op.name, op.pool
         self.a, self.out = Grid(op.input_quantizer), Grid(op.output_quantizer)
         self.emit_integers = False
-        self._multipliers: dict[int, tuple[int, int]] = {}
 
     def _fixed_point(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        for n in counts.unique().tolist():
-            if n not in self._multipliers:
-                self._multipliers[n] = fixed_point_multiplier(self.a.scale / (n * self.out.scale))
-        pairs = [self._multipliers[n] for n in counts.reshape(-1).tolist()]
-        m0 = torch.tensor([p[0] for p in pairs], dtype=torch.int64).reshape(counts.shape)
-        shift = torch.tensor([p[1] for p in pairs], dtype=torch.int64).reshape(counts.shape)
-        return m0, shift
+        """``(m0, shift)`` per output position, one multiplier per distinct window size."""
+        sizes, index = counts.unique(return_inverse=True)
+        pairs = torch.tensor([fixed_point_multiplier(self.a.scale / (n * self.out.scale)) for n in sizes.tolist()],
+                             dtype=torch.int64)
+        return pairs[index, 0], pairs[index, 1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         sums, counts = int_avg_pool_sums(self._centered(x, self.a), self.pool)

@@ -306,6 +306,16 @@ def _hold_integer_weight(module: nn.Module, layer: nn.Module) -> None:
     module.w_range = (wq.spec.qmin, wq.spec.qmax)
 
 
+def _qdq(x: torch.Tensor, grid: tuple) -> torch.Tensor:
+    """QuantizeLinear → DequantizeLinear on a uint8 grid from :func:`_u8_grid`."""
+    qd = _qd()
+    scale, zero_point, clip = grid
+    if clip is not None:
+        x = x.clamp(*clip)
+    q = qd.quantize_per_tensor(x, scale, zero_point, 0, 255, torch.uint8)
+    return qd.dequantize_per_tensor(q, scale, zero_point, 0, 255, torch.uint8)
+
+
 class _QDQLayer(nn.Module):
     """A linear / convolution layer as QuantizeLinear → DequantizeLinear → op (see module doc)."""
 
@@ -337,13 +347,10 @@ class _QDQLayer(nn.Module):
         qd = _qd()
         if self.smooth_scale is not None:
             x = x / self.smooth_scale
-        if self.clip is not None:
-            x = x.clamp(*self.clip)
         if self.dynamic:
             x = torch.ops.fewbits.dynamic_qdq_u8(x)
         else:
-            q = qd.quantize_per_tensor(x, self.x_scale, self.x_zero_point, 0, 255, torch.uint8)
-            x = qd.dequantize_per_tensor(q, self.x_scale, self.x_zero_point, 0, 255, torch.uint8)
+            x = _qdq(x, (self.x_scale, self.x_zero_point, self.clip))
         w = qd.dequantize_per_channel(self.qweight, self.w_scale, self.w_zero_point, 0, *self.w_range, torch.int8)
         b = getattr(self, "bias", None)
         if self.bias_q is not None:
@@ -381,16 +388,6 @@ class _WeightOnlyLayer(nn.Module):
                 x = x / layer.smooth_scale
             return F.linear(x, w, layer.bias)
         return layer._conv_forward(x, w, layer.bias)
-
-
-def _qdq(x: torch.Tensor, grid: tuple) -> torch.Tensor:
-    """QuantizeLinear → DequantizeLinear on a uint8 grid from :func:`_u8_grid`."""
-    qd = _qd()
-    scale, zero_point, clip = grid
-    if clip is not None:
-        x = x.clamp(*clip)
-    q = qd.quantize_per_tensor(x, scale, zero_point, 0, 255, torch.uint8)
-    return qd.dequantize_per_tensor(q, scale, zero_point, 0, 255, torch.uint8)
 
 
 class _QDQAdd(nn.Module):
