@@ -12,9 +12,9 @@ overrides (``None`` keeps a layer float) and include / exclude lists. Built-ins:
     w4a8          int4 per-channel weights, uint8 static inputs
     w4-g128       int4 weights in groups of 128 along the input, weights only
 
-Transformer-aware defaults: position and token-type embedding tables stay float (they are
-small and their errors add to every token); LayerNorm, softmax and the attention-mask addition
-are never swapped in the first place.
+Transformer-aware defaults: embedding tables (word and position) get one int8 scale per row;
+the two-row token-type table stays float (3 KB, and its error would add to every token);
+LayerNorm, softmax and the attention-mask addition are never swapped in the first place.
 """
 from __future__ import annotations
 
@@ -44,10 +44,6 @@ class TensorRecipe:
         if self.dynamic and not isinstance(self.spec.granularity, PerTensor):
             raise ValueError("dynamic activation quantization is per tensor: use granularity PerTensor()")
 
-    def ops(self) -> dict[str, Optional[TensorRecipe]]:
-        """The grids of the quantized ops between layers, by recipe key."""
-        return {"adds": self.adds, "pools": self.pools, "concats": self.concats}
-
     def to_dict(self) -> dict:
         return {"spec": self.spec.to_dict(), "method": self.method, "dynamic": self.dynamic}
 
@@ -64,10 +60,6 @@ class LayerRecipe:
     weight: Optional[TensorRecipe] = None
     input: Optional[TensorRecipe] = None
     output: Optional[TensorRecipe] = None
-
-    def ops(self) -> dict[str, Optional[TensorRecipe]]:
-        """The grids of the quantized ops between layers, by recipe key."""
-        return {"adds": self.adds, "pools": self.pools, "concats": self.concats}
 
     def to_dict(self) -> dict:
         return {k: (getattr(self, k).to_dict() if getattr(self, k) else None) for k in ("weight", "input", "output")}
@@ -177,7 +169,9 @@ _ACT_STATIC = TensorRecipe(QuantSpec(bits=8, signed=False, symmetric=False), "mi
 _ACT_DYNAMIC = TensorRecipe(QuantSpec(bits=8, signed=False, symmetric=False), "minmax", dynamic=True)
 # Embedding tables: one scale per row (token), so a rare token's large vector costs nobody else.
 _EMBED_W8 = LayerRecipe(weight=_weights(8, PerChannel(0)))
-_KEEP_FLOAT_TABLES = (("*position_embeddings*", None), ("*token_type_embeddings*", None))
+# The position table (512 rows in MiniLM) is quantized like the word table: measured on
+# minilm-wordnet w8a8-dynamic, embedding cosine 0.99294 float vs 0.99291 int8, and 0.59 MB less.
+_KEEP_FLOAT_TABLES = (("*token_type_embeddings*", None),)
 
 
 def _conv_linear(weight: TensorRecipe, act: Optional[TensorRecipe]) -> tuple:

@@ -237,8 +237,10 @@ def test_minilm_exports_whole_and_matches(tmp_path):
     v = result.verification
     assert v.ok and v.layers >= 30, v.summary()
     assert result.inputs == list(names)
-    assert result.counts()["int8"] == 37 and result.counts()["weight-only"] == 1  # the word table
-    assert result.bytes < 24_500_000  # int8 tables and weights; position table float
+    assert result.counts()["int8"] == 37 and result.counts()["weight-only"] == 2  # word and position tables
+    # int8 word and position tables and weights (22.5 MB, the pooler included: it is part of the
+    # model here); scales, biases, SmoothQuant's divisors and the graph add ~0.3 MB (23.41 measured)
+    assert result.bytes < 23_500_000
     ops = _ort_ops(result.path, tmp_path)
     assert ops["MatMulIntegerToFloat"] >= 36, ops
 

@@ -140,7 +140,7 @@ def test_left_float_lists_what_was_not_quantized_and_why():
         def __init__(self):
             super().__init__()
             self.word_embeddings = nn.Embedding(50, 8)
-            self.position_embeddings = nn.Embedding(10, 8)
+            self.token_type_embeddings = nn.Embedding(2, 8)
             self.norm = nn.LayerNorm(8)
             self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
             self.gru = nn.GRU(8, 8)
@@ -148,13 +148,13 @@ def test_left_float_lists_what_was_not_quantized_and_why():
             self.head = nn.Linear(8, 3)
 
         def forward(self, ids):
-            h = self.norm(self.word_embeddings(ids) + self.position_embeddings.weight[: ids.shape[1]])
+            h = self.norm(self.word_embeddings(ids) + self.token_type_embeddings.weight[0])
             h, _ = self.attn(h, h, h)
             return self.head(h.mean(1))
 
     q = fewbits.prepare(Block(), "w8a8")
     reasons = {lf.name: lf.reason for lf in q.left_float}
-    assert reasons["position_embeddings"] == "kept float by the recipe ('*position_embeddings*')"
+    assert reasons["token_type_embeddings"] == "kept float by the recipe ('*token_type_embeddings*')"
     assert "normalization stays float" in reasons["norm"]
     assert "functionally" in reasons["attn"]
     assert reasons["gru"] == "fewbits has no quantized GRU"
