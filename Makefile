@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.fewbits-installed
 BENCH_STAMP := $(VENV)/.fewbits-bench-installed
 DEBIAN_DATA := dataset-fashion-mnist wordnet-base
 
-.PHONY: test demo train bench-install bench clean
+.PHONY: test demo train bench-install compare-install bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -44,6 +44,13 @@ train: $(STAMP)
 	$(PY) -m fewbits.tasks.train_fashion
 
 bench-install: $(BENCH_STAMP)
+
+# AIMET and Brevitas for benchmarks/ptq_algorithms.py --sections compare. AIMET pulls PyPI's
+# torchvision, which does not import beside torch 2.13 and then breaks transformers' import of
+# BERT (MiniLM): it is removed again (the benchmark stands in a module for the names AIMET uses).
+compare-install: $(BENCH_STAMP)
+	$(PIP) install -c constraints.txt -e ".[dev,bench,compare]"
+	$(PIP) uninstall -y torchvision
 
 bench: $(BENCH_STAMP)
 	$(PY) benchmarks/weights.py

@@ -13,11 +13,13 @@ Sections (``--sections``, each re-runnable alone: the JSON keeps the other secti
   2 bits on ``fashion-cnn`` (with 8-bit activations), per-channel: nearest vs stochastic vs bias
   correction vs AdaRound (``--adaround-iterations``, default 1,000 per layer; the paper's 10,000
   take ~50 min on MobileNetV2 here) vs AdaRound + bias correction.
-* ``compare`` — the same AdaRound recipes through Qualcomm AIMET (``pip install ".[compare]"``;
-  skipped with a note when it is not installed): AIMET's QuantSim with nearest rounding and with
-  its AdaRound at the same number of iterations, next to fewbits' AdaRound, timed in the same
-  run. AIMET quantizes layer outputs and the model input where fewbits quantizes layer inputs:
-  the same tensors up to where the ReLUs sit.
+* ``compare`` — the same recipes through Qualcomm AIMET and AMD's Brevitas (``pip install
+  ".[compare]"``; each skipped with a note when it is not installed), timed in the same run:
+  AIMET's QuantSim with nearest rounding and with its AdaRound at the same number of iterations;
+  Brevitas' PTQ flow with nearest rounding, its GPTQ and its learned rounding (AdaRound's
+  parameterisation) at the same iterations; fewbits nearest, GPTQ, and AdaRound on the min-max
+  and on the MSE weight range. AIMET quantizes layer outputs and the model input where fewbits
+  and Brevitas quantize layer inputs: the same tensors up to where the ReLUs sit.
 * ``grids`` — the weight range fit under nearest rounding on ``fashion-cnn`` at 3 and 2 bits:
   min-max (PyTorch's symmetric convention), MSE, narrow range.
 * ``llm`` — ``minilm-wordnet``: 4-bit weight-only with groups of 128 (``w4-g128``): nearest vs GPTQ vs
@@ -133,13 +135,40 @@ _AIMET_CONFIG = {"defaults": {"ops": {"is_output_quantized": "True"},
                  "model_input": {"is_input_quantized": "True"}, "model_output": {}}
 
 
+_COMPARE_CASES = (("fashion-cnn", 3), ("fashion-cnn", 2), ("mobilenetv2-probe", 4))
+
+
 def compare_rows(small: bool, iterations: int) -> list[dict]:
     import importlib.util
 
-    if importlib.util.find_spec("aimet_torch") is None:
-        print("  compare: aimet-torch is not installed (pip install '.[compare]'): section skipped", file=sys.stderr)
-        return [{"section": "compare", "task": "-", "method": "skipped: aimet-torch not installed", "weights": "",
-                 "seconds": 0.0}]
+    have = {lib: importlib.util.find_spec(mod) is not None for lib, mod in (("AIMET", "aimet_torch"), ("Brevitas", "brevitas"))}
+    if not any(have.values()):
+        print("  compare: neither aimet-torch nor brevitas is installed (pip install '.[compare]'): section skipped",
+              file=sys.stderr)
+        return [{"section": "compare", "task": "-", "method": "skipped: aimet-torch, brevitas not installed",
+                 "weights": "", "seconds": 0.0}]
+    rows = [{"section": "compare", "task": "-", "method": f"skipped: {lib} not installed", "weights": "", "seconds": 0.0}
+            for lib, ok in have.items() if not ok]
+    for name, bits in _COMPARE_CASES:
+        task = load_task(name, small=small)
+        if have["AIMET"]:
+            rows += _aimet_rows(task, bits, iterations)
+        if have["Brevitas"]:
+            rows += _brevitas_rows(task, bits, iterations)
+        extra = {"weights": f"w{bits}a8"}
+        mse = LayerRecipe(weight=TensorRecipe(QuantSpec(bits=bits, granularity=PerChannel(0)), "mse"), input=_ACT)
+        rows += [run(task, "fewbits nearest", weights_at(bits), "compare", extra),
+                 run(task, "fewbits GPTQ", weights_at(bits, steps=(GPTQ(),)), "compare", extra),
+                 run(task, f"fewbits AdaRound ({iterations} it.)",
+                     weights_at(bits, steps=(AdaRound(iterations=iterations),)), "compare", extra),
+                 run(task, f"fewbits AdaRound ({iterations} it.), MSE weight range",
+                     Recipe(f"w{bits}a8", (("Conv2d", mse), ("Linear", mse)), get_recipe("w8a8").by_name,
+                            steps=(AdaRound(iterations=iterations),)), "compare", extra)]
+    return rows
+
+
+def _aimet_rows(task, bits: int, iterations: int) -> list[dict]:
+    """AIMET's QuantSim with nearest rounding and with its AdaRound at ``iterations``."""
     import copy
     import json
     import os
@@ -153,44 +182,107 @@ def compare_rows(small: bool, iterations: int) -> list[dict]:
     from aimet_torch.batch_norm_fold import fold_all_batch_norms
     from aimet_torch.quantsim import QuantizationSimModel
 
-    rows = []
     workdir = tempfile.mkdtemp(prefix="fewbits-aimet-")
     config = os.path.join(workdir, "config.json")
     with open(config, "w") as f:
         json.dump(_AIMET_CONFIG, f)
-    for name, bits in (("fashion-cnn", 3), ("fashion-cnn", 2), ("mobilenetv2-probe", 4)):
-        task = load_task(name, small=small)
-        dummy = task.calibration[0][:1]
+    dummy = task.calibration[0][:1]
 
-        def forward(model, _):
+    def forward(model, _):
+        with torch.no_grad():
+            for x in task.calibration:
+                model(x)
+
+    rows = []
+    for ada in (False, True):
+        label = f"AIMET AdaRound ({iterations} it.)" if ada else "AIMET nearest"
+        print(f"  compare: {task.name} w{bits}a8 {label} ...", file=sys.stderr, flush=True)
+        model = copy.deepcopy(task.model).eval()
+        fold_all_batch_norms(model, tuple(dummy.shape))
+        start = time.perf_counter()
+        if ada:
+            params = AdaroundParameters(data_loader=[(x, None) for x in task.calibration],
+                                        num_batches=len(task.calibration), default_num_iterations=iterations)
+            model = Adaround.apply_adaround(model, dummy, params, path=workdir, filename_prefix="ada",
+                                            default_param_bw=bits, default_quant_scheme=QuantScheme.post_training_tf,
+                                            default_config_file=config)
+        ada_seconds = time.perf_counter() - start
+        sim = QuantizationSimModel(model, dummy, quant_scheme=QuantScheme.post_training_tf, default_param_bw=bits,
+                                   default_output_bw=8, config_file=config)
+        if ada:
+            sim.set_and_freeze_param_encodings(encoding_path=os.path.join(workdir, "ada.encodings"))
+        sim.compute_encodings(forward, None)
+        seconds = time.perf_counter() - start
+        rows.append({"section": "compare", "task": task.name, "method": label, "weights": f"w{bits}a8",
+                     **task.evaluate(sim.model), "seconds": seconds,
+                     "steps": {"adaround": round(ada_seconds, 2)} if ada else {}})
+    return rows
+
+
+class _LastLinearFeatures:
+    """A traced model (Brevitas' GraphModule) whose classifier is no longer one submodule: the
+    probe's features are the input of its last linear layer."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def features_and_logits(self, x, batch: int = 100):
+        import torch
+
+        last = [m for m in self.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+        feats = []
+        hook = last.register_forward_pre_hook(lambda _m, a: feats.append(getattr(a[0], "value", a[0]).detach()))
+        try:
             with torch.no_grad():
-                for x in task.calibration:
-                    model(x)
+                logits = torch.cat([self.model(x[i:i + batch]) for i in range(0, len(x), batch)])
+        finally:
+            hook.remove()
+        return torch.cat(feats), logits
 
-        for ada in (False, True):
-            label = f"AIMET AdaRound ({iterations} it.)" if ada else "AIMET nearest"
-            print(f"  compare: {name} w{bits}a8 {label} ...", file=sys.stderr, flush=True)
-            model = copy.deepcopy(task.model).eval()
-            fold_all_batch_norms(model, tuple(dummy.shape))
-            start = time.perf_counter()
-            if ada:
-                params = AdaroundParameters(data_loader=[(x, None) for x in task.calibration],
-                                            num_batches=len(task.calibration), default_num_iterations=iterations)
-                model = Adaround.apply_adaround(model, dummy, params, path=workdir, filename_prefix="ada",
-                                                default_param_bw=bits, default_quant_scheme=QuantScheme.post_training_tf,
-                                                default_config_file=config)
-            ada_seconds = time.perf_counter() - start
-            sim = QuantizationSimModel(model, dummy, quant_scheme=QuantScheme.post_training_tf, default_param_bw=bits,
-                                       default_output_bw=8, config_file=config)
-            if ada:
-                sim.set_and_freeze_param_encodings(encoding_path=os.path.join(workdir, "ada.encodings"))
-            sim.compute_encodings(forward, None)
-            seconds = time.perf_counter() - start
-            rows.append({"section": "compare", "task": name, "method": label, "weights": f"w{bits}a8",
-                         **task.evaluate(sim.model), "seconds": seconds,
-                         "steps": {"adaround": round(ada_seconds, 2)} if ada else {}})
-        rows.append(run(task, f"fewbits AdaRound ({iterations} it.)",
-                        weights_at(bits, steps=(AdaRound(iterations=iterations),)), "compare", {"weights": f"w{bits}a8"}))
+
+def _brevitas_rows(task, bits: int, iterations: int) -> list[dict]:
+    """Brevitas' PTQ flow (its ImageNet example's ``quantize_model``, layerwise: weights and layer
+    inputs, like fewbits): per-channel symmetric weights from their max, uint8 asymmetric inputs at
+    its default 99.999th percentile; nearest, its GPTQ, and its learned rounding (AdaRound's
+    rectified sigmoid and regulariser, layer by layer) at ``iterations``, batch 32."""
+    import copy
+    from argparse import Namespace
+
+    import torch
+    from brevitas.graph.quantize import preprocess_for_quantize
+    from brevitas_examples.imagenet_classification.ptq.ptq_common import apply_gptq, calibrate, quantize_model
+
+    loader = [(x, None) for x in task.calibration]
+    rows = []
+    for label in ("Brevitas nearest", "Brevitas GPTQ", f"Brevitas learned round ({iterations} it.)"):
+        print(f"  compare: {task.name} w{bits}a8 {label} ...", file=sys.stderr, flush=True)
+        start = time.perf_counter()
+        model = preprocess_for_quantize(copy.deepcopy(task.model).eval(), relu6_to_relu=False)  # folds BatchNorm
+        model = quantize_model(model, backend="layerwise", weight_bit_width=bits, act_bit_width=8, bias_bit_width=None,
+                               weight_quant_granularity="per_channel", act_quant_percentile=99.999,
+                               act_quant_type="asym", scale_factor_type="float_scale", quant_format="int",
+                               layerwise_first_last_bit_width=bits)
+        calibrate(loader, model)
+        with torch.no_grad():
+            model(task.calibration[0])  # its weight quantizers initialise on the first quantized pass
+        algo = time.perf_counter()
+        if "GPTQ" in label:
+            apply_gptq(loader, model, use_quant_activations=True)
+        elif "learned" in label:
+            from brevitas_examples.imagenet_classification.ptq.learned_round_utils import apply_learned_round
+
+            apply_learned_round(model, loader, Namespace(
+                learned_round="hard_sigmoid", learned_round_loss="regularised_mse", learned_round_mode="layerwise",
+                learned_round_iters=iterations, learned_round_lr=1e-3, learned_round_batch_size=32,
+                learned_round_lr_scheduler=None))
+        algo = time.perf_counter() - algo
+        view = _LastLinearFeatures(model) if task.name == "mobilenetv2-probe" else model
+        with torch.no_grad():
+            metrics = task.evaluate(view)
+        rows.append({"section": "compare", "task": task.name, "method": label, "weights": f"w{bits}a8", **metrics,
+                     "seconds": time.perf_counter() - start,
+                     "steps": {"gptq" if "GPTQ" in label else "learned round": round(algo, 2)} if "nearest" not in label
+                     else {}})
     return rows
 
 

@@ -119,3 +119,47 @@ def test_demo_runs_and_prints_one_table(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "what quantization cost" in out and out.count("| digits") == 7
     assert (tmp_path / "demo.json").is_file() and (tmp_path / "layer_sqnr.png").is_file()
+
+
+def test_train_writes_the_quantize_contract_plus_training(tmp_path, capsys):
+    path = tmp_path / "t.json"
+    assert main(["train", "--task", "digits", "--recipe", "w4a8", "--epochs", "2", "--method", "lsq", "--distill",
+                 "--lr", "1e-3", "--batch-size", "64", "--json", str(path), "--out", str(tmp_path / "out")]) == 0
+    data = json.loads(path.read_text())
+    assert REQUIRED <= set(data) and data["recipe"] == "w4a8"
+    training = data["training"]
+    assert training["method"] == "lsq" and training["distill"] and training["ranks"] == 1
+    assert len(training["history"]) == 2 and training["best_epoch"] in (1, 2) and training["seconds"] > 0
+    assert data["metric"]["quantized"] == training["best"]["accuracy"]  # the kept epoch is what was evaluated
+    import fewbits
+
+    loaded = fewbits.load(tmp_path / "out" / "model.safetensors")
+    assert loaded.meta["recipe"]["name"] == "w4a8"
+    assert "| digits" in capsys.readouterr().out
+
+
+def test_train_progressive_and_errors(tmp_path, capsys):
+    path = tmp_path / "t.json"
+    assert main(["train", "--task", "digits", "--recipe", "w4a8", "--epochs", "2", "--progressive", "8,4",
+                 "--json", str(path)]) == 0
+    assert json.loads(path.read_text())["training"]["progressive"] == "8,4"
+    assert main(["train", "--task", "digits", "--recipe", "w4a8", "--progressive", "8,2"]) == 2
+    assert "must end at one of the recipe's weight widths" in capsys.readouterr().err
+    assert main(["train", "--task", "minilm-wordnet", "--small"]) == 2
+    assert "has no training data" in capsys.readouterr().err
+
+
+def test_torchrun_trains_data_parallel(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torchrun = Path(sys.executable).with_name("torchrun")
+    path = tmp_path / "t.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    subprocess.run([str(torchrun), "--nproc-per-node", "2", "-m", "fewbits", "--threads", "1", "train", "--task",
+                    "digits", "--recipe", "w8a8", "--epochs", "1", "--batch-size", "64", "--json", str(path)],
+                   check=True, env=env, capture_output=True, timeout=600)
+    data = json.loads(path.read_text())
+    assert data["training"]["ranks"] == 2 and data["metric"]["quantized"] > 80

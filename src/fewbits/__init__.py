@@ -31,6 +31,7 @@ from .algorithms import AlgorithmResult, apply
 from .export import export_onnx, load, save, verify
 from .convert import IntegerModel, convert
 from .report import Report, evaluate
+from . import qat
 
 __version__ = "0.1.0"
 
@@ -44,5 +45,5 @@ __all__ = [
     "prepare", "calibrate", "QuantizedModel", "evaluate", "Report",
     "apply", "AlgorithmResult", "SmoothQuant", "BiasCorrection", "CrossLayerEqualization", "AdaRound",
     "StochasticRounding", "GPTQ", "AWQ", "save", "load", "convert", "IntegerModel",
-    "export_onnx", "verify",
+    "export_onnx", "verify", "qat",
 ]

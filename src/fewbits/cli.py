@@ -1,4 +1,4 @@
-"""The ``fewbits`` command line: ``tasks``, ``quantize``, ``demo``.
+"""The ``fewbits`` command line: ``tasks``, ``quantize``, ``train``, ``demo``.
 
 Errors are one line on stderr and exit code 2; ``--debug`` shows the traceback.
 """
@@ -207,6 +207,97 @@ def export_for_cli(qmodel, calibration, args) -> dict:
     return exported.to_dict()
 
 
+class ShuffledBatches:
+    """``(inputs, labels)`` batches of a training set, reshuffled (seeded) on every pass."""
+
+    def __init__(self, x, y, batch_size: int, seed: int = 0) -> None:
+        import torch
+
+        if batch_size < 1:
+            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        self.x, self.y, self.batch_size = x, y, batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return len(self.x) // self.batch_size  # the last partial batch is dropped
+
+    def __iter__(self):
+        import torch
+
+        order = torch.randperm(len(self.x), generator=self.generator)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
+            yield self.x[idx], self.y[idx]
+
+
+def cmd_train(args) -> dict:
+    """Quantization-aware training of a task's model; ``torchrun --nproc-per-node N -m fewbits
+    train …`` runs it data-parallel (each rank takes its share of every global batch)."""
+    import os
+
+    import torch
+
+    import fewbits
+    from fewbits.qat import Distillation, fit, prepare_qat, progressive_bits
+    from fewbits.recipe import get_recipe
+    from fewbits.report.table import format_table
+    from fewbits.tasks import load_task
+
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if distributed and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+    rank = torch.distributed.get_rank() if distributed else 0
+    try:
+        task = load_task(args.task, small=args.small)
+        if task.train_data is None:
+            raise ValueError(f"task '{args.task}' has no training data for quantization-aware training")
+        x, y = task.train_data()
+        if args.train_size:
+            x, y = x[:args.train_size], y[:args.train_size]
+        recipe = get_recipe(args.recipe)
+        schedule = None
+        if args.progressive:
+            widths = [int(b) for b in args.progressive.split(",")]
+            bits = {lr.weight.spec.bits for _, lr in recipe.by_type if lr and lr.weight}
+            if widths[-1] not in bits:
+                raise ValueError(f"--progressive {args.progressive} must end at one of the recipe's weight widths "
+                                 f"{sorted(bits)}")
+            schedule = progressive_bits(widths, args.epochs)
+        t0 = time.perf_counter()
+        qmodel = prepare_qat(task.model, recipe, method=args.method, estimator=args.estimator,
+                             batches=task.calibration)
+        if schedule is not None:
+            schedule(0, qmodel)
+        data = ShuffledBatches(x, y, args.batch_size, args.seed)
+        distill = Distillation(task.model, weight=args.distill_weight) if args.distill else None
+        result = fit(qmodel, data, epochs=args.epochs, lr=args.lr, evaluate=task.evaluate, monitor=task.metric,
+                     distill=distill, schedule=schedule, seed=args.seed)
+        seconds = time.perf_counter() - t0
+        if rank:
+            return {}
+        report = fewbits.evaluate(qmodel, task.model, metric_fn=task.evaluate, metric=task.metric,
+                                  batches=task.calibration, seconds=seconds)
+        out = result_json(task.name, recipe, report)
+        out["training"] = {"method": args.method, "estimator": args.estimator, "epochs": args.epochs, "lr": args.lr,
+                           "batch_size": args.batch_size, "train_size": len(x), "distill": bool(args.distill),
+                           "progressive": args.progressive, "ranks": torch.distributed.get_world_size()
+                           if distributed else 1, "seconds": result.seconds, **result.to_dict()}
+        row = summary_row(out)
+        row.update({"method": args.method + (" + distill" if args.distill else ""), "epochs": args.epochs,
+                    "best epoch": result.best_epoch, "train s": round(result.seconds, 1)})
+        print(format_table([row], title=f"fewbits train: {task.name}"))
+        if args.json:
+            _write_json(out, Path(args.json))
+        if args.out:
+            outdir = Path(args.out)
+            _write_json(out, outdir / "report.json")
+            fewbits.save(qmodel, outdir / "model.safetensors")
+        return out
+    finally:
+        if distributed:
+            torch.distributed.destroy_process_group()
+
+
 DEMO_CONFIGS = [("w8a8", "minmax"), ("w8a8", "percentile"), ("w8a8", "entropy"), ("w8a8-dynamic", None),
                 ("w8a8-smoothquant", None), ("w8", None), ("w4a8", "mse")]
 
@@ -262,6 +353,25 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fit-cpu", action="store_true",
                    help="quantize GEMM weights to the width this CPU's int8 kernels run exactly (7 bits on AVX2 "
                         "without VNNI), before calibration, so bias correction fits the deployed weights")
+    t = sub.add_parser("train", help="quantization-aware training of a task's model (torchrun: data-parallel)")
+    t.add_argument("--task", required=True, help="a built-in task with training data (see 'fewbits tasks')")
+    t.add_argument("--recipe", default="w8a8", help="built-in name or a .json recipe file")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--method", default="ste", choices=["ste", "lsq", "pact"],
+                   help="ste: ranges tracked (weights each step, activations by moving average); lsq: learned "
+                        "steps; pact: learned activation clipping")
+    t.add_argument("--estimator", default="clipped", choices=["identity", "clipped", "relu", "soft"],
+                   help="the rounding's gradient for ste grids")
+    t.add_argument("--distill", action="store_true", help="the fp32 model as teacher (KL on softened logits)")
+    t.add_argument("--distill-weight", type=float, default=0.5, help="share of the distillation term in the loss")
+    t.add_argument("--progressive", help="weight bit widths in stages over the epochs, e.g. 8,4,2 (ends at the recipe's)")
+    t.add_argument("--lr", type=float, default=1e-4)
+    t.add_argument("--batch-size", type=int, default=128, help="global batch (split over data-parallel ranks)")
+    t.add_argument("--train-size", type=int, help="train on the first N examples only (quick runs)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--small", action="store_true", help="evaluate on a subset (quick)")
+    t.add_argument("--json", help="write the result as JSON (shaped like quantize's, plus 'training')")
+    t.add_argument("--out", help="directory for report.json and the trained model (model.safetensors)")
     d = sub.add_parser("demo", help="the default tasks through several recipes: one comparison table")
     d.add_argument("--tasks", default="fashion-cnn,minilm-wordnet")
     d.add_argument("--small", action="store_true")
@@ -274,7 +384,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    commands = {"tasks": cmd_tasks, "quantize": cmd_quantize, "demo": cmd_demo}
+    commands = {"tasks": cmd_tasks, "quantize": cmd_quantize, "train": cmd_train, "demo": cmd_demo}
     try:
         commands[args.command](args)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError, KeyError) as err:

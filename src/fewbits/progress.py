@@ -11,9 +11,9 @@ from typing import Optional
 class Progress:
     """``with Progress("calibrating", total) as p: ... p.step()`` prints ``label i/total``."""
 
-    def __init__(self, label: str, total: Optional[int] = None) -> None:
+    def __init__(self, label: str, total: Optional[int] = None, enabled: bool = True) -> None:
         self.label, self.total, self.count = label, total, 0
-        self.live = sys.stderr.isatty()
+        self.live = enabled and sys.stderr.isatty()  # enabled=False: silent (data-parallel ranks but one)
 
     def step(self, note: str = "") -> None:
         self.count += 1

@@ -145,7 +145,7 @@ def test_wrong_model_and_uncalibrated_model_are_refused(tmp_path):
     path = fewbits.save(q, tmp_path / "m.fewbits")
     with pytest.raises(ValueError, match="does not match the saved one|has shape"):
         fewbits.load(path, model=_net(width=16))
-    with pytest.raises(ValueError, match="not calibrated yet"):
+    with pytest.raises(ValueError, match="not calibrated"):
         fewbits.save(fewbits.prepare(_net(), "w8a8"), tmp_path / "x.fewbits")
     assert not (tmp_path / "x.fewbits").exists()
 

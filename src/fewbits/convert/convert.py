@@ -90,8 +90,7 @@ def convert(qmodel: QuantizedModel) -> IntegerModel:
     """The integer model of a calibrated ``qmodel`` (which is left unchanged)."""
     if not isinstance(qmodel, QuantizedModel):
         raise ValueError("convert expects the model returned by fewbits.prepare")
-    if qmodel.status is not Status.CALIBRATED:
-        raise ValueError("convert: the model is not calibrated: run fewbits.calibrate(qmodel, batches) first")
+    qmodel.require_calibrated("convert")
     work = copy.deepcopy(qmodel.model)
     islands = list(qmodel.left_float)
     integer = {}

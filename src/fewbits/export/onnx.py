@@ -554,8 +554,7 @@ def export_onnx(qmodel: QuantizedModel, example_inputs, path, *, batches=None, w
     """
     if not isinstance(qmodel, QuantizedModel):
         raise ValueError("export_onnx expects the model returned by fewbits.prepare")
-    if qmodel.status is not Status.CALIBRATED:
-        raise ValueError("export_onnx: the model is not calibrated: run fewbits.calibrate(qmodel, batches) first")
+    qmodel.require_calibrated("export_onnx")
     path = Path(path)
     if not path.parent.is_dir():
         raise ValueError(f"export_onnx: directory {str(path.parent)!r} does not exist")

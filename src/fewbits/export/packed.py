@@ -75,9 +75,7 @@ def save(qmodel: QuantizedModel, path) -> Path:
 
     if not isinstance(qmodel, QuantizedModel):
         raise ValueError("save expects the model returned by fewbits.prepare")
-    if qmodel.status is not Status.CALIBRATED:
-        raise ValueError(f"save: recipe '{qmodel.recipe.name}' has static ranges not calibrated yet: "
-                         "run fewbits.calibrate(qmodel, batches) first")
+    qmodel.require_calibrated(f"save (recipe '{qmodel.recipe.name}')")
     tensors, weights = _packed_weights(qmodel)
     seen, aliases = {}, {}
     for key, t in qmodel.model.state_dict(keep_vars=False).items():

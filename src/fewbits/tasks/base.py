@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -13,7 +13,9 @@ class Task:
     """A real model on real data.
 
     ``calibration`` holds batches for :func:`fewbits.calibrate` (disjoint from the evaluation
-    data); ``evaluate(model)`` returns every metric, the headline ``metric`` among them.
+    data); ``evaluate(model)`` returns every metric, the headline ``metric`` among them;
+    ``train_data()``, where the task has one, returns its training set ``(inputs, labels)``
+    (quantization-aware training; the calibration batches are drawn from it, never the test set).
     """
 
     name: str
@@ -22,6 +24,7 @@ class Task:
     calibration: list
     metric: str
     evaluate: Callable[[nn.Module], dict]
+    train_data: Optional[Callable[[], tuple]] = None
 
 
 @torch.no_grad()
@@ -49,7 +52,7 @@ def fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, lr: flo
     return model.eval()
 
 
-def classification_task(name, description, model, x_cal, x_test, y_test, batch: int = 64) -> Task:
+def classification_task(name, description, model, x_cal, x_test, y_test, batch: int = 64, train=None) -> Task:
     calibration = list(x_cal.split(batch))
     return Task(name, description, model, calibration, "accuracy",
-                lambda m: {"accuracy": accuracy(m, x_test, y_test)})
+                lambda m: {"accuracy": accuracy(m, x_test, y_test)}, train)

@@ -7,10 +7,11 @@ from .models.fashion_cnn import load_fashion_cnn
 
 
 def fashion_task(small: bool = False) -> Task:
-    x_train, _ = load_fashion_mnist("train")
+    x_train, y_train = load_fashion_mnist("train")
     x_test, y_test = load_fashion_mnist("test")
     if small:
         x_test, y_test = x_test[:2000], y_test[:2000]
     return classification_task(
         "fashion-cnn", "3×conv-BN-ReLU + 2 linear (98k parameters) on Fashion-MNIST, committed checkpoint",
-        load_fashion_cnn(), normalise(x_train[-512:]), normalise(x_test), y_test)
+        load_fashion_cnn(), normalise(x_train[-512:]), normalise(x_test), y_test,
+        train=lambda: (normalise(x_train), y_train))

@@ -26,13 +26,13 @@ def _digits_model_and_data():
                           nn.Conv2d(16, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(), nn.MaxPool2d(2),
                           nn.Flatten(), nn.Linear(32 * 16, 10))
     fit(model, x[train], y[train], epochs=15)
-    return model, x[train][:256], x[test], y[test]
+    return model, x[train][:256], x[test], y[test], (x[train], y[train])
 
 
 def digits_task(small: bool = False) -> Task:
-    model, x_cal, x_test, y_test = _digits_model_and_data()
+    model, x_cal, x_test, y_test, train = _digits_model_and_data()
     return classification_task("digits", "tiny CNN on sklearn's 1,797 8×8 digits (trained on load)",
-                               _fresh(model), x_cal, x_test, y_test)
+                               _fresh(model), x_cal, x_test, y_test, train=lambda: train)
 
 
 @functools.lru_cache(maxsize=None)
@@ -51,13 +51,13 @@ def _mnist1d_model_and_data():
                           nn.ReLU(), nn.Conv1d(32, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Flatten(),
                           nn.Linear(32 * 10, 10))
     fit(model, x, y, epochs=30)
-    return model, x[:256], x_test, y_test
+    return model, x[:256], x_test, y_test, (x, y)
 
 
 def mnist1d_task(small: bool = False) -> Task:
-    model, x_cal, x_test, y_test = _mnist1d_model_and_data()
+    model, x_cal, x_test, y_test, train = _mnist1d_model_and_data()
     return classification_task("mnist1d", "1-D CNN on MNIST-1D (generated and trained on load)",
-                               _fresh(model), x_cal, x_test, y_test)
+                               _fresh(model), x_cal, x_test, y_test, train=lambda: train)
 
 
 def _fresh(model: nn.Module) -> nn.Module:

@@ -25,6 +25,7 @@ from .quantizer import TensorQuantizer
 class Status(enum.Enum):
     PREPARED = "prepared"
     CALIBRATED = "calibrated"
+    TRAINING = "training"  # fewbits.qat.prepare_qat: grids follow the weights and data until finish()
     CONVERTED = "converted"
 
 
@@ -71,6 +72,14 @@ class QuantizedModel(nn.Module):
             raise RuntimeError(f"recipe '{self.recipe.name}' has static activation ranges: "
                                "run fewbits.calibrate(qmodel, batches) before inference")
         return self.model(*args, **kwargs)
+
+    def require_calibrated(self, what: str) -> None:
+        """Raise, naming ``what`` was asked, unless the grids are fixed (calibrated)."""
+        if self.status is Status.TRAINING:
+            raise ValueError(f"{what}: the model is in quantization-aware training: run fewbits.qat.finish(qmodel) "
+                             "first to fix its grids")
+        if self.status is not Status.CALIBRATED:
+            raise ValueError(f"{what}: the model is not calibrated: run fewbits.calibrate(qmodel, batches) first")
 
     def quantized_layers(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.model.named_modules() if type(m) in QUANT_MODULES.values()}

@@ -1,0 +1,317 @@
+"""Quantization-aware training: prepare a trainable quantized model, train it, fix its grids.
+
+    qmodel = fewbits.qat.prepare_qat(model, "w4a8", method="lsq")    # train mode, grids learn
+    opt = torch.optim.Adam(qmodel.parameters(), lr=1e-4)
+    for x, y in data:                                               # any ordinary loop
+        loss = F.cross_entropy(qmodel(x), y)
+        opt.zero_grad(); loss.backward(); opt.step()
+    fewbits.qat.finish(qmodel)                                      # calibrated, like a PTQ model
+    fewbits.convert(qmodel); fewbits.export_onnx(qmodel, x, "m.onnx")
+
+or ``fewbits.qat.fit(qmodel, data, epochs=…, evaluate=…)`` for the loop with progress,
+evaluation each epoch, the best epoch kept, distillation and data-parallel ranks.
+
+The fp32 master weights train; every forward pass quantizes them (and the activations) as
+the deployed model will (the seeds: "keep full-precision weights, simulate quantization at
+forward, compute gradients in full precision"). BatchNorm is folded at preparation with its
+running statistics, which then stay frozen: the folded layer is exactly what deploys, at every
+step.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..progress import Progress
+from ..wrap.prepare import QuantizedModel, Status, calibrate, prepare
+from ..wrap.quantizer import TensorQuantizer
+from .quantizers import QATQuantizer, _distributed, check_method
+from .estimators import check_estimator
+
+
+def _swap_quantizers(root: nn.Module, make: Callable[[TensorQuantizer], Optional[nn.Module]]) -> None:
+    for parent in list(root.modules()):
+        for key, child in list(parent.named_children()):
+            if isinstance(child, TensorQuantizer):
+                new = make(child)
+                if new is not None:
+                    setattr(parent, key, new)
+
+
+def prepare_qat(model: nn.Module, recipe="w8a8", *, method: str = "ste", estimator: str = "clipped",
+                batches: Optional[Iterable] = None, momentum: float = 0.01, temperature: float = 4.0) -> QuantizedModel:
+    """A quantized copy of ``model`` whose grids train with it (``model`` is not modified).
+
+    ``method``: ``ste`` (weights' qparams from themselves each step, activation ranges by moving
+    average), ``lsq`` (learned steps) or ``pact`` (learned activation clipping); ``estimator``:
+    the rounding's gradient for ``ste`` grids (see :mod:`fewbits.qat.estimators`). ``batches``,
+    if given, calibrate the ranges first (and run the recipe's steps, e.g. bias correction);
+    otherwise the first training batch sets them. Dynamic activation grids stay dynamic.
+    """
+    check_method(method)
+    check_estimator(estimator)
+    qmodel = prepare(model, recipe)
+    if batches is not None:
+        calibrate(qmodel, batches)
+    elif qmodel.recipe.steps:
+        names = ", ".join(type(s).__name__ for s in qmodel.recipe.steps)
+        raise ValueError(f"recipe '{qmodel.recipe.name}' has calibration steps ({names}): "
+                         "give prepare_qat the batches to run them on")
+    _swap_quantizers(qmodel.model, lambda q: None if q.recipe.dynamic else
+                     QATQuantizer(q, method, estimator, momentum, temperature))
+    qmodel.status = Status.TRAINING
+    qmodel.qat = {"method": method, "estimator": estimator, "momentum": momentum, "temperature": temperature}
+    return qmodel.train()
+
+
+def qat_quantizers(qmodel: QuantizedModel) -> dict[str, QATQuantizer]:
+    return {q.name: q for q in qmodel.model.modules() if isinstance(q, QATQuantizer)}
+
+
+def quantizer_parameters(qmodel: QuantizedModel) -> list[nn.Parameter]:
+    """The learned steps (LSQ) and clipping levels (PACT): give them their own optimizer group
+    (no weight decay)."""
+    return [q.learned_value for q in qat_quantizers(qmodel).values() if q.learned]
+
+
+def pact_penalty(qmodel: QuantizedModel) -> torch.Tensor:
+    """``Σ α²`` over the PACT clipping levels (the loss adds ``λ`` times this)."""
+    alphas = [q.learned_value for q in qat_quantizers(qmodel).values() if q.learned and q.method == "pact"]
+    return sum((a * a).sum() for a in alphas) if alphas else torch.zeros(())
+
+
+def freeze_ranges(qmodel: QuantizedModel, frozen: bool = True) -> None:
+    """Stop (or restart) the moving averages of the activation ranges."""
+    for q in qat_quantizers(qmodel).values():
+        q.ranges_frozen = frozen
+
+
+def finish(qmodel: QuantizedModel) -> QuantizedModel:
+    """Fix every grid at its trained value: the model becomes an ordinary calibrated one that
+    ``convert`` / ``export_onnx`` / ``save`` take (in place; returns it, in eval mode)."""
+    if qmodel.status is not Status.TRAINING:
+        raise ValueError(f"finish: the model is {qmodel.status.value}, not in quantization-aware training")
+    qmodel.eval()
+    for layer in qmodel.quantized_layers().values():  # weights' grids from the final weights
+        wq = getattr(layer, "weight_quantizer", None)
+        if isinstance(wq, QATQuantizer) and not wq.learned:
+            wq.set_from(layer._weight_view())
+    missing = [q.name for q in qat_quantizers(qmodel).values() if q.frozen().scale is None and q.role != "weight"]
+    if missing:
+        raise ValueError(f"finish: {len(missing)} activation grids never saw data (e.g. '{missing[0]}'): "
+                         "run at least one training or calibration batch through the model")
+    _swap_quantizers(qmodel.model, lambda q: q.frozen() if isinstance(q, QATQuantizer) else None)
+    qmodel.status = Status.CALIBRATED
+    return qmodel
+
+
+def progressive_bits(widths: list[int], epochs: int, roles: tuple[str, ...] = ("weight",)) -> Callable:
+    """A ``fit`` schedule that trains the ``roles`` grids at each width in turn (e.g. 8 → 4 → 2
+    over equal shares of the epochs): each stage starts from the weights the wider grid
+    trained, which eases the low-bit optimisation (progressive quantization, Zhuang et al. 2018).
+    Only grids whose recipe width is the last one are scheduled (an 8-bit embedding table in a
+    4-bit recipe stays at 8)."""
+    widths = [int(w) for w in widths]
+    if not widths or epochs < len(widths):
+        raise ValueError(f"progressive bit widths {widths} need at least one epoch each, got {epochs} epochs")
+    if widths != sorted(widths, reverse=True):
+        raise ValueError(f"progressive bit widths must not grow, got {widths}")
+    scheduled: dict[str, bool] = {}
+
+    def schedule(epoch: int, qmodel: QuantizedModel) -> None:
+        stage = min(epoch * len(widths) // epochs, len(widths) - 1)
+        for q in qat_quantizers(qmodel).values():
+            if q.name not in scheduled:  # decided once, from the width the recipe gave
+                scheduled[q.name] = q.role in roles and q.spec.bits == widths[-1]
+            if scheduled[q.name] and q.spec.bits != widths[stage]:
+                q.set_bits(widths[stage])
+        if not any(scheduled.values()):
+            raise ValueError(f"progressive bit widths {widths}: no {'/'.join(roles)} grid is {widths[-1]}-bit")
+
+    return schedule
+
+
+# ---- the training loop --------------------------------------------------------------------------
+def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """Hinton et al.'s KL divergence between temperature-softened distributions, times ``T²``
+    (which keeps its gradient on the scale of the hard-label loss)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher / t, -1), log_target=True,
+                    reduction="batchmean") * t * t
+
+
+def cosine_distillation_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """``1 − cos`` between student and teacher vectors (embeddings), averaged."""
+    return (1.0 - F.cosine_similarity(student.flatten(1), teacher.flatten(1), dim=1)).mean()
+
+
+@dataclass
+class Distillation:
+    """The fp32 ``teacher`` guides training: ``loss = (1 − weight)·task + weight·distill``, the
+    distillation term KL on logits softened by ``temperature`` (``kind="kl"``) or the embedding
+    cosine (``kind="cosine"``, for models without a task loss, e.g. sentence encoders)."""
+
+    teacher: nn.Module
+    weight: float = 0.5
+    temperature: float = 4.0
+    kind: str = "kl"
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.weight <= 1.0:
+            raise ValueError(f"distillation weight must be in [0, 1], got {self.weight}")
+        if self.kind not in ("kl", "cosine"):
+            raise ValueError(f"distillation kind must be 'kl' or 'cosine', got {self.kind!r}")
+        self.teacher = self.teacher.eval()
+
+    def loss(self, student_out: torch.Tensor, inputs, task_loss: Optional[torch.Tensor]) -> torch.Tensor:
+        with torch.no_grad():
+            teacher_out = self.teacher(inputs)
+        term = (distillation_loss(student_out, teacher_out, self.temperature) if self.kind == "kl"
+                else cosine_distillation_loss(student_out, teacher_out))
+        if task_loss is None:
+            return term
+        return (1.0 - self.weight) * task_loss + self.weight * term
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` did: per-epoch records, the epoch kept, the wall time."""
+
+    history: list = field(default_factory=list)  # {"epoch", "loss", "seconds", **metrics}
+    best_epoch: Optional[int] = None
+    best: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"history": self.history, "best_epoch": self.best_epoch, "best": self.best, "seconds": self.seconds}
+
+
+def _shard(batch, rank: int, world: int):
+    """This rank's contiguous share of a global batch (every tensor split along dim 0)."""
+    if isinstance(batch, torch.Tensor):
+        if len(batch) % world:
+            raise ValueError(f"a global batch of {len(batch)} does not split evenly over {world} ranks")
+        return batch.chunk(world)[rank]
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_shard(b, rank, world) for b in batch)
+    if isinstance(batch, dict):
+        return {k: _shard(v, rank, world) for k, v in batch.items()}
+    return batch
+
+
+def fit(qmodel: QuantizedModel, data, *, epochs: int = 1, lr: float = 1e-4, optimizer=None,
+        loss: Optional[Callable] = None, evaluate: Optional[Callable[[nn.Module], dict]] = None,
+        monitor: Optional[str] = None, distill: Optional[Distillation] = None, pact_weight: float = 1e-4,
+        freeze_ranges_after: Optional[float] = None, checkpoint: Optional[str | Path] = None,
+        schedule: Optional[Callable[[int, QuantizedModel], None]] = None, finish_model: bool = True,
+        cosine: bool = True, seed: int = 0) -> FitResult:
+    """Train ``qmodel`` (from :func:`prepare_qat`) on ``data`` and keep its best epoch.
+
+    ``data``: a re-iterable of ``(inputs, targets)`` global batches (a list, a DataLoader).
+    Under ``torch.distributed`` (``torchrun``) the model is wrapped in DDP and every rank takes
+    its contiguous share of each global batch, so N ranks compute what one process computes on
+    the same batches. ``loss(outputs, targets)`` defaults to cross-entropy; ``evaluate(model)``
+    returns metrics after each epoch, ``monitor`` (default: its first key, higher is better)
+    picks the epoch kept — its state is restored at the end and, with ``checkpoint``, written
+    there (rank 0, atomically). ``freeze_ranges_after``: the share of the steps after which the
+    activation moving averages stop. ``schedule(epoch, qmodel)`` runs before each epoch
+    (progressive bit widths). Adam at ``lr`` unless an ``optimizer`` is given, decayed to 0
+    along a cosine over all steps when ``cosine`` (and the number of batches is known). With
+    ``finish_model`` the grids are fixed at the end (:func:`finish`).
+    """
+    if qmodel.status is not Status.TRAINING:
+        raise ValueError("fit expects the model returned by fewbits.qat.prepare_qat")
+    if epochs < 1:
+        raise ValueError(f"fit needs epochs >= 1, got {epochs}")
+    torch.manual_seed(seed)
+    loss = loss or F.cross_entropy
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _distributed() else (0, 1)
+    net: nn.Module = qmodel
+    if world > 1:
+        # quantizer ranges are all-reduced by the quantizers themselves: buffers are synced once
+        # at the start (all ranks prepared the same model), not re-broadcast every forward
+        net = nn.parallel.DistributedDataParallel(qmodel, forward_sync_buffers=False)
+    if optimizer is None:
+        learned = quantizer_parameters(qmodel)
+        ids = {id(p) for p in learned}
+        weights = [p for p in qmodel.parameters() if id(p) not in ids and p.requires_grad]
+        optimizer = torch.optim.Adam([{"params": weights}] + ([{"params": learned}] if learned else []), lr=lr)
+    total = epochs * len(data) if hasattr(data, "__len__") else None
+    decay = None
+    if cosine and total:
+        decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
+    freeze_at = None if freeze_ranges_after is None or total is None else int(freeze_ranges_after * total)
+    result = FitResult()
+    best_state, best_value = None, -math.inf
+    start, step = time.perf_counter(), 0
+    for epoch in range(epochs):
+        if schedule is not None:
+            schedule(epoch, qmodel)
+        qmodel.train()
+        t0, losses = time.perf_counter(), []
+        with Progress(f"QAT epoch {epoch + 1}/{epochs}, batch", len(data) if hasattr(data, "__len__") else None,
+                      enabled=rank == 0) as progress:
+            for batch in data:
+                if freeze_at is not None and step == freeze_at:
+                    freeze_ranges(qmodel)
+                inputs, targets = _shard(batch, rank, world) if world > 1 else batch
+                out = net(inputs)
+                task = loss(out, targets) if targets is not None else None
+                total_loss = distill.loss(out, inputs, task) if distill is not None else task
+                if total_loss is None:
+                    raise ValueError("fit: batches without targets need a Distillation to train against")
+                if pact_weight and qmodel.qat["method"] == "pact":
+                    total_loss = total_loss + pact_weight * pact_penalty(qmodel)
+                optimizer.zero_grad()
+                total_loss.backward()
+                optimizer.step()
+                if decay is not None:
+                    decay.step()
+                losses.append(float(total_loss.detach()))
+                step += 1
+                progress.step()
+        record = {"epoch": epoch + 1, "loss": sum(losses) / max(len(losses), 1), "seconds": time.perf_counter() - t0}
+        if evaluate is not None:
+            qmodel.eval()
+            with torch.no_grad():
+                metrics = evaluate(qmodel)
+            record.update(metrics)
+            key = monitor or next(iter(metrics))
+            if key not in metrics:
+                raise ValueError(f"fit: monitor '{key}' is not among the metrics {sorted(metrics)}")
+            if metrics[key] > best_value:
+                best_value, result.best_epoch, result.best = metrics[key], epoch + 1, dict(metrics)
+                best_state = copy.deepcopy(qmodel.state_dict())
+        result.history.append(record)
+    if best_state is not None:
+        qmodel.load_state_dict(best_state)
+    result.seconds = time.perf_counter() - start
+    if finish_model:
+        finish(qmodel)
+    if checkpoint is not None and rank == 0:
+        _write_checkpoint(qmodel, Path(checkpoint), result)
+    return result
+
+
+def _write_checkpoint(qmodel: QuantizedModel, path: Path, result: FitResult) -> None:
+    """The trained model as ``fewbits.save`` writes it once its grids are fixed, else its state."""
+    if qmodel.status is Status.CALIBRATED:
+        from ..export.packed import save
+
+        save(qmodel, path)
+        return
+    from ..files import write_atomic
+
+    import io
+
+    buffer = io.BytesIO()
+    torch.save({"schema_version": 1, "state_dict": qmodel.state_dict(), "fit": result.to_dict()}, buffer)
+    write_atomic(path, buffer.getvalue())
