@@ -265,13 +265,14 @@ def cmd_train(args) -> dict:
             schedule = progressive_bits(widths, args.epochs)
         t0 = time.perf_counter()
         qmodel = prepare_qat(task.model, recipe, method=args.method, estimator=args.estimator,
-                             batches=task.calibration)
+                             batches=task.calibration, batchnorm=args.batchnorm)
         if schedule is not None:
             schedule(0, qmodel)
         data = ShuffledBatches(x, y, args.batch_size, args.seed)
         distill = Distillation(task.model, weight=args.distill_weight) if args.distill else None
         result = fit(qmodel, data, epochs=args.epochs, lr=args.lr, evaluate=task.evaluate, monitor=task.metric,
-                     distill=distill, schedule=schedule, seed=args.seed)
+                     distill=distill, schedule=schedule, seed=args.seed,
+                     freeze_bn_after=args.freeze_bn_after if args.batchnorm == "train" else None)
         seconds = time.perf_counter() - t0
         if rank:
             return {}
@@ -280,6 +281,7 @@ def cmd_train(args) -> dict:
         out = result_json(task.name, recipe, report)
         out["training"] = {"method": args.method, "estimator": args.estimator, "epochs": args.epochs, "lr": args.lr,
                            "batch_size": args.batch_size, "train_size": len(x), "distill": bool(args.distill),
+                           "batchnorm": args.batchnorm,
                            "progressive": args.progressive, "ranks": torch.distributed.get_world_size()
                            if distributed else 1, "seconds": result.seconds, **result.to_dict()}
         row = summary_row(out)
@@ -365,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distill", action="store_true", help="the fp32 model as teacher (KL on softened logits)")
     t.add_argument("--distill-weight", type=float, default=0.5, help="share of the distillation term in the loss")
     t.add_argument("--progressive", help="weight bit widths in stages over the epochs, e.g. 8,4,2 (ends at the recipe's)")
+    t.add_argument("--batchnorm", default="fold", choices=["fold", "train"],
+                   help="fold: BatchNorm folded with frozen running statistics; train: it keeps learning on batch "
+                        "statistics (its folded weight quantized) until --freeze-bn-after")
+    t.add_argument("--freeze-bn-after", type=float, default=0.5, help="share of the steps before BatchNorm freezes")
     t.add_argument("--lr", type=float, default=1e-4)
     t.add_argument("--batch-size", type=int, default=128, help="global batch (split over data-parallel ranks)")
     t.add_argument("--train-size", type=int, help="train on the first N examples only (quick runs)")

@@ -1,5 +1,6 @@
 """Quantization-aware training: grids that train with the model (STE, LSQ, PACT), a training
 loop with distillation and data-parallel ranks, and ``finish`` to hand the result to deploy."""
+from .batchnorm import QATConvBn, freeze_batchnorm
 from .estimators import ESTIMATORS, fake_quantize_estimated
 from .quantizers import METHODS, QATQuantizer
 from .train import (
@@ -20,5 +21,5 @@ from .train import (
 __all__ = [
     "ESTIMATORS", "METHODS", "QATQuantizer", "fake_quantize_estimated", "prepare_qat", "finish", "fit", "FitResult",
     "Distillation", "distillation_loss", "cosine_distillation_loss", "pact_penalty", "freeze_ranges",
-    "qat_quantizers", "quantizer_parameters", "progressive_bits",
+    "qat_quantizers", "quantizer_parameters", "progressive_bits", "QATConvBn", "freeze_batchnorm",
 ]

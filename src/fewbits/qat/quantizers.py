@@ -38,12 +38,11 @@ import torch
 from torch import nn
 
 from ..numerics.affine import choose_qparams
-from ..numerics.layout import from_rows, to_rows
+from ..numerics.layout import expand, from_rows, to_rows
 from ..observe.stats import row_range
 from ..spec import PerTensor
 from ..wrap.quantizer import TensorQuantizer
 from .estimators import check_estimator, fake_quantize_estimated, grad_scale, round_pass
-from ..numerics.layout import expand
 
 METHODS = ("ste", "lsq", "pact")
 _EPS = float(torch.finfo(torch.float32).eps)
@@ -55,14 +54,14 @@ def check_method(name: str) -> str:
     return name
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized() \
         and torch.distributed.get_world_size() > 1
 
 
 def global_range(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The batch range over every data-parallel rank (unchanged in a single process)."""
-    if _distributed():
+    if is_distributed():
         lo, hi = lo.clone(), hi.clone()
         torch.distributed.all_reduce(lo, torch.distributed.ReduceOp.MIN)
         torch.distributed.all_reduce(hi, torch.distributed.ReduceOp.MAX)

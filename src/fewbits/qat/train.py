@@ -31,10 +31,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..progress import Progress
+from ..wrap.fold import fold_batchnorm
+from ..wrap.modules import QUANT_MODULES
 from ..wrap.prepare import QuantizedModel, Status, calibrate, prepare
 from ..wrap.quantizer import TensorQuantizer
-from .quantizers import QATQuantizer, _distributed, check_method
+from .batchnorm import QATConvBn, attach_batchnorm, freeze_batchnorm
 from .estimators import check_estimator
+from .quantizers import QATQuantizer, check_method, is_distributed
 
 
 def _swap_quantizers(root: nn.Module, make: Callable[[TensorQuantizer], Optional[nn.Module]]) -> None:
@@ -47,7 +50,8 @@ def _swap_quantizers(root: nn.Module, make: Callable[[TensorQuantizer], Optional
 
 
 def prepare_qat(model: nn.Module, recipe="w8a8", *, method: str = "ste", estimator: str = "clipped",
-                batches: Optional[Iterable] = None, momentum: float = 0.01, temperature: float = 4.0) -> QuantizedModel:
+                batches: Optional[Iterable] = None, momentum: float = 0.01, temperature: float = 4.0,
+                batchnorm: str = "fold") -> QuantizedModel:
     """A quantized copy of ``model`` whose grids train with it (``model`` is not modified).
 
     ``method``: ``ste`` (weights' qparams from themselves each step, activation ranges by moving
@@ -55,20 +59,34 @@ def prepare_qat(model: nn.Module, recipe="w8a8", *, method: str = "ste", estimat
     the rounding's gradient for ``ste`` grids (see :mod:`fewbits.qat.estimators`). ``batches``,
     if given, calibrate the ranges first (and run the recipe's steps, e.g. bias correction);
     otherwise the first training batch sets them. Dynamic activation grids stay dynamic.
+    ``batchnorm``: ``fold`` folds each BatchNorm with its running statistics, frozen from the
+    start; ``train`` keeps it learning on batch statistics, its folded weight quantized, until
+    :func:`freeze_batchnorm` (see :mod:`fewbits.qat.batchnorm`).
     """
     check_method(method)
     check_estimator(estimator)
-    qmodel = prepare(model, recipe)
+    if batchnorm not in ("fold", "train"):
+        raise ValueError(f"prepare_qat batchnorm must be 'fold' or 'train', got {batchnorm!r}")
+    qmodel = prepare(model, recipe, fold_bn=batchnorm == "fold")
     if batches is not None:
         calibrate(qmodel, batches)
     elif qmodel.recipe.steps:
         names = ", ".join(type(s).__name__ for s in qmodel.recipe.steps)
         raise ValueError(f"recipe '{qmodel.recipe.name}' has calibration steps ({names}): "
                          "give prepare_qat the batches to run them on")
+    if batchnorm == "train":
+        paired = attach_batchnorm(qmodel.model, tuple(QUANT_MODULES.values()))
+        qmodel.left_float = [lf for lf in qmodel.left_float if lf.name not in paired]
+        qmodel.training_bn = paired
+        for m in qmodel.model.modules():  # weight grids fitted to the folded weights
+            if isinstance(m, QATConvBn) and m.layer.weight_quantizer is not None:
+                w = m.layer.weight * m._factor().reshape([-1] + [1] * (m.layer.weight.dim() - 1))
+                m.layer.weight_quantizer.set_from(w.detach().reshape(w.shape[0], -1))
     _swap_quantizers(qmodel.model, lambda q: None if q.recipe.dynamic else
                      QATQuantizer(q, method, estimator, momentum, temperature))
     qmodel.status = Status.TRAINING
-    qmodel.qat = {"method": method, "estimator": estimator, "momentum": momentum, "temperature": temperature}
+    qmodel.qat = {"method": method, "estimator": estimator, "momentum": momentum, "temperature": temperature,
+                  "batchnorm": batchnorm}
     return qmodel.train()
 
 
@@ -100,6 +118,7 @@ def finish(qmodel: QuantizedModel) -> QuantizedModel:
     if qmodel.status is not Status.TRAINING:
         raise ValueError(f"finish: the model is {qmodel.status.value}, not in quantization-aware training")
     qmodel.eval()
+    _fold_trained_batchnorm(qmodel)
     for layer in qmodel.quantized_layers().values():  # weights' grids from the final weights
         wq = getattr(layer, "weight_quantizer", None)
         if isinstance(wq, QATQuantizer) and not wq.learned:
@@ -137,6 +156,23 @@ def progressive_bits(widths: list[int], epochs: int, roles: tuple[str, ...] = ("
             raise ValueError(f"progressive bit widths {widths}: no {'/'.join(roles)} grid is {widths[-1]}-bit")
 
     return schedule
+
+
+def _fold_trained_batchnorm(qmodel: QuantizedModel) -> None:
+    """Fold every still-separate BatchNorm into its layer (running statistics), in the model and
+    in the fp32 reference, so both have the layers that deploy."""
+    paired = getattr(qmodel, "training_bn", [])
+    if not paired:
+        return
+    for parent in list(qmodel.model.modules()):
+        for key, child in list(parent.named_children()):
+            if isinstance(child, QATConvBn):
+                setattr(parent, key, child.folded())
+    stats: dict = {}
+    fold_batchnorm(qmodel.float_model, stats)
+    qmodel.folded_bn = sorted(set(qmodel.folded_bn) | set(paired))
+    qmodel.bn_stats.update(stats)
+    qmodel.training_bn = []
 
 
 # ---- the training loop --------------------------------------------------------------------------
@@ -210,7 +246,7 @@ def _shard(batch, rank: int, world: int):
 def fit(qmodel: QuantizedModel, data, *, epochs: int = 1, lr: float = 1e-4, optimizer=None,
         loss: Optional[Callable] = None, evaluate: Optional[Callable[[nn.Module], dict]] = None,
         monitor: Optional[str] = None, distill: Optional[Distillation] = None, pact_weight: float = 1e-4,
-        freeze_ranges_after: Optional[float] = None, checkpoint: Optional[str | Path] = None,
+        freeze_ranges_after: Optional[float] = None, freeze_bn_after: Optional[float] = None, checkpoint: Optional[str | Path] = None,
         schedule: Optional[Callable[[int, QuantizedModel], None]] = None, finish_model: bool = True,
         cosine: bool = True, seed: int = 0) -> FitResult:
     """Train ``qmodel`` (from :func:`prepare_qat`) on ``data`` and keep its best epoch.
@@ -222,7 +258,8 @@ def fit(qmodel: QuantizedModel, data, *, epochs: int = 1, lr: float = 1e-4, opti
     returns metrics after each epoch, ``monitor`` (default: its first key, higher is better)
     picks the epoch kept — its state is restored at the end and, with ``checkpoint``, written
     there (rank 0, atomically). ``freeze_ranges_after``: the share of the steps after which the
-    activation moving averages stop. ``schedule(epoch, qmodel)`` runs before each epoch
+    activation moving averages stop; ``freeze_bn_after`` the share after which training
+    BatchNorms (``prepare_qat(batchnorm="train")``) use their running statistics. ``schedule(epoch, qmodel)`` runs before each epoch
     (progressive bit widths). Adam at ``lr`` unless an ``optimizer`` is given, decayed to 0
     along a cosine over all steps when ``cosine`` (and the number of batches is known). With
     ``finish_model`` the grids are fixed at the end (:func:`finish`).
@@ -233,7 +270,7 @@ def fit(qmodel: QuantizedModel, data, *, epochs: int = 1, lr: float = 1e-4, opti
         raise ValueError(f"fit needs epochs >= 1, got {epochs}")
     torch.manual_seed(seed)
     loss = loss or F.cross_entropy
-    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _distributed() else (0, 1)
+    rank, world = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if is_distributed() else (0, 1)
     net: nn.Module = qmodel
     if world > 1:
         # quantizer ranges are all-reduced by the quantizers themselves: buffers are synced once
@@ -249,6 +286,7 @@ def fit(qmodel: QuantizedModel, data, *, epochs: int = 1, lr: float = 1e-4, opti
     if cosine and total:
         decay = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 0.5 * (1 + math.cos(math.pi * min(i, total) / total)))
     freeze_at = None if freeze_ranges_after is None or total is None else int(freeze_ranges_after * total)
+    freeze_bn_at = None if freeze_bn_after is None or total is None else int(freeze_bn_after * total)
     result = FitResult()
     best_state, best_value = None, -math.inf
     start, step = time.perf_counter(), 0
@@ -262,6 +300,8 @@ def fit(qmodel: QuantizedModel, data, *, epochs: int = 1, lr: float = 1e-4, opti
             for batch in data:
                 if freeze_at is not None and step == freeze_at:
                     freeze_ranges(qmodel)
+                if freeze_bn_at is not None and step == freeze_bn_at:
+                    freeze_batchnorm(qmodel.model)
                 inputs, targets = _shard(batch, rank, world) if world > 1 else batch
                 out = net(inputs)
                 task = loss(out, targets) if targets is not None else None
@@ -308,9 +348,9 @@ def _write_checkpoint(qmodel: QuantizedModel, path: Path, result: FitResult) -> 
 
         save(qmodel, path)
         return
-    from ..files import write_atomic
-
     import io
+
+    from ..files import write_atomic
 
     buffer = io.BytesIO()
     torch.save({"schema_version": 1, "state_dict": qmodel.state_dict(), "fit": result.to_dict()}, buffer)

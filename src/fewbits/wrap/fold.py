@@ -27,6 +27,27 @@ def fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
 
 
+def batchnorm_pairs(model: nn.Module, types: dict = _FOLDABLE) -> list[tuple]:
+    """``(parent, parent_name, layer_key, layer, bn_key, bn)`` for every BatchNorm directly after a
+    layer of one of ``types`` (mapped to the BatchNorm type that may follow it, matched by base
+    class) inside an ``nn.Sequential``, with as many features as the layer has outputs."""
+    pairs = []
+    for parent_name, parent in model.named_modules():
+        if not isinstance(parent, nn.Sequential):
+            continue
+        children = list(parent.named_children())
+        for (key, layer), (bn_key, bn) in zip(children, children[1:]):
+            bn_type = next((b for t, b in types.items() if isinstance(layer, t)), None)
+            if bn_type is None or type(bn) is not bn_type or bn.num_features != layer.weight.shape[0]:
+                continue
+            pairs.append((parent, parent_name, key, layer, bn_key, bn))
+    return pairs
+
+
+def _name(parent_name: str, key: str) -> str:
+    return f"{parent_name}.{key}" if parent_name else key
+
+
 def fold_batchnorm(model: nn.Module, stats: dict | None = None) -> tuple[list[str], list[str]]:
     """Fold every BatchNorm that directly follows a foldable layer inside an ``nn.Sequential``.
 
@@ -37,22 +58,15 @@ def fold_batchnorm(model: nn.Module, stats: dict | None = None) -> tuple[list[st
     correction) know of the activations.
     """
     folded = []
-    for parent_name, parent in model.named_modules():
-        if not isinstance(parent, nn.Sequential):
+    for parent, parent_name, key, layer, bn_key, bn in batchnorm_pairs(model):
+        if type(layer) not in _FOLDABLE:  # a subclass may use its weight in ways folding cannot see
             continue
-        children = list(parent.named_children())
-        for (_, layer), (bn_key, bn) in zip(children, children[1:]):
-            bn_type = _FOLDABLE.get(type(layer))
-            if bn_type is None or type(bn) is not bn_type or bn.num_features != layer.weight.shape[0]:
-                continue
-            if stats is not None:
-                layer_key = children[[k for k, _ in children].index(bn_key) - 1][0]
-                name = f"{parent_name}.{layer_key}" if parent_name else layer_key
-                ones = torch.ones(bn.num_features)
-                stats[name] = ((bn.bias.detach().clone() if bn.affine else ones * 0),
-                               (bn.weight.detach().abs().clone() if bn.affine else ones))
-            fold_into(layer, bn)
-            setattr(parent, bn_key, nn.Identity())
-            folded.append(f"{parent_name}.{bn_key}" if parent_name else bn_key)
+        if stats is not None:
+            ones = torch.ones(bn.num_features)
+            stats[_name(parent_name, key)] = ((bn.bias.detach().clone() if bn.affine else ones * 0),
+                                              (bn.weight.detach().abs().clone() if bn.affine else ones))
+        fold_into(layer, bn)
+        setattr(parent, bn_key, nn.Identity())
+        folded.append(_name(parent_name, bn_key))
     left = [n for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     return folded, left

@@ -219,6 +219,9 @@ def calibrate(qmodel: QuantizedModel, batches: Iterable) -> QuantizedModel:
     """
     if not isinstance(qmodel, QuantizedModel):
         raise ValueError("calibrate expects the model returned by fewbits.prepare")
+    if qmodel.status is Status.TRAINING:
+        raise ValueError("calibrate: the model is in quantization-aware training, where ranges follow the data; "
+                         "give fewbits.qat.prepare_qat the calibration batches instead")
     if _pending_steps(qmodel):  # steps need the batches too: keep them, and check all before any change
         batches = list(batches)
         for i, batch in enumerate(batches):
