@@ -20,6 +20,10 @@ Sections (``--sections``, each re-runnable alone: the JSON keeps the other secti
   parameterisation) at the same iterations; fewbits nearest, GPTQ, and AdaRound on the min-max
   and on the MSE weight range. AIMET quantizes layer outputs and the model input where fewbits
   and Brevitas quantize layer inputs: the same tensors up to where the ReLUs sit.
+* ``compare-dfq`` — the ``dfq`` experiment through AIMET (its ``equalize_model``: BatchNorm
+  folding, CLE, high-bias absorption; QuantSim per-tensor) and Brevitas (its graph
+  equalization and bias correction, per-tensor), beside fewbits' nearest / CLE / CLE + bias
+  correction, in one run.
 * ``grids`` — the weight range fit under nearest rounding on ``fashion-cnn`` at 3 and 2 bits:
   min-max (PyTorch's symmetric convention), MSE, narrow range.
 * ``llm`` — ``minilm-wordnet``: 4-bit weight-only with groups of 128 (``w4-g128``): nearest vs GPTQ vs
@@ -28,7 +32,7 @@ Sections (``--sections``, each re-runnable alone: the JSON keeps the other secti
 Reports the task's metrics and the wall time of each algorithm step (fewbits' simulated model;
 ``fewbits.convert`` / ``export_onnx`` deploy the same numbers, see docs/deploy.md).
 
-    .venv/bin/python benchmarks/ptq_algorithms.py [--sections dfq,rounding,compare,grids,llm] [--small]
+    .venv/bin/python benchmarks/ptq_algorithms.py [--sections dfq,rounding,compare,compare-dfq,grids,llm] [--small]
 """
 from __future__ import annotations
 
@@ -286,6 +290,79 @@ def _brevitas_rows(task, bits: int, iterations: int) -> list[dict]:
     return rows
 
 
+def compare_dfq_rows(small: bool, _iterations: int) -> list[dict]:
+    """The DFQ experiment (per-tensor w8a8 MobileNetV2) through AIMET's CLE and Brevitas'
+    equalization and bias correction, beside fewbits', in one run."""
+    import copy
+    import importlib.util
+    import json
+    import os
+    import tempfile
+
+    import torch
+
+    task = load_task("mobilenetv2-probe", small=small)
+    rows = []
+    if importlib.util.find_spec("aimet_torch") is not None:
+        _stub_torchvision()
+        from aimet_common.defs import QuantScheme
+        from aimet_torch.batch_norm_fold import fold_all_batch_norms
+        from aimet_torch.cross_layer_equalization import equalize_model
+        from aimet_torch.quantsim import QuantizationSimModel
+
+        config = os.path.join(tempfile.mkdtemp(prefix="fewbits-aimet-"), "config.json")
+        with open(config, "w") as f:
+            json.dump({**_AIMET_CONFIG, "defaults": {**_AIMET_CONFIG["defaults"], "per_channel_quantization": "False"}}, f)
+        dummy = task.calibration[0][:1]
+        for label in ("AIMET nearest", "AIMET CLE"):
+            print(f"  compare-dfq: {label} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            model = copy.deepcopy(task.model).eval()
+            if label == "AIMET CLE":
+                equalize_model(model, tuple(dummy.shape))  # folds BatchNorm, equalizes, absorbs high biases
+            else:
+                fold_all_batch_norms(model, tuple(dummy.shape))
+            sim = QuantizationSimModel(model, dummy, quant_scheme=QuantScheme.post_training_tf, default_param_bw=8,
+                                       default_output_bw=8, config_file=config)
+            sim.compute_encodings(lambda m, _: [m(x) for x in task.calibration], None)
+            rows.append({"section": "compare-dfq", "task": task.name, "method": label, "weights": "per-tensor",
+                         **task.evaluate(sim.model), "seconds": time.perf_counter() - start})
+    else:
+        rows.append({"section": "compare-dfq", "task": "-", "method": "skipped: AIMET not installed", "weights": "",
+                     "seconds": 0.0})
+    if importlib.util.find_spec("brevitas") is not None:
+        from brevitas.graph.quantize import preprocess_for_quantize
+        from brevitas_examples.imagenet_classification.ptq.ptq_common import (apply_bias_correction, calibrate,
+                                                                               quantize_model)
+
+        loader = [(x, None) for x in task.calibration]
+        for label, equalize, bc in (("Brevitas nearest", 0, False), ("Brevitas equalization", 20, False),
+                                    ("Brevitas equalization + bias correction", 20, True)):
+            print(f"  compare-dfq: {label} ...", file=sys.stderr, flush=True)
+            start = time.perf_counter()
+            model = preprocess_for_quantize(copy.deepcopy(task.model).eval(), relu6_to_relu=equalize > 0,
+                                            equalize_iters=equalize, equalize_merge_bias=True)
+            model = quantize_model(model, backend="layerwise", weight_bit_width=8, act_bit_width=8,
+                                   bias_bit_width=None, weight_quant_granularity="per_tensor",
+                                   act_quant_percentile=99.999, act_quant_type="asym", scale_factor_type="float_scale",
+                                   quant_format="int", layerwise_first_last_bit_width=8)
+            calibrate(loader, model)
+            if bc:
+                apply_bias_correction(loader, model)
+            with torch.no_grad():
+                metrics = task.evaluate(_LastLinearFeatures(model))
+            rows.append({"section": "compare-dfq", "task": task.name, "method": label, "weights": "per-tensor",
+                         **metrics, "seconds": time.perf_counter() - start})
+    else:
+        rows.append({"section": "compare-dfq", "task": "-", "method": "skipped: Brevitas not installed", "weights": "",
+                     "seconds": 0.0})
+    for label, recipe in (("fewbits nearest", w8a8(PerTensor())), ("fewbits CLE", w8a8(PerTensor(), (CrossLayerEqualization(),))),
+                          ("fewbits CLE + bias correction",
+                           w8a8(PerTensor(), (CrossLayerEqualization(), BiasCorrection())))):
+        rows.append(run(task, label, recipe, "compare-dfq", {"weights": "per-tensor"}))
+    return rows
+
+
 def grid_rows(small: bool, _iterations: int) -> list[dict]:
     task = load_task("fashion-cnn", small=small)
     rows = []
@@ -318,7 +395,7 @@ def llm_rows(small: bool, _iterations: int) -> list[dict]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--sections", default="dfq,rounding,compare,grids,llm")
+    p.add_argument("--sections", default="dfq,rounding,compare,compare-dfq,grids,llm")
     p.add_argument("--adaround-iterations", type=int, default=1000)
     p.add_argument("--small", action="store_true", help="the tasks' small subsets (quick look)")
     p.add_argument("--tables", action="store_true", help="reprint the tables from the saved JSON")
@@ -329,8 +406,8 @@ def main() -> None:
 
         print_tables(json.loads(Path(RESULTS).read_text())["rows"])
         return
-    sections = {"dfq": dfq_rows, "rounding": rounding_rows, "compare": compare_rows, "grids": grid_rows,
-                "llm": llm_rows}
+    sections = {"dfq": dfq_rows, "rounding": rounding_rows, "compare": compare_rows, "compare-dfq": compare_dfq_rows,
+                "grids": grid_rows, "llm": llm_rows}
     rows = []
     for section in args.sections.split(","):
         if section not in sections:

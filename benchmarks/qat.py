@@ -85,12 +85,13 @@ def main() -> None:
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--methods", default="ste,lsq,pact", help="which QAT methods to train (distillation uses ste)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
     p.add_argument("--tables", action="store_true", help="reprint the tables from the saved JSON")
     args = p.parse_args()
     if args.tables:
         print_tables(json.loads(Path(RESULTS).read_text())["rows"])
         return
-    set_threads()
+    set_threads(args.threads)
     rows = []
     for name in args.tasks.split(","):
         rows += rows_for(name, args.epochs, args.lr, set(args.methods.split(",")))
@@ -98,7 +99,7 @@ def main() -> None:
     kept = []  # other tasks' rows of the saved run stay
     if Path(RESULTS).is_file():
         kept = [r for r in json.loads(Path(RESULTS).read_text())["rows"] if r["task"] not in {r["task"] for r in rows}]
-    save_json({"rows": kept + rows, "epochs": args.epochs, "lr": args.lr}, RESULTS)
+    save_json({"rows": kept + rows, "epochs": args.epochs, "lr": args.lr, "threads": args.threads}, RESULTS)
 
 
 if __name__ == "__main__":

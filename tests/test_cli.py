@@ -141,7 +141,7 @@ def test_train_writes_the_quantize_contract_plus_training(tmp_path, capsys):
 def test_train_progressive_and_errors(tmp_path, capsys):
     path = tmp_path / "t.json"
     assert main(["train", "--task", "digits", "--recipe", "w4a8", "--epochs", "2", "--progressive", "8,4",
-                 "--batchnorm", "train", "--json", str(path)]) == 0
+                 "--batchnorm", "train", "--layer-stages", "2", "--json", str(path)]) == 0
     training = json.loads(path.read_text())["training"]
     assert training["progressive"] == "8,4" and training["batchnorm"] == "train"
     assert main(["train", "--task", "digits", "--recipe", "w4a8", "--progressive", "8,2"]) == 2

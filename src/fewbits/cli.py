@@ -238,7 +238,7 @@ def cmd_train(args) -> dict:
     import torch
 
     import fewbits
-    from fewbits.qat import Distillation, fit, prepare_qat, progressive_bits
+    from fewbits.qat import Distillation, chain, fit, prepare_qat, progressive_bits, progressive_layers
     from fewbits.recipe import get_recipe
     from fewbits.report.table import format_table
     from fewbits.tasks import load_task
@@ -263,6 +263,8 @@ def cmd_train(args) -> dict:
                 raise ValueError(f"--progressive {args.progressive} must end at one of the recipe's weight widths "
                                  f"{sorted(bits)}")
             schedule = progressive_bits(widths, args.epochs)
+        if args.layer_stages:
+            schedule = chain(schedule, progressive_layers(args.layer_stages, args.epochs))
         t0 = time.perf_counter()
         qmodel = prepare_qat(task.model, recipe, method=args.method, estimator=args.estimator,
                              batches=task.calibration, batchnorm=args.batchnorm)
@@ -282,7 +284,7 @@ def cmd_train(args) -> dict:
         out["training"] = {"method": args.method, "estimator": args.estimator, "epochs": args.epochs, "lr": args.lr,
                            "batch_size": args.batch_size, "train_size": len(x), "distill": bool(args.distill),
                            "batchnorm": args.batchnorm,
-                           "progressive": args.progressive, "ranks": torch.distributed.get_world_size()
+                           "progressive": args.progressive, "layer_stages": args.layer_stages, "ranks": torch.distributed.get_world_size()
                            if distributed else 1, "seconds": result.seconds, **result.to_dict()}
         row = summary_row(out)
         row.update({"method": args.method + (" + distill" if args.distill else ""), "epochs": args.epochs,
@@ -367,6 +369,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--distill", action="store_true", help="the fp32 model as teacher (KL on softened logits)")
     t.add_argument("--distill-weight", type=float, default=0.5, help="share of the distillation term in the loss")
     t.add_argument("--progressive", help="weight bit widths in stages over the epochs, e.g. 8,4,2 (ends at the recipe's)")
+    t.add_argument("--layer-stages", type=int, help="quantize the layers in N groups, one more group per share of the "
+                   "epochs (layer-wise staging)")
     t.add_argument("--batchnorm", default="fold", choices=["fold", "train"],
                    help="fold: BatchNorm folded with frozen running statistics; train: it keeps learning on batch "
                         "statistics (its folded weight quantized) until --freeze-bn-after")

@@ -214,3 +214,26 @@ def test_training_batchnorm_learns_with_batch_statistics():
     q = prepare_qat(_net(), "w4a8", batches=[x for x, _ in data], batchnorm="train")
     result = fit(q, data, epochs=8, lr=3e-3, evaluate=lambda m: _accuracy(m, data), freeze_bn_after=0.75)
     assert q.status is Status.CALIBRATED and result.best["accuracy"] > 0.6  # above the 3-class chance
+
+
+def test_progressive_schedules_widths_and_layers():
+    data = _data()
+    q = prepare_qat(_net(), "w4a8", method="lsq", batches=[x for x, _ in data])
+    wq = q.model[0].weight_quantizer
+    step4 = wq.learned_value.detach().clone()
+    schedule = fewbits.qat.chain(fewbits.qat.progressive_bits([8, 4], epochs=4),
+                                 fewbits.qat.progressive_layers(2, epochs=4))
+    schedule(0, q)
+    assert wq.spec.bits == 8 and q.model[4].weight_quantizer.spec.bits == 8
+    # the same range on 255 levels instead of 15: the step shrinks by 15/255
+    assert torch.allclose(wq.learned_value, step4 * 15 / 255)
+    assert q.model[0].input_quantizer.enabled and not q.model[4].input_quantizer.enabled  # stage 1: first layer
+    with pytest.raises(ValueError, match="disabled.*'4.weight'"):
+        finish(q)
+    schedule(2, q)
+    assert wq.spec.bits == 4 and all(t.enabled for t in q.quantizers().values())
+    assert torch.allclose(wq.learned_value, step4)
+    with pytest.raises(ValueError, match="must not grow"):
+        fewbits.qat.progressive_bits([4, 8], epochs=4)
+    with pytest.raises(ValueError, match="at least one epoch each"):
+        fewbits.qat.progressive_layers(3, epochs=2)

@@ -14,6 +14,8 @@ from .train import (
     pact_penalty,
     prepare_qat,
     progressive_bits,
+    progressive_layers,
+    chain,
     qat_quantizers,
     quantizer_parameters,
 )
@@ -21,5 +23,5 @@ from .train import (
 __all__ = [
     "ESTIMATORS", "METHODS", "QATQuantizer", "fake_quantize_estimated", "prepare_qat", "finish", "fit", "FitResult",
     "Distillation", "distillation_loss", "cosine_distillation_loss", "pact_penalty", "freeze_ranges",
-    "qat_quantizers", "quantizer_parameters", "progressive_bits", "QATConvBn", "freeze_batchnorm",
+    "qat_quantizers", "quantizer_parameters", "progressive_bits", "progressive_layers", "chain", "QATConvBn", "freeze_batchnorm",
 ]

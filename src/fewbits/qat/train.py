@@ -123,6 +123,10 @@ def finish(qmodel: QuantizedModel) -> QuantizedModel:
         wq = getattr(layer, "weight_quantizer", None)
         if isinstance(wq, QATQuantizer) and not wq.learned:
             wq.set_from(layer._weight_view())
+    disabled = [q.name for q in qat_quantizers(qmodel).values() if not q.enabled]
+    if disabled:
+        raise ValueError(f"finish: {len(disabled)} quantizers are disabled (e.g. '{disabled[0]}'; a layer-wise stage "
+                         "not reached?): enable them, or train through the last stage")
     missing = [q.name for q in qat_quantizers(qmodel).values() if q.frozen().scale is None and q.role != "weight"]
     if missing:
         raise ValueError(f"finish: {len(missing)} activation grids never saw data (e.g. '{missing[0]}'): "
@@ -173,6 +177,40 @@ def _fold_trained_batchnorm(qmodel: QuantizedModel) -> None:
     qmodel.folded_bn = sorted(set(qmodel.folded_bn) | set(paired))
     qmodel.bn_stats.update(stats)
     qmodel.training_bn = []
+
+
+def progressive_layers(stages: int, epochs: int) -> Callable:
+    """A ``fit`` schedule that quantizes the layers in ``stages`` groups, in module order (the
+    order the model defines them, usually the order data flows): in the first share of the
+    epochs only the first group trains quantized, the rest float; each stage adds the next
+    group, until every layer is quantized for the last share (layer-wise staging)."""
+    if stages < 1 or epochs < stages:
+        raise ValueError(f"layer-wise staging in {stages} stages needs at least one epoch each, got {epochs} epochs")
+
+    def schedule(epoch: int, qmodel: QuantizedModel) -> None:
+        stage = min(epoch * stages // epochs, stages - 1)
+        layers = list(qmodel.quantized_layers().values())
+        enabled = math.ceil(len(layers) * (stage + 1) / stages)
+        for i, layer in enumerate(layers):
+            for slot in ("weight_quantizer", "input_quantizer", "output_quantizer"):
+                quantizer = getattr(layer, slot, None)
+                if quantizer is not None:
+                    quantizer.enabled = i < enabled
+
+    return schedule
+
+
+def chain(*schedules: Optional[Callable]) -> Optional[Callable]:
+    """One ``fit`` schedule running the given ones in order (``None`` entries skipped)."""
+    active = [s for s in schedules if s is not None]
+    if not active:
+        return None
+
+    def schedule(epoch: int, qmodel: QuantizedModel) -> None:
+        for s in active:
+            s(epoch, qmodel)
+
+    return schedule
 
 
 # ---- the training loop --------------------------------------------------------------------------
