@@ -251,9 +251,22 @@ def cmd_train(args) -> dict:
         task = load_task(args.task, small=args.small)
         if task.train_data is None:
             raise ValueError(f"task '{args.task}' has no training data for quantization-aware training")
-        x, y = task.train_data()
-        if args.train_size:
-            x, y = x[:args.train_size], y[:args.train_size]
+        train = task.train_data()
+        labelled = isinstance(train, tuple)
+        if not labelled and not args.distill:
+            raise ValueError(f"task '{args.task}' has no labels: it trains against the fp32 model only, add --distill")
+        if labelled:
+            x, y = train
+            if args.train_size:
+                x, y = x[:args.train_size], y[:args.train_size]
+            data = ShuffledBatches(x, y, args.batch_size, args.seed)
+            size = len(x)
+        else:  # ready (inputs, None) batches of keyword arguments
+            rows = [len(next(iter(inputs.values()))) for inputs, _ in train]
+            keep = len(rows)
+            if args.train_size:  # whole batches, at least one, up to about N examples
+                keep = max(1, sum(1 for i in range(len(rows)) if sum(rows[:i + 1]) <= args.train_size))
+            data, size = train[:keep], sum(rows[:keep])
         recipe = get_recipe(args.recipe)
         schedule = None
         if args.progressive:
@@ -270,10 +283,12 @@ def cmd_train(args) -> dict:
                              batches=task.calibration, batchnorm=args.batchnorm)
         if schedule is not None:
             schedule(0, qmodel)
-        data = ShuffledBatches(x, y, args.batch_size, args.seed)
-        distill = Distillation(task.model, weight=args.distill_weight) if args.distill else None
+        distill = None
+        if args.distill:  # labelled: KL on logits; otherwise the output itself (an embedding), by cosine
+            distill = Distillation(task.model, weight=args.distill_weight if labelled else 1.0,
+                                   kind="kl" if labelled else "cosine")
         result = fit(qmodel, data, epochs=args.epochs, lr=args.lr, evaluate=task.evaluate, monitor=task.metric,
-                     distill=distill, schedule=schedule, seed=args.seed,
+                     distill=distill, schedule=schedule, seed=args.seed, forward=task.train_forward,
                      freeze_bn_after=args.freeze_bn_after if args.batchnorm == "train" else None)
         seconds = time.perf_counter() - t0
         if rank:
@@ -282,7 +297,8 @@ def cmd_train(args) -> dict:
                                   batches=task.calibration, seconds=seconds)
         out = result_json(task.name, recipe, report)
         out["training"] = {"method": args.method, "estimator": args.estimator, "epochs": args.epochs, "lr": args.lr,
-                           "batch_size": args.batch_size, "train_size": len(x), "distill": bool(args.distill),
+                           "batch_size": args.batch_size if labelled else None, "train_size": size,
+                           "distill": (distill.kind if distill else None),
                            "batchnorm": args.batchnorm,
                            "progressive": args.progressive, "layer_stages": args.layer_stages, "ranks": torch.distributed.get_world_size()
                            if distributed else 1, "seconds": result.seconds, **result.to_dict()}
@@ -366,7 +382,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "steps; pact: learned activation clipping")
     t.add_argument("--estimator", default="clipped", choices=["identity", "clipped", "relu", "soft"],
                    help="the rounding's gradient for ste grids")
-    t.add_argument("--distill", action="store_true", help="the fp32 model as teacher (KL on softened logits)")
+    t.add_argument("--distill", action="store_true", help="the fp32 model as teacher: KL on softened logits, or the "
+                   "embedding cosine for a task without labels (minilm-wordnet)")
     t.add_argument("--distill-weight", type=float, default=0.5, help="share of the distillation term in the loss")
     t.add_argument("--progressive", help="weight bit widths in stages over the epochs, e.g. 8,4,2 (ends at the recipe's)")
     t.add_argument("--layer-stages", type=int, help="quantize the layers in N groups, one more group per share of the "

@@ -237,3 +237,31 @@ def test_progressive_schedules_widths_and_layers():
         fewbits.qat.progressive_bits([4, 8], epochs=4)
     with pytest.raises(ValueError, match="at least one epoch each"):
         fewbits.qat.progressive_layers(3, epochs=2)
+
+
+def test_cosine_distillation_trains_an_encoder_on_unlabelled_keyword_batches():
+    torch.manual_seed(0)
+
+    class Encoder(nn.Module):  # keyword inputs and an embedding output, like a sentence encoder
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 6)
+
+        def forward(self, features, scale):
+            return self.b(torch.relu(self.a(features * scale)))
+
+    teacher = Encoder().eval()
+    g = torch.Generator().manual_seed(2)
+    data = [({"features": torch.randn(16, 8, generator=g), "scale": torch.ones(16, 1)}, None) for _ in range(6)]
+    q = prepare_qat(teacher, "w4a8", batches=[b for b, _ in data])
+
+    def cosine():
+        q.eval()
+        with torch.no_grad():
+            return sum(F.cosine_similarity(q(**b), teacher(**b)).mean().item() for b, _ in data) / len(data)
+
+    before = cosine()
+    fit(q, data, epochs=6, lr=3e-3, distill=Distillation(teacher, kind="cosine"), finish_model=False)
+    assert cosine() > before
+    with pytest.raises(ValueError, match="need a Distillation"):
+        fit(prepare_qat(teacher, "w4a8", batches=[b for b, _ in data]), data)

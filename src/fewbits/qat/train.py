@@ -245,9 +245,10 @@ class Distillation:
             raise ValueError(f"distillation kind must be 'kl' or 'cosine', got {self.kind!r}")
         self.teacher = self.teacher.eval()
 
-    def loss(self, student_out: torch.Tensor, inputs, task_loss: Optional[torch.Tensor]) -> torch.Tensor:
+    def loss(self, student_out: torch.Tensor, inputs, task_loss: Optional[torch.Tensor],
+             forward: Optional[Callable] = None) -> torch.Tensor:
         with torch.no_grad():
-            teacher_out = self.teacher(inputs)
+            teacher_out = (forward or call)(self.teacher, inputs)
         term = (distillation_loss(student_out, teacher_out, self.temperature) if self.kind == "kl"
                 else cosine_distillation_loss(student_out, teacher_out))
         if task_loss is None:
@@ -268,6 +269,11 @@ class FitResult:
         return {"history": self.history, "best_epoch": self.best_epoch, "best": self.best, "seconds": self.seconds}
 
 
+def call(model: nn.Module, inputs):
+    """``model(**inputs)`` for a dict of keyword arguments, else ``model(inputs)``."""
+    return model(**inputs) if isinstance(inputs, dict) else model(inputs)
+
+
 def _shard(batch, rank: int, world: int):
     """This rank's contiguous share of a global batch (every tensor split along dim 0)."""
     if isinstance(batch, torch.Tensor):
@@ -286,10 +292,13 @@ def fit(qmodel: QuantizedModel, data, *, epochs: int = 1, lr: float = 1e-4, opti
         monitor: Optional[str] = None, distill: Optional[Distillation] = None, pact_weight: float = 1e-4,
         freeze_ranges_after: Optional[float] = None, freeze_bn_after: Optional[float] = None, checkpoint: Optional[str | Path] = None,
         schedule: Optional[Callable[[int, QuantizedModel], None]] = None, finish_model: bool = True,
-        cosine: bool = True, seed: int = 0) -> FitResult:
+        cosine: bool = True, forward: Optional[Callable] = None, seed: int = 0) -> FitResult:
     """Train ``qmodel`` (from :func:`prepare_qat`) on ``data`` and keep its best epoch.
 
-    ``data``: a re-iterable of ``(inputs, targets)`` global batches (a list, a DataLoader).
+    ``data``: a re-iterable of ``(inputs, targets)`` global batches (a list, a DataLoader);
+    ``targets`` may be ``None`` when a ``distill`` teacher is the only target. ``forward(model,
+    inputs)`` gives the output the losses compare (default :func:`call`; a sentence encoder's
+    pooled embedding, say).
     Under ``torch.distributed`` (``torchrun``) the model is wrapped in DDP and every rank takes
     its contiguous share of each global batch, so N ranks compute what one process computes on
     the same batches. ``loss(outputs, targets)`` defaults to cross-entropy; ``evaluate(model)``
@@ -341,9 +350,9 @@ def fit(qmodel: QuantizedModel, data, *, epochs: int = 1, lr: float = 1e-4, opti
                 if freeze_bn_at is not None and step == freeze_bn_at:
                     freeze_batchnorm(qmodel.model)
                 inputs, targets = _shard(batch, rank, world) if world > 1 else batch
-                out = net(inputs)
+                out = (forward or call)(net, inputs)
                 task = loss(out, targets) if targets is not None else None
-                total_loss = distill.loss(out, inputs, task) if distill is not None else task
+                total_loss = distill.loss(out, inputs, task, forward) if distill is not None else task
                 if total_loss is None:
                     raise ValueError("fit: batches without targets need a Distillation to train against")
                 if pact_weight and qmodel.qat["method"] == "pact":

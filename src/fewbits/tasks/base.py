@@ -15,7 +15,9 @@ class Task:
     ``calibration`` holds batches for :func:`fewbits.calibrate` (disjoint from the evaluation
     data); ``evaluate(model)`` returns every metric, the headline ``metric`` among them;
     ``train_data()``, where the task has one, returns its training set ``(inputs, labels)``
-    (quantization-aware training; the calibration batches are drawn from it, never the test set).
+    tensors, or ready ``(inputs, None)`` batches for a task trained against its fp32 model only
+    (quantization-aware training; never the test set); ``train_forward(model, inputs)`` is the
+    output training compares, where it is not ``model(inputs)``.
     """
 
     name: str
@@ -24,7 +26,8 @@ class Task:
     calibration: list
     metric: str
     evaluate: Callable[[nn.Module], dict]
-    train_data: Optional[Callable[[], tuple]] = None
+    train_data: Optional[Callable[[], tuple | list]] = None
+    train_forward: Optional[Callable] = None
 
 
 @torch.no_grad()

@@ -26,7 +26,12 @@ def embed(model, tokenizer, sentences, max_length: int = 128) -> torch.Tensor:
     """Sentence embeddings: mean pooling over real tokens, then L2 normalisation."""
     batch = tokenizer(list(sentences), padding=True, truncation=True, max_length=max_length, return_tensors="pt")
     with torch.no_grad():
-        hidden = model(**batch).last_hidden_state
+        return pooled_embedding(model, batch)
+
+
+def pooled_embedding(model, batch: dict) -> torch.Tensor:
+    """The embedding of a tokenized batch (what :func:`embed` returns), with gradients."""
+    hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
     return torch.nn.functional.normalize(pooled, dim=-1)
