@@ -96,6 +96,7 @@ def test_finish_names_a_grid_that_never_saw_data():
     q = prepare_qat(_net(), "w8a8")
     with pytest.raises(ValueError, match="never saw data.*'0.input'"):
         finish(q)
+    assert q.status is Status.TRAINING and q.training  # refused: nothing changed
 
 
 def test_fit_keeps_the_best_epoch_and_writes_a_loadable_checkpoint(tmp_path):

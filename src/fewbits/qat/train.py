@@ -117,20 +117,22 @@ def finish(qmodel: QuantizedModel) -> QuantizedModel:
     ``convert`` / ``export_onnx`` / ``save`` take (in place; returns it, in eval mode)."""
     if qmodel.status is not Status.TRAINING:
         raise ValueError(f"finish: the model is {qmodel.status.value}, not in quantization-aware training")
+    quantizers = qat_quantizers(qmodel).values()
+    disabled = [q.name for q in quantizers if not q.enabled]
+    if disabled:  # checked before anything changes: a refused model stays as it was
+        raise ValueError(f"finish: {len(disabled)} quantizers are disabled (e.g. '{disabled[0]}'; a layer-wise stage "
+                         "not reached?): enable them, or train through the last stage")
+    missing = [q.name for q in quantizers if q.role != "weight" and q.scale is None
+               and not (q.learned and bool(q.initialized))]
+    if missing:
+        raise ValueError(f"finish: {len(missing)} activation grids never saw data (e.g. '{missing[0]}'): "
+                         "run at least one training or calibration batch through the model")
     qmodel.eval()
     _fold_trained_batchnorm(qmodel)
     for layer in qmodel.quantized_layers().values():  # weights' grids from the final weights
         wq = getattr(layer, "weight_quantizer", None)
         if isinstance(wq, QATQuantizer) and not wq.learned:
             wq.set_from(layer._weight_view())
-    disabled = [q.name for q in qat_quantizers(qmodel).values() if not q.enabled]
-    if disabled:
-        raise ValueError(f"finish: {len(disabled)} quantizers are disabled (e.g. '{disabled[0]}'; a layer-wise stage "
-                         "not reached?): enable them, or train through the last stage")
-    missing = [q.name for q in qat_quantizers(qmodel).values() if q.frozen().scale is None and q.role != "weight"]
-    if missing:
-        raise ValueError(f"finish: {len(missing)} activation grids never saw data (e.g. '{missing[0]}'): "
-                         "run at least one training or calibration batch through the model")
     _swap_quantizers(qmodel.model, lambda q: q.frozen() if isinstance(q, QATQuantizer) else None)
     qmodel.status = Status.CALIBRATED
     return qmodel
