@@ -139,6 +139,7 @@ _AIMET_CONFIG = {"defaults": {"ops": {"is_output_quantized": "True"},
                  "model_input": {"is_input_quantized": "True"}, "model_output": {}}
 
 
+SLOW_BASELINES = False  # --slow-baselines
 _COMPARE_CASES = (("fashion-cnn", 3), ("fashion-cnn", 2), ("mobilenetv2-probe", 4))
 
 
@@ -158,7 +159,7 @@ def compare_rows(small: bool, iterations: int) -> list[dict]:
         if have["AIMET"]:
             rows += _aimet_rows(task, bits, iterations)
         if have["Brevitas"]:
-            rows += _brevitas_rows(task, bits, iterations)
+            rows += _brevitas_rows(task, bits, iterations, SLOW_BASELINES)
         extra = {"weights": f"w{bits}a8"}
         mse = LayerRecipe(weight=TensorRecipe(QuantSpec(bits=bits, granularity=PerChannel(0)), "mse"), input=_ACT)
         rows += [run(task, "fewbits nearest", weights_at(bits), "compare", extra),
@@ -244,7 +245,7 @@ class _LastLinearFeatures:
         return torch.cat(feats), logits
 
 
-def _brevitas_rows(task, bits: int, iterations: int) -> list[dict]:
+def _brevitas_rows(task, bits: int, iterations: int, slow: bool = False) -> list[dict]:
     """Brevitas' PTQ flow (its ImageNet example's ``quantize_model``, layerwise: weights and layer
     inputs, like fewbits): per-channel symmetric weights from their max, uint8 asymmetric inputs at
     its default 99.999th percentile; nearest, its GPTQ, and its learned rounding (AdaRound's
@@ -258,7 +259,14 @@ def _brevitas_rows(task, bits: int, iterations: int) -> list[dict]:
 
     loader = [(x, None) for x in task.calibration]
     rows = []
-    for label in ("Brevitas nearest", "Brevitas GPTQ", f"Brevitas learned round ({iterations} it.)"):
+    labels = ["Brevitas nearest", "Brevitas GPTQ", f"Brevitas learned round ({iterations} it.)"]
+    if task.name == "mobilenetv2-probe" and not slow:
+        # measured on 2 cores: 44 of its 53 layers in 55 min (the last ones at 2 it/s), where
+        # fewbits' AdaRound takes ~5 min for all; --slow-baselines runs it anyway
+        labels.pop()
+        rows.append({"section": "compare", "task": task.name, "method": "Brevitas learned round: not run (> 1 h here; "
+                     "--slow-baselines)", "weights": f"w{bits}a8", "seconds": 0.0})
+    for label in labels:
         print(f"  compare: {task.name} w{bits}a8 {label} ...", file=sys.stderr, flush=True)
         start = time.perf_counter()
         model = preprocess_for_quantize(copy.deepcopy(task.model).eval(), relu6_to_relu=False)  # folds BatchNorm
@@ -398,9 +406,13 @@ def main() -> None:
     p.add_argument("--sections", default="dfq,rounding,compare,compare-dfq,grids,llm")
     p.add_argument("--adaround-iterations", type=int, default=1000)
     p.add_argument("--small", action="store_true", help="the tasks' small subsets (quick look)")
+    p.add_argument("--slow-baselines", action="store_true",
+                   help="also run baselines that take over an hour here (Brevitas' learned rounding on MobileNetV2)")
     p.add_argument("--tables", action="store_true", help="reprint the tables from the saved JSON")
     args = p.parse_args()
     set_threads()
+    global SLOW_BASELINES
+    SLOW_BASELINES = args.slow_baselines
     if args.tables:
         import json
 
