@@ -179,7 +179,7 @@ def test_two_data_parallel_processes_equal_one_on_the_global_batch(method, batch
             # order than one process: float32 rounding, measured ≤ 3e-8 after these steps. Not Adam: it divides by
             # √v, so a gradient of 1e-9 in one run and 0 in the other moves a weight by lr; and
             # not many epochs: sooner or later such a difference flips one weight's rounding
-            # (LSQ, epoch 2 here) and the runs part legitimately.
+            # (LSQ in a second epoch here) and the runs part legitimately.
             assert torch.allclose(ranks[key], value, rtol=0, atol=1e-6), key
 
 

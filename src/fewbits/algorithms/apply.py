@@ -127,29 +127,36 @@ def _collect_inputs(qmodel: QuantizedModel, layers: dict, batches: list, samples
             for n, (lo, hi, rows, mag, count) in seen.items()}
 
 
-def _run_smoothquant(qmodel: QuantizedModel, step: SmoothQuant, batches: list, result: AlgorithmResult) -> None:
-    layers = _scalable_linears(qmodel, step.layers, result, "smoothquant")
-    stats = _collect_inputs(qmodel, layers, batches, step.samples)
-    with Progress("smoothquant, layer", len(layers)) as progress:
-        for name, module in layers.items():
+def _with_inputs(label: str, layers: dict, stats: dict, result: AlgorithmResult):
+    """``(name, layer, inputs)`` for each layer whose inputs were collected, with progress; a layer
+    that never ran on the batches is listed as skipped."""
+    with Progress(f"{label}, layer", len(layers)) as progress:
+        for name, layer in layers.items():
             progress.step(name)
             if name not in stats:
                 result.skipped.append(LeftFloat(name, "QuantLinear", "the layer never ran on the batches"))
                 continue
-            inputs, wq = stats[name], module.weight_quantizer
-            specs = (module.input_quantizer.spec, wq.spec, wq.recipe.method)
-            w_absmax = module.weight.detach().abs().amax(0).float()
-            if step.alpha is None:
-                alpha, before, after = smoothquant.choose_alpha(inputs, module.weight, step.alpha_grid, *specs)
-            else:  # a fixed strength is applied even where it does not help, as in the paper
-                alpha = step.alpha
-                before = smoothquant.quantized_output_sqnr(inputs, module.weight, torch.ones_like(w_absmax), *specs)
-                after = smoothquant.quantized_output_sqnr(
-                    inputs, module.weight, smoothquant.smoothing_scale(inputs.absmax, w_absmax, alpha), *specs)
-            if alpha is not None:
-                module.smooth(smoothquant.smoothing_scale(inputs.absmax, w_absmax, alpha))
-                module.input_quantizer.scale = module.input_quantizer.zero_point = None
-            result.layers[name] = {"alpha": alpha, "sqnr_db_before": _db(before), "sqnr_db_after": _db(after)}
+            yield name, layer, stats[name]
+
+
+def _run_smoothquant(qmodel: QuantizedModel, step: SmoothQuant, batches: list, result: AlgorithmResult) -> None:
+    layers = _scalable_linears(qmodel, step.layers, result, "smoothquant")
+    stats = _collect_inputs(qmodel, layers, batches, step.samples)
+    for name, module, inputs in _with_inputs("smoothquant", layers, stats, result):
+        wq = module.weight_quantizer
+        specs = (module.input_quantizer.spec, wq.spec, wq.recipe.method)
+        w_absmax = module.weight.detach().abs().amax(0).float()
+        if step.alpha is None:
+            alpha, before, after = smoothquant.choose_alpha(inputs, module.weight, step.alpha_grid, *specs)
+        else:  # a fixed strength is applied even where it does not help, as in the paper
+            alpha = step.alpha
+            before = smoothquant.quantized_output_sqnr(inputs, module.weight, torch.ones_like(w_absmax), *specs)
+            after = smoothquant.quantized_output_sqnr(
+                inputs, module.weight, smoothquant.smoothing_scale(inputs.absmax, w_absmax, alpha), *specs)
+        if alpha is not None:
+            module.smooth(smoothquant.smoothing_scale(inputs.absmax, w_absmax, alpha))
+            module.input_quantizer.scale = module.input_quantizer.zero_point = None
+        result.layers[name] = {"alpha": alpha, "sqnr_db_before": _db(before), "sqnr_db_after": _db(after)}
     _mark_uncalibrated(qmodel)
 
 
@@ -694,22 +701,17 @@ def _run_awq(qmodel: QuantizedModel, step: AWQ, batches: list, result: Algorithm
     layers = _scalable_linears(qmodel, step.layers, result, "awq")
     stats = _collect_inputs(qmodel, layers, batches, step.samples, label="awq statistics")
     grid = [i / step.grid for i in range(step.grid)]
-    with Progress("awq, layer", len(layers)) as progress:
-        for name, layer in layers.items():
-            progress.step(name)
-            if name not in stats:
-                result.skipped.append(LeftFloat(name, "QuantLinear", "the layer never ran on the batches"))
-                continue
-            inputs, wq = stats[name], layer.weight_quantizer
-            if layer.smooth_scale is not None:
-                inputs = smoothquant.LayerInputs(inputs.lo, inputs.hi, inputs.rows / layer.smooth_scale,
-                                                 inputs.absmean / layer.smooth_scale)
-            alpha, before, after = awq.search_alpha(inputs.rows, inputs.absmean, layer.weight, wq.spec, grid,
-                                                    wq.recipe.method)
-            if alpha > 0:
-                with torch.no_grad():
-                    layer.smooth(awq.awq_scale(inputs.absmean, alpha))
-            result.layers[name] = {"alpha": alpha, "error_before": before, "error_after": after}
+    for name, layer, inputs in _with_inputs("awq", layers, stats, result):
+        wq = layer.weight_quantizer
+        if layer.smooth_scale is not None:
+            inputs = smoothquant.LayerInputs(inputs.lo, inputs.hi, inputs.rows / layer.smooth_scale,
+                                             inputs.absmean / layer.smooth_scale)
+        alpha, before, after = awq.search_alpha(inputs.rows, inputs.absmean, layer.weight, wq.spec, grid,
+                                                wq.recipe.method)
+        if alpha > 0:
+            with torch.no_grad():
+                layer.smooth(awq.awq_scale(inputs.absmean, alpha))
+        result.layers[name] = {"alpha": alpha, "error_before": before, "error_after": after}
 
 
 _DRIVERS = {SmoothQuant: _run_smoothquant, AWQ: _run_awq, BiasCorrection: _run_bias_correction, CrossLayerEqualization: _run_cle,

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..wrap.fold import batchnorm_pairs, fold_into
+from ..wrap.fold import batchnorm_pairs, fold_into, folded_factor_and_bias
 from .quantizers import is_distributed
 
 
@@ -49,15 +49,11 @@ class QATConvBn(nn.Module):
         self.layer, self.bn = layer, bn
         self.frozen = False
 
-    def _factor(self) -> torch.Tensor:
-        bn = self.bn
-        factor = torch.rsqrt(bn.running_var + bn.eps)
-        return factor * bn.weight if bn.affine else factor
-
-    def _bias(self) -> torch.Tensor:
-        bn, b = self.bn, self.layer.bias
-        bias = b if b is not None else torch.zeros_like(bn.running_mean)
-        return (bias - bn.running_mean) * self._factor() + (bn.bias if bn.affine else 0.0)
+    def folded_weight(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``W·γ/σ_run``, the factor ``γ/σ_run`` and the folded bias, on the running statistics."""
+        layer = self.layer
+        factor, bias = folded_factor_and_bias(layer.bias, self.bn)
+        return layer.weight * factor.reshape([-1] + [1] * (layer.weight.dim() - 1)), factor, bias
 
     def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         layer = self.layer
@@ -66,10 +62,8 @@ class QATConvBn(nn.Module):
         return layer._conv_forward(x, weight, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        layer, bn = self.layer, self.bn
-        factor = self._factor()
-        shape = [-1] + [1] * (layer.weight.dim() - 1)
-        folded = layer.weight * factor.reshape(shape)
+        layer = self.layer
+        folded, factor, bias = self.folded_weight()
         wq = layer.weight_quantizer
         w = folded if wq is None else wq(folded.reshape(folded.shape[0], -1)).reshape(folded.shape)
         y = self._linear(layer._in(x), w)
@@ -79,19 +73,9 @@ class QATConvBn(nn.Module):
             if layer.bias is not None:
                 y = y + layer.bias.reshape(channel)
             y = self._batch_norm(y, channel)
-        else:
-            y = y + self._quantized_bias(self._bias()).reshape(channel)
+        else:  # the folded bias on the accumulator grid, as deployed
+            y = y + layer.quantized_bias(bias).reshape(channel)
         return layer._out(y)
-
-    def _quantized_bias(self, b: torch.Tensor) -> torch.Tensor:
-        """The folded bias on the accumulator grid ``s_x·s_w`` (as ``quantized_bias``)."""
-        layer = self.layer
-        xq, wq = layer.input_quantizer, layer.weight_quantizer
-        if xq is None or wq is None or xq.scale is None or wq.scale is None or xq.recipe.dynamic:
-            return b
-        step = xq.scale.detach().double().reshape(()) * wq.scale.detach().double().reshape(-1)
-        b_hat = (torch.round(b.detach().double() / step) * step).to(b.dtype)
-        return b + (b_hat - b).detach()
 
     def _batch_norm(self, y: torch.Tensor, channel: list) -> torch.Tensor:
         bn = self.bn

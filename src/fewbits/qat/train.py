@@ -80,8 +80,8 @@ def prepare_qat(model: nn.Module, recipe="w8a8", *, method: str = "ste", estimat
         qmodel.training_bn = paired
         for m in qmodel.model.modules():  # weight grids fitted to the folded weights
             if isinstance(m, QATConvBn) and m.layer.weight_quantizer is not None:
-                w = m.layer.weight * m._factor().reshape([-1] + [1] * (m.layer.weight.dim() - 1))
-                m.layer.weight_quantizer.set_from(w.detach().reshape(w.shape[0], -1))
+                w = m.folded_weight()[0].detach()
+                m.layer.weight_quantizer.set_from(w.reshape(w.shape[0], -1))
     _swap_quantizers(qmodel.model, lambda q: None if q.recipe.dynamic else
                      QATQuantizer(q, method, estimator, momentum, temperature))
     qmodel.status = Status.TRAINING

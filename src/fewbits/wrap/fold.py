@@ -12,18 +12,24 @@ from torch import nn
 _FOLDABLE = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
 
 
-@torch.no_grad()
-def fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
-    """Fold ``bn`` into ``layer`` in place (``layer`` gains a bias if it had none)."""
+def folded_factor_and_bias(bias, bn: nn.modules.batchnorm._BatchNorm) -> tuple[torch.Tensor, torch.Tensor]:
+    """``γ/√(σ² + ε)`` per channel and the folded bias ``(b − μ)·γ/√(σ² + ε) + β`` on the running
+    statistics (``bias`` may be ``None``); differentiable, so training can fold as it goes."""
     if bn.running_mean is None or bn.running_var is None:
         raise ValueError("BatchNorm without running statistics cannot be folded")
     factor = torch.rsqrt(bn.running_var + bn.eps)
     if bn.affine:
         factor = factor * bn.weight
+    bias = bias if bias is not None else torch.zeros_like(bn.running_mean)
+    return factor, (bias - bn.running_mean) * factor + (bn.bias if bn.affine else 0.0)
+
+
+@torch.no_grad()
+def fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
+    """Fold ``bn`` into ``layer`` in place (``layer`` gains a bias if it had none)."""
+    factor, new_bias = folded_factor_and_bias(layer.bias, bn)
     shape = [-1] + [1] * (layer.weight.dim() - 1)
     layer.weight.mul_(factor.reshape(shape).to(layer.weight.dtype))
-    bias = layer.bias if layer.bias is not None else torch.zeros_like(bn.running_mean)
-    new_bias = (bias - bn.running_mean) * factor + (bn.bias if bn.affine else 0.0)
     layer.bias = nn.Parameter(new_bias.to(layer.weight.dtype))
 
 

@@ -60,12 +60,13 @@ class _QuantSlots:
             return self.weight
         return self.weight_quantizer(self._weight_view()).reshape(self.weight.shape)
 
-    def quantized_bias(self) -> Optional[torch.Tensor]:
+    def quantized_bias(self, bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The bias as the integer model adds it: ``round(b / (s_x·s_w))`` in the int32
         accumulator, i.e. on the grid of step ``s_x·s_w`` per output channel, once the input
         range is calibrated (not while observing or disabled); otherwise the float bias. The
-        rounding passes gradients straight through."""
-        b, xq, wq = self.bias, self.input_quantizer, self.weight_quantizer
+        rounding passes gradients straight through. ``bias``: another bias for this layer's
+        accumulator (a BatchNorm folded during training), instead of its own."""
+        b, xq, wq = self.bias if bias is None else bias, self.input_quantizer, self.weight_quantizer
         if b is None or int32_accumulator_blocker(xq, wq) or xq.scale is None:
             return b
         if not (xq.enabled and wq.enabled) or xq.observer is not None:
