@@ -7,10 +7,11 @@ from fewbits.cli import main
 REQUIRED = {"task", "recipe", "calib", "metric", "size_bytes", "left_float", "seconds"}
 
 
-def test_tasks_lists_all_five(capsys):
+def test_tasks_lists_them_all(capsys):
     assert main(["tasks"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in ("fashion-cnn", "mobilenetv2-probe", "minilm-wordnet", "digits", "mnist1d"))
+    assert all(name in out for name in ("fashion-cnn", "fashion-mlp", "mobilenetv2-probe", "minilm-wordnet", "digits",
+                                        "mnist1d"))
 
 
 def test_quantize_a_task_writes_the_json_contract(tmp_path, capsys):
@@ -99,7 +100,7 @@ def test_quantize_a_user_model(tmp_path):
 def test_errors_are_one_line_and_exit_2(capsys, tmp_path):
     assert main(["quantize", "--task", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["fewbits: error: unknown task 'nope'; tasks: fashion-cnn, mobilenetv2-probe, minilm-wordnet, digits, mnist1d"]
+    assert err == ["fewbits: error: unknown task 'nope'; tasks: fashion-cnn, fashion-mlp, mobilenetv2-probe, minilm-wordnet, digits, mnist1d"]
     assert main(["quantize", "--task", "digits", "--recipe", "w9a9"]) == 2
     assert "unknown recipe 'w9a9'" in capsys.readouterr().err
     assert main(["quantize", "--model", str(tmp_path / "x.py") + ":f", "--calib-data", "c.pt"]) == 2
@@ -164,3 +165,23 @@ def test_torchrun_trains_data_parallel(tmp_path):
                    check=True, env=env, capture_output=True, timeout=600)
     data = json.loads(path.read_text())
     assert data["training"]["ranks"] == 2 and data["metric"]["quantized"] > 80
+
+
+def test_compress_prints_stages_and_writes_the_json_contract(tmp_path, capsys):
+    path, out = tmp_path / "c.json", tmp_path / "mlp.fbdc"
+    assert main(["compress", "--task", "fashion-mlp", "--prune", "0.9", "--bits", "5", "--steps", "2", "--epochs", "1",
+                 "--finetune-epochs", "0.25", "--train-size", "16384", "--small", "--json", str(path),
+                 "--out", str(out)]) == 0
+    data = json.loads(path.read_text())
+    assert [s["name"] for s in data["stages"]] == ["dense", "pruned", "quantized", "huffman"]
+    sizes = data["sizes"]
+    assert sizes["dense"] == 4 * (784 * 300 + 300 + 300 * 100 + 100 + 100 * 10 + 10)
+    assert sizes["huffman"] == out.stat().st_size and data["ratio"] == round(sizes["dense"] / sizes["huffman"], 2)
+    assert data["ratio"] > 25  # 10% of the weights at ≤ 5 bits plus coded positions, measured ≈ 39×
+    accuracy = [s["metrics"]["accuracy"] for s in data["stages"]]
+    assert accuracy[0] > 88 and accuracy[3] == accuracy[2] > accuracy[0] - 6  # 256 retraining steps on 16k images
+    assert len(data["layers"]) == 3 and all(0 < row["density"] < 1 for row in data["layers"])
+    printed = capsys.readouterr().out
+    assert "| huffman" in printed and "per layer" in printed
+    assert main(["compress", "--task", "minilm-wordnet", "--small"]) == 2  # no labels: a one-line error
+    assert "no labelled training data" in capsys.readouterr().err

@@ -24,19 +24,21 @@ from .observe import (
     weight_qparams,
 )
 from .recipe import BUILTIN_RECIPES, LayerRecipe, Recipe, TensorRecipe, get_recipe
-from .spec import PerChannel, PerGroup, PerTensor, QuantSpec, Rounding
+from .spec import (APoTSpec, BinarySpec, CodebookSpec, LevelSpec, PerChannel, PerGroup, PerTensor, Pow2Spec, QuantSpec,
+                   Rounding, TernarySpec)
 from .wrap import QuantizedModel, calibrate, prepare
 from .steps import AWQ, GPTQ, AdaRound, BiasCorrection, CrossLayerEqualization, SmoothQuant, StochasticRounding
 from .algorithms import AlgorithmResult, apply
 from .export import export_onnx, load, save, verify
 from .convert import IntegerModel, convert
 from .report import Report, evaluate
-from . import qat
+from . import compress, qat
 
 __version__ = "0.1.0"
 
 __all__ = [
     "QuantSpec", "PerTensor", "PerChannel", "PerGroup", "Rounding",
+    "LevelSpec", "Pow2Spec", "APoTSpec", "CodebookSpec", "BinarySpec", "TernarySpec",
     "choose_qparams", "quantize", "dequantize", "fake_quantize",
     "fixed_point_multiplier", "requantize", "pack", "unpack",
     "MinMaxObserver", "MovingAverageObserver", "HistogramObserver", "CalibrationMethod",
@@ -45,5 +47,5 @@ __all__ = [
     "prepare", "calibrate", "QuantizedModel", "evaluate", "Report",
     "apply", "AlgorithmResult", "SmoothQuant", "BiasCorrection", "CrossLayerEqualization", "AdaRound",
     "StochasticRounding", "GPTQ", "AWQ", "save", "load", "convert", "IntegerModel",
-    "export_onnx", "verify", "qat",
+    "export_onnx", "verify", "qat", "compress",
 ]

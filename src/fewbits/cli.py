@@ -318,6 +318,34 @@ def cmd_train(args) -> dict:
             torch.distributed.destroy_process_group()
 
 
+def cmd_compress(args) -> dict:
+    """Deep Compression of a task's model: prune, share weights by k-means, Huffman code."""
+    from fewbits.compress.pipeline import DeepCompressionConfig, deep_compression
+    from fewbits.report.table import format_table
+    from fewbits.tasks import load_task
+
+    config = DeepCompressionConfig(prune=args.prune, bits=args.bits, conv_bits=args.conv_bits, scope=args.scope,
+                                   steps=args.steps, retrain_epochs=args.epochs, finetune_epochs=args.finetune_epochs,
+                                   lr=args.lr, batch_size=args.batch_size, seed=args.seed)
+    task = load_task(args.task, small=args.small)
+    train = task.train_data() if task.train_data is not None else None
+    if not isinstance(train, tuple):
+        raise ValueError(f"task '{args.task}' has no labelled training data: Deep Compression retrains the pruned model")
+    if args.train_size:
+        train = (train[0][: args.train_size], train[1][: args.train_size])
+    result = deep_compression(task.model, train, task.evaluate, task.metric, config, path=args.out)
+    rows = [{"stage": s.name, "bytes": s.bytes, "ratio": f"{s.ratio:.1f}x", task.metric: s.metrics[task.metric],
+             "seconds": s.seconds} for s in result.stages]
+    print(format_table(rows, title=f"fewbits compress: {task.name} (prune {args.prune:.0%}, {args.bits}-bit)"))
+    layers = [{"layer": r.name, "type": r.type, "params": r.params, "kept": f"{r.density:.1%}", "bits": r.bits,
+               "file bytes": r.file_bytes} for r in result.layers]
+    print(format_table(layers, title="per layer"))
+    out = {"task": task.name, **result.to_dict()}
+    if args.json:
+        _write_json(out, Path(args.json))
+    return out
+
+
 DEMO_CONFIGS = [("w8a8", "minmax"), ("w8a8", "percentile"), ("w8a8", "entropy"), ("w8a8-dynamic", None),
                 ("w8a8-smoothquant", None), ("w8", None), ("w4a8", "mse")]
 
@@ -399,6 +427,23 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--small", action="store_true", help="evaluate on a subset (quick)")
     t.add_argument("--json", help="write the result as JSON (shaped like quantize's, plus 'training')")
     t.add_argument("--out", help="directory for report.json and the trained model (model.safetensors)")
+    c = sub.add_parser("compress", help="Deep Compression: prune, k-means weight sharing, Huffman coding into a file")
+    c.add_argument("--task", required=True, help="a built-in task with labelled training data")
+    c.add_argument("--prune", type=float, default=0.9, help="fraction of the Linear/Conv weights removed (default 0.9)")
+    c.add_argument("--bits", type=int, default=5, help="cluster-index bits of linear layers (default 5)")
+    c.add_argument("--conv-bits", type=int, help="cluster-index bits of convolutions (default: --bits)")
+    c.add_argument("--scope", default="global", choices=["global", "layer"],
+                   help="one magnitude threshold over all layers, or the same fraction per layer")
+    c.add_argument("--steps", type=int, default=3, help="iterative pruning steps, each followed by retraining")
+    c.add_argument("--epochs", type=float, default=1.0, help="retraining epochs after each pruning step")
+    c.add_argument("--finetune-epochs", type=float, default=1.0, help="epochs of centroid fine-tuning")
+    c.add_argument("--lr", type=float, default=1e-3)
+    c.add_argument("--batch-size", type=int, default=128)
+    c.add_argument("--train-size", type=int, help="train on the first N examples only (quick runs)")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--small", action="store_true", help="evaluate on a subset (quick)")
+    c.add_argument("--out", help="write the compressed model here (.fbdc); default: a temporary file")
+    c.add_argument("--json", help="write per-stage sizes, metrics and the compression ratio as JSON")
     d = sub.add_parser("demo", help="the default tasks through several recipes: one comparison table")
     d.add_argument("--tasks", default="fashion-cnn,minilm-wordnet")
     d.add_argument("--small", action="store_true")
@@ -411,7 +456,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    commands = {"tasks": cmd_tasks, "quantize": cmd_quantize, "train": cmd_train, "demo": cmd_demo}
+    commands = {"tasks": cmd_tasks, "quantize": cmd_quantize, "train": cmd_train, "compress": cmd_compress,
+                "demo": cmd_demo}
     try:
         commands[args.command](args)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError, KeyError) as err:

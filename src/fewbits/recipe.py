@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from .observe.methods import CalibrationMethod
-from .spec import PerChannel, PerGroup, PerTensor, QuantSpec
+from .spec import AnySpec, BinarySpec, LevelSpec, PerChannel, PerGroup, PerTensor, QuantSpec, spec_from_dict
 from .steps import STEP_NAMES, STEPS, BiasCorrection, SmoothQuant, step_from_dict, step_to_dict
 
 RECIPE_VERSION = 1
@@ -33,14 +33,20 @@ LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding")
 
 @dataclass(frozen=True)
 class TensorRecipe:
-    """One tensor's grid and calibration: a static range from ``method`` or a per-batch one."""
+    """One tensor's grid and calibration: a static range from ``method`` or a per-batch one.
+    ``spec`` is a uniform :class:`QuantSpec` or a non-uniform :class:`LevelSpec` (fitted to the
+    weight itself; ``method`` does not apply)."""
 
-    spec: QuantSpec
+    spec: AnySpec
     method: str = "minmax"
     dynamic: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.spec, (QuantSpec, LevelSpec)):
+            raise ValueError(f"a tensor recipe's spec is a QuantSpec or a LevelSpec, got {self.spec!r}")
         object.__setattr__(self, "method", CalibrationMethod.parse(self.method).value)
+        if isinstance(self.spec, LevelSpec) and self.dynamic:
+            raise ValueError(f"{self.spec.kind} grids are fitted once from the weight: dynamic must be False")
         if self.dynamic and not isinstance(self.spec.granularity, PerTensor):
             raise ValueError("dynamic activation quantization is per tensor: use granularity PerTensor()")
 
@@ -50,7 +56,7 @@ class TensorRecipe:
     @classmethod
     def from_dict(cls, data: dict) -> "TensorRecipe":
         _reject_unknown("tensor recipe", data, {"spec", "method", "dynamic"})
-        return cls(QuantSpec.from_dict(data["spec"]), data.get("method", "minmax"), data.get("dynamic", False))
+        return cls(spec_from_dict(data["spec"]), data.get("method", "minmax"), data.get("dynamic", False))
 
 
 @dataclass(frozen=True)
@@ -60,6 +66,14 @@ class LayerRecipe:
     weight: Optional[TensorRecipe] = None
     input: Optional[TensorRecipe] = None
     output: Optional[TensorRecipe] = None
+
+    def __post_init__(self) -> None:
+        for role in ("input", "output"):
+            t = getattr(self, role)
+            if t is not None and isinstance(t.spec, LevelSpec) and not (
+                    role == "input" and isinstance(t.spec, BinarySpec) and not t.spec.scaled):
+                raise ValueError(f"{t.spec.kind} grids quantize weights; an activation grid can only be "
+                                 f"BinarySpec(scaled=False) on a layer's input, got {t.spec!r} for the {role}")
 
     def to_dict(self) -> dict:
         return {k: (getattr(self, k).to_dict() if getattr(self, k) else None) for k in ("weight", "input", "output")}
@@ -94,6 +108,10 @@ class Recipe:
         for step in self.steps:
             if type(step) not in STEP_NAMES:
                 raise ValueError(f"recipe '{self.name}': a step must be one of {sorted(STEPS)}, got {step!r}")
+        for key, op in self.ops().items():
+            if op is not None and not isinstance(op.spec, QuantSpec):
+                raise ValueError(f"recipe '{self.name}': {key} are quantized on uniform grids (QuantSpec), "
+                                 f"got {op.spec.kind}")
         if self.version != RECIPE_VERSION:
             raise ValueError(f"recipe '{self.name}': version must be {RECIPE_VERSION}, got {self.version}")
 
@@ -114,7 +132,7 @@ class Recipe:
         if self.steps or any(t is not None and not t.dynamic for t in self.ops().values()):
             return True
         layers = [lr for _, lr in self.by_type] + [lr for _, lr in self.by_name if lr]
-        return any(t and not t.dynamic for lr in layers for t in (lr.input, lr.output))
+        return any(t and not t.dynamic and isinstance(t.spec, QuantSpec) for lr in layers for t in (lr.input, lr.output))
 
     def ops(self) -> dict[str, Optional[TensorRecipe]]:
         """The grids of the quantized ops between layers, by recipe key."""

@@ -4,13 +4,17 @@ A :class:`QuantSpec` says how many bits, signed or not, symmetric or affine, whi
 convention (full as in PyTorch/ONNX, or restricted/"narrow" as in TensorFlow/TensorRT), the
 granularity (one scale per tensor, per channel, or per group of ``size`` consecutive elements),
 and the rounding mode. Specs round-trip through plain dicts/JSON carrying a ``version`` field.
+
+Non-uniform grids (weights) are :class:`LevelSpec` subclasses: a sorted set of real levels per
+tensor or per output channel, chosen from the weight itself — powers of two, additive powers
+of two, k-means centroids, binary and ternary. :func:`spec_from_dict` reads either kind.
 """
 from __future__ import annotations
 
 import enum
 import json
 from dataclasses import dataclass, field
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 SPEC_VERSION = 1
 MIN_BITS, MAX_BITS = 1, 16
@@ -188,3 +192,143 @@ def granularity_from_dict(data: dict) -> Granularity:
 def _check_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
+
+
+# ---- non-uniform grids ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class LevelSpec:
+    """A non-uniform grid: ``2^bits`` (or fewer) real levels per tensor or per output channel,
+    each value stored as the index of its level (see :mod:`fewbits.numerics.levels`)."""
+
+    bits: int = 4
+    granularity: Granularity = field(default_factory=PerTensor)
+
+    kind = ""  # the class's name in files and recipes
+    min_bits, max_bits = 2, 8
+
+    def __post_init__(self) -> None:
+        _check_int(f"{self.kind} bits", self.bits)
+        if not self.min_bits <= self.bits <= self.max_bits:
+            raise ValueError(f"{self.kind} grids take bits in {self.min_bits}..{self.max_bits}, got {self.bits}")
+        g = self.granularity
+        if not (isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0)):
+            raise ValueError(f"{self.kind} levels are chosen per tensor or per output channel "
+                             f"(PerTensor() or PerChannel(0)), got {g!r}")
+
+    @property
+    def signed(self) -> bool:  # levels on both sides of zero (reports and sizes ask specs this)
+        return True
+
+    def replace(self, **changes: Any) -> "LevelSpec":
+        return type(self)(**{**self._fields(), **changes})
+
+    def _fields(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def to_dict(self) -> dict:
+        fields = self._fields()
+        fields["granularity"] = granularity_to_dict(self.granularity)
+        return {"version": SPEC_VERSION, "kind": self.kind, **fields}
+
+
+@dataclass(frozen=True)
+class Pow2Spec(LevelSpec):
+    """Logarithmic weights: ``±α·2^-j`` (``j = 0 … 2^(bits-1) − 2``) and 0, ``α = max|w|``; a
+    multiply by a level is a shift (Miyashita et al. 2016, "Convolutional neural networks using
+    logarithmic data representation")."""
+
+    kind = "pow2"
+
+
+@dataclass(frozen=True)
+class APoTSpec(LevelSpec):
+    """Additive powers of two (Li et al. 2020, APoT): each level is a sum of ``⌈(bits − 1)/2⌉``
+    power-of-two terms, denser near zero than one power of two yet still shift-and-add only."""
+
+    kind = "apot"
+    min_bits = 3
+
+
+@dataclass(frozen=True)
+class CodebookSpec(LevelSpec):
+    """k-means weight sharing (Han et al. 2016, Deep Compression): ``k = 2^bits`` centroids,
+    initialised evenly between min and max ("linear"), refined by ``iterations`` of Lloyd."""
+
+    iterations: int = 30
+
+    kind = "kmeans"
+    min_bits = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_int("kmeans iterations", self.iterations)
+        if self.iterations < 0:
+            raise ValueError(f"kmeans iterations must be >= 0, got {self.iterations}")
+
+
+@dataclass(frozen=True)
+class BinarySpec(LevelSpec):
+    """Two levels: ``±α`` with ``α = mean|w|`` (XNOR-Net, Rastegari et al. 2016) when ``scaled``,
+    ``±1`` (BinaryConnect, Courbariaux et al. 2015) when not. Also an activation grid (sign)."""
+
+    bits: int = 1
+    scaled: bool = True
+
+    kind = "binary"
+    min_bits = max_bits = 1
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.scaled, bool):
+            raise ValueError(f"binary scaled must be True or False, got {self.scaled!r}")
+
+
+@dataclass(frozen=True)
+class TernarySpec(LevelSpec):
+    """Three levels ``{−α_n, 0, α_p}``. TWN (Li et al. 2016): threshold ``Δ = 0.7·mean|w|`` and
+    ``α = mean |w| above Δ``; TTQ (Zhu et al. 2017, ``learned=True``): ``Δ = 0.05·max|w|`` and
+    the two scales learned in training. ``threshold`` is that factor (``None``: the paper's)."""
+
+    bits: int = 2
+    threshold: Optional[float] = None
+    learned: bool = False
+
+    @property
+    def factor(self) -> float:
+        if self.threshold is not None:
+            return float(self.threshold)
+        return 0.05 if self.learned else 0.7
+
+    kind = "ternary"
+    min_bits = max_bits = 2
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.learned, bool):
+            raise ValueError(f"ternary learned must be True or False, got {self.learned!r}")
+        t = self.threshold
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1.5):
+            raise ValueError(f"ternary threshold is a factor in (0, 1.5), got {self.threshold!r}")
+
+
+LEVEL_SPECS = {cls.kind: cls for cls in (Pow2Spec, APoTSpec, CodebookSpec, BinarySpec, TernarySpec)}
+AnySpec = Union[QuantSpec, LevelSpec]
+
+
+def spec_from_dict(data: dict) -> AnySpec:
+    """A :class:`QuantSpec` or, when the dict has a ``kind``, the :class:`LevelSpec` it names."""
+    if not isinstance(data, dict) or "kind" not in data:
+        return QuantSpec.from_dict(data)
+    data = dict(data)
+    kind, version = data.pop("kind"), data.pop("version", None)
+    if version != SPEC_VERSION:
+        raise ValueError(f"{kind} spec version must be {SPEC_VERSION}, got {version!r}")
+    if kind not in LEVEL_SPECS:
+        raise ValueError(f"spec kind must be one of {sorted(LEVEL_SPECS)}, got {kind!r}")
+    cls = LEVEL_SPECS[kind]
+    unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+    if unknown:
+        raise ValueError(f"unknown {kind} spec keys {unknown}; allowed: {sorted(cls.__dataclass_fields__)}")
+    if "granularity" in data:
+        data["granularity"] = granularity_from_dict(data["granularity"])
+    return cls(**data)

@@ -1,4 +1,4 @@
-"""The five built-in tasks load, score their fp32 model, and survive w8a8 (small subsets)."""
+"""The built-in tasks load, score their fp32 model, and survive w8a8 (small subsets)."""
 import gzip
 
 import pytest
@@ -13,6 +13,7 @@ CASES = {
     "digits": ("accuracy", 95.0, 2.0),
     "mnist1d": ("accuracy", 85.0, 3.0),
     "fashion-cnn": ("accuracy", 89.0, 1.0),
+    "fashion-mlp": ("accuracy", 88.0, 1.0),
     "mobilenetv2-probe": ("probe_accuracy", 70.0, 3.0),
     "minilm-wordnet": ("recall@1", 20.0, 4.0),
 }
@@ -34,7 +35,7 @@ def test_task_fp32_and_w8a8(name):
 
 
 def test_unknown_task_lists_the_valid_ones():
-    with pytest.raises(ValueError, match="unknown task 'cifar'; tasks: fashion-cnn, mobilenetv2-probe"):
+    with pytest.raises(ValueError, match="unknown task 'cifar'; tasks: fashion-cnn, fashion-mlp, mobilenetv2-probe"):
         load_task("cifar")
 
 

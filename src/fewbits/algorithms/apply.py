@@ -13,7 +13,7 @@ from torch.nn import functional as F
 from ..progress import Progress
 from ..numerics.layout import expand
 from ..observe.methods import weight_qparams
-from ..spec import PerChannel, PerGroup, PerTensor
+from ..spec import LevelSpec, PerChannel, PerGroup, PerTensor
 from ..steps import (AWQ, GPTQ, STEP_NAMES, AdaRound, BiasCorrection, CrossLayerEqualization, SmoothQuant,
                      StochasticRounding, step_to_dict)
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantLinear
@@ -81,6 +81,8 @@ def _scalable_linears(qmodel: QuantizedModel, pattern: str, result: AlgorithmRes
             why = "SmoothQuant targets per-tensor inputs"
         elif algo == "awq" and module.weight_quantizer is None:
             why = "the weights are not quantized"
+        elif module.weight_quantizer is not None and isinstance(module.weight_quantizer.spec, LevelSpec):
+            why = f"{module.weight_quantizer.spec.kind} weights: scaling is chosen for uniform grids"
         elif algo == "awq" and module.input_quantizer is not None:
             why = "AWQ is for weight-only layers (SmoothQuant balances quantized inputs)"
         elif id(module.weight) in shared:
@@ -161,7 +163,7 @@ def _run_smoothquant(qmodel: QuantizedModel, step: SmoothQuant, batches: list, r
 
 
 def _static_activation_quantizers(qmodel: QuantizedModel) -> list:
-    return [q for q in qmodel.quantizers().values() if q.role != "weight" and not q.recipe.dynamic]
+    return [q for q in qmodel.quantizers().values() if q.needs_range]
 
 
 def _mark_uncalibrated(qmodel: QuantizedModel) -> None:
@@ -486,6 +488,9 @@ def _rounding_layers(qmodel: QuantizedModel, pattern: str, result: AlgorithmResu
             result.skipped.append(LeftFloat(name, type(m).__name__, "rounding is chosen for linear and conv layers"))
         elif m.weight_quantizer is None:
             result.skipped.append(LeftFloat(name, type(m).__name__, "the weights are not quantized"))
+        elif isinstance(m.weight_quantizer.spec, LevelSpec):
+            result.skipped.append(LeftFloat(name, type(m).__name__, f"{m.weight_quantizer.spec.kind} weights: "
+                                            "rounding is chosen on uniform grids"))
         else:
             chosen[name] = m
     return chosen

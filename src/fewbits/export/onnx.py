@@ -50,7 +50,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..files import write_atomic
-from ..spec import PerChannel, PerGroup, PerTensor
+from ..spec import LevelSpec, PerChannel, PerGroup, PerTensor
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, int32_accumulator_blocker
 from ..wrap.prepare import QuantizedModel, Status, _replace
 
@@ -123,7 +123,7 @@ class LayerExport:
     """How one quantized layer went into the ONNX file."""
 
     name: str
-    mode: str  # "int8" | "int8-dynamic" | "weight-only" | "simulated"
+    mode: str  # "int8" | "int8-dynamic" | "weight-only" | "decoded" | "simulated"
     weight_bits: Optional[int] = None
     narrowed_from: Optional[int] = None  # original weight bits when the CPU profile narrowed them
     reason: str = ""
@@ -215,6 +215,11 @@ def plan_layers(qmodel: QuantizedModel, profile: KernelProfile, weights: str = "
             if quantizer is not None and quantizer.recipe.dynamic and not (slot == "input" and _dynamic_u8(quantizer)):
                 raise ValueError(f"export_onnx: layer '{name}' quantizes its {slot} dynamically on a grid ONNX's "
                                  "DynamicQuantizeLinear does not compute (8-bit asymmetric per tensor inputs only)")
+        wq = layer.weight_quantizer
+        if wq is not None and isinstance(wq.spec, LevelSpec):
+            plan.append(LayerExport(name, "decoded", wq.spec.bits, reason=f"{wq.spec.kind} weights: no integer "
+                                    "kernel for non-uniform levels; float weights holding the decoded levels"))
+            continue
         if isinstance(layer, QuantEmbedding):
             why = _weight_only_blocker(layer)
             plan.append(LayerExport(name, "simulated" if why else "weight-only",
@@ -474,6 +479,10 @@ def export_module(qmodel: QuantizedModel, plan: Sequence[LayerExport]) -> nn.Mod
         layer = layers[entry.name]
         if entry.mode in ("int8", "int8-dynamic"):
             _replace(work, entry.name, _QDQLayer(layer))
+        elif entry.mode == "decoded":
+            with torch.no_grad():
+                layer.weight.copy_(layer.quantized_weight())
+            layer.weight_quantizer = None
         elif entry.mode == "weight-only":
             if isinstance(layer, QuantEmbedding) and layer.max_norm is not None:
                 entry.mode, entry.reason = "simulated", "max_norm renormalizes rows at lookup"

@@ -28,7 +28,8 @@ from ..files import write_atomic
 from ..numerics.affine import dequantize, quantize
 from ..numerics.packing import pack, unpack
 from ..recipe import Recipe
-from ..spec import QuantSpec
+from ..numerics.levels import decode, level_indices
+from ..spec import LevelSpec, spec_from_dict
 from ..wrap.prepare import LeftFloat, QuantizedModel, Status, prepare
 
 FORMAT = "fewbits.packed"
@@ -44,8 +45,12 @@ def _packed_weights(qmodel: QuantizedModel) -> tuple[dict, dict]:
         if wq is None:
             continue
         spec = wq.spec
-        q = quantize(module._weight_view().detach(), wq.scale, wq.zero_point, spec)
-        tensors[name + _QDATA] = pack(q, spec.bits, signed=spec.signed) if spec.bits <= 8 else q.contiguous()
+        if isinstance(spec, LevelSpec):  # level indices; the levels are the quantizer's buffer
+            q = level_indices(module._weight_view().detach(), wq.boundaries, spec)
+            tensors[name + _QDATA] = pack(q, spec.bits)
+        else:
+            q = quantize(module._weight_view().detach(), wq.scale, wq.zero_point, spec)
+            tensors[name + _QDATA] = pack(q, spec.bits, signed=spec.signed) if spec.bits <= 8 else q.contiguous()
         entries[name] = {"spec": spec.to_dict(), "shape": list(module.weight.shape), "view": list(q.shape)}
     return tensors, entries
 
@@ -108,7 +113,7 @@ class PackedFile:
 
     def qdata(self, layer: str) -> torch.Tensor:
         entry = self.meta["weights"][layer]
-        spec = QuantSpec.from_dict(entry["spec"])
+        spec = spec_from_dict(entry["spec"])
         data = self.tensors[layer + _QDATA]
         return unpack(data, spec.bits, entry["view"], signed=spec.signed) if spec.bits <= 8 else data
 
@@ -203,12 +208,18 @@ def _assign(root: nn.Module, key: str, tensor: torch.Tensor, path) -> None:
 
 def _assign_weight(qmodel: QuantizedModel, layer: str, entry: dict, data, zero_in_file: bool, path) -> None:
     module = qmodel.quantized_layers().get(layer)
-    spec = QuantSpec.from_dict(entry["spec"])
+    spec = spec_from_dict(entry["spec"])
     if module is None or module.weight_quantizer is None or module.weight_quantizer.spec != spec:
         raise ValueError(f"{path}: packed weight '{layer}' does not match the model given")
     if data is None:
         raise ValueError(f"{path}: packed weight '{layer}' has no data")
     wq = module.weight_quantizer
+    if isinstance(spec, LevelSpec):
+        q = unpack(data, spec.bits, entry["view"]).long()
+        if wq.levels is None or (q.numel() and int(q.max()) >= wq.levels.shape[1]):
+            raise ValueError(f"{path}: packed weight '{layer}' has level indices beyond its {spec.kind} levels")
+        _assign(qmodel.model, f"{layer}.weight", decode(q, wq.levels).reshape(entry["shape"]), path)
+        return
     if not zero_in_file:
         wq.zero_point = torch.zeros_like(wq.scale, dtype=torch.int32)
     q = unpack(data, spec.bits, entry["view"], signed=spec.signed) if spec.bits <= 8 else data

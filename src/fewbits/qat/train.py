@@ -37,6 +37,7 @@ from ..wrap.prepare import QuantizedModel, Status, calibrate, prepare
 from ..wrap.quantizer import TensorQuantizer
 from .batchnorm import QATConvBn, attach_batchnorm, freeze_batchnorm
 from .estimators import check_estimator
+from ..wrap.levels import LevelQuantizer
 from .quantizers import QATQuantizer, check_method, is_distributed
 
 
@@ -82,7 +83,14 @@ def prepare_qat(model: nn.Module, recipe="w8a8", *, method: str = "ste", estimat
             if isinstance(m, QATConvBn) and m.layer.weight_quantizer is not None:
                 w = m.folded_weight()[0].detach()
                 m.layer.weight_quantizer.set_from(w.reshape(w.shape[0], -1))
-    _swap_quantizers(qmodel.model, lambda q: None if q.recipe.dynamic else
+    for name, layer in qmodel.quantized_layers().items():  # non-uniform weights follow the weight
+        wq = getattr(layer, "weight_quantizer", None)
+        if isinstance(wq, LevelQuantizer) and batchnorm == "train":
+            raise ValueError(f"prepare_qat: layer '{name}' has {wq.spec.kind} weights and a BatchNorm in training; "
+                             "non-uniform grids train on folded weights here: use batchnorm='fold'")
+        if isinstance(wq, LevelQuantizer):
+            wq.start_training(layer._weight_view())
+    _swap_quantizers(qmodel.model, lambda q: None if q.recipe.dynamic or isinstance(q, LevelQuantizer) else
                      QATQuantizer(q, method, estimator, momentum, temperature))
     qmodel.status = Status.TRAINING
     qmodel.qat = {"method": method, "estimator": estimator, "momentum": momentum, "temperature": temperature,
@@ -97,7 +105,8 @@ def qat_quantizers(qmodel: QuantizedModel) -> dict[str, QATQuantizer]:
 def quantizer_parameters(qmodel: QuantizedModel) -> list[nn.Parameter]:
     """The learned steps (LSQ) and clipping levels (PACT): give them their own optimizer group
     (no weight decay)."""
-    return [q.learned_value for q in qat_quantizers(qmodel).values() if q.learned]
+    levels = [q.learned_levels for q in qmodel.model.modules() if isinstance(q, LevelQuantizer) and q.learned]
+    return [q.learned_value for q in qat_quantizers(qmodel).values() if q.learned] + levels
 
 
 def pact_penalty(qmodel: QuantizedModel) -> torch.Tensor:
@@ -133,6 +142,11 @@ def finish(qmodel: QuantizedModel) -> QuantizedModel:
         wq = getattr(layer, "weight_quantizer", None)
         if isinstance(wq, QATQuantizer) and not wq.learned:
             wq.set_from(layer._weight_view())
+        elif isinstance(wq, LevelQuantizer):  # k-means: the layer now holds its shared weights
+            shared = wq.stop_training(layer._weight_view())
+            if shared is not None:
+                with torch.no_grad():
+                    layer.weight.copy_(shared.reshape(layer.weight.shape))
     _swap_quantizers(qmodel.model, lambda q: q.frozen() if isinstance(q, QATQuantizer) else None)
     qmodel.status = Status.CALIBRATED
     return qmodel

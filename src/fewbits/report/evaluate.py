@@ -8,6 +8,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from ..spec import LevelSpec
 from ..wrap.modules import QUANT_MODULES
 from ..wrap.prepare import LeftFloat, QuantizedModel, as_call
 
@@ -67,7 +68,9 @@ def quantized_bytes(qmodel: QuantizedModel) -> int:
                 continue
             counted.add(id(tensor))
             quantizer = getattr(module, "weight_quantizer", None) if name == "weight" else None
-            if quantizer is not None and isinstance(module, _QUANT_TYPES):
+            if quantizer is not None and isinstance(module, _QUANT_TYPES) and isinstance(quantizer.spec, LevelSpec):
+                total += math.ceil(tensor.numel() * quantizer.spec.bits / 8) + level_table_bytes(quantizer)
+            elif quantizer is not None and isinstance(module, _QUANT_TYPES):
                 spec = quantizer.spec
                 qparams = quantizer.scale.numel()
                 zero_point_bytes = 0 if (spec.symmetric and spec.signed) else math.ceil(spec.bits / 8)
@@ -77,6 +80,15 @@ def quantized_bytes(qmodel: QuantizedModel) -> int:
             else:
                 total += tensor.numel() * tensor.element_size()
     return total
+
+
+def level_table_bytes(quantizer) -> int:
+    """A non-uniform grid's table in float32: its levels, and its thresholds when they are not
+    the midpoints between levels (TWN's ``±Δ``)."""
+    from ..spec import TernarySpec
+
+    extra = quantizer.boundaries.numel() if isinstance(quantizer.spec, TernarySpec) else 0
+    return 4 * (quantizer.levels.numel() + extra)
 
 
 def _weight_rows(qmodel: QuantizedModel) -> list[LayerReport]:

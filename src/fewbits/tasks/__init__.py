@@ -5,6 +5,7 @@ from .base import Task
 
 _FACTORIES = {  # name: (module, factory, one line for `fewbits tasks`)
     "fashion-cnn": ("fashion", "fashion_task", "small CNN on Fashion-MNIST (committed checkpoint); top-1"),
+    "fashion-mlp": ("fashion", "fashion_mlp_task", "LeNet-300-100 on Fashion-MNIST (committed checkpoint); top-1"),
     "mobilenetv2-probe": ("mobilenet_probe", "mobilenet_task",
                           "ImageNet MobileNetV2 + linear probe on Fashion-MNIST at 64 px; probe accuracy"),
     "minilm-wordnet": ("minilm_wordnet", "minilm_task",

@@ -1,4 +1,5 @@
-"""Train the fashion-cnn checkpoint: ``python -m fewbits.tasks.train_fashion`` (``make train``).
+"""Train the fashion-cnn / fashion-mlp checkpoints: ``python -m fewbits.tasks.train_fashion
+[--model mlp]`` (``make train``).
 
 Two epochs of Adam on the 60k training images, fixed seed; prints test accuracy and writes
 the checkpoint atomically.
@@ -16,14 +17,14 @@ from torch import nn
 
 from .base import accuracy
 from .data.fashion_mnist import load_fashion_mnist, normalise
-from .models.fashion_cnn import CHECKPOINT, CHECKPOINT_SCHEMA, fashion_cnn
+from .models.fashion_cnn import CHECKPOINT_SCHEMA, MODELS
 
 
-def train(epochs: int = 2, seed: int = 0, batch: int = 128, lr: float = 2e-3) -> tuple[nn.Module, float]:
+def train(epochs: int = 2, seed: int = 0, batch: int = 128, lr: float = 2e-3, kind: str = "cnn") -> tuple[nn.Module, float]:
     torch.manual_seed(seed)
     x, y = load_fashion_mnist("train")
     x = normalise(x)
-    model = fashion_cnn()
+    model = MODELS[kind][0]()
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * (len(x) // batch))
     g = torch.Generator().manual_seed(seed)
@@ -48,10 +49,12 @@ def train(epochs: int = 2, seed: int = 0, batch: int = 128, lr: float = 2e-3) ->
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=2)
-    p.add_argument("--out", type=Path, default=CHECKPOINT)
+    p.add_argument("--model", choices=sorted(MODELS), default="cnn")
+    p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
+    args.out = args.out or MODELS[args.model][1]
     torch.set_num_threads(2)
-    model, acc = train(args.epochs)
+    model, acc = train(args.epochs, kind=args.model)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")
     torch.save({"schema_version": CHECKPOINT_SCHEMA, "state_dict": model.state_dict(),

@@ -14,8 +14,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..recipe import LayerRecipe
-from ..spec import PerChannel, PerTensor
-from .quantizer import TensorQuantizer
+from ..spec import LevelSpec, PerChannel, PerTensor
+from .quantizer import TensorQuantizer, make_quantizer
 
 
 def int32_accumulator_blocker(input_quantizer, weight_quantizer) -> str:
@@ -25,6 +25,9 @@ def int32_accumulator_blocker(input_quantizer, weight_quantizer) -> str:
     xq, wq = input_quantizer, weight_quantizer
     if wq is None:
         return "no weight quantizer"
+    for q in (wq, xq):
+        if q is not None and isinstance(q.spec, LevelSpec):
+            return f"{q.spec.kind} {q.role} grid: computes in float with the decoded levels"
     if xq is None:
         return "weight-only: computes in float with the dequantized weights"
     if xq.recipe.dynamic:
@@ -47,7 +50,7 @@ class _QuantSlots:
     def _attach(self, recipe: LayerRecipe, name: str) -> None:
         for slot in ("weight", "input", "output"):
             tensor_recipe = getattr(recipe, slot)
-            quantizer = TensorQuantizer(tensor_recipe, f"{name}.{slot}", slot) if tensor_recipe else None
+            quantizer = make_quantizer(tensor_recipe, f"{name}.{slot}", slot) if tensor_recipe else None
             setattr(self, f"{slot}_quantizer", quantizer)
         if self.weight_quantizer is not None:
             self.weight_quantizer.set_from(self._weight_view())

@@ -227,7 +227,7 @@ def calibrate(qmodel: QuantizedModel, batches: Iterable) -> QuantizedModel:
         for i, batch in enumerate(batches):
             as_call(batch, i)
         _run_recipe_steps(qmodel, batches, after_ranges=False)
-    static = [q for q in qmodel.quantizers().values() if q.role != "weight" and not q.recipe.dynamic]
+    static = [q for q in qmodel.quantizers().values() if q.needs_range]
     if not static:
         qmodel.status = Status.CALIBRATED
         _run_recipe_steps(qmodel, batches, after_ranges=True)

@@ -38,6 +38,11 @@ class TensorQuantizer(nn.Module):
         return self.recipe.spec
 
     @property
+    def needs_range(self) -> bool:
+        """An activation grid whose static range calibration observes."""
+        return self.role != "weight" and not self.recipe.dynamic
+
+    @property
     def ready(self) -> bool:
         return self.recipe.dynamic or self.scale is not None
 
@@ -79,3 +84,15 @@ class TensorQuantizer(nn.Module):
         s = self.spec
         kind = "dynamic" if self.recipe.dynamic else self.recipe.method
         return f"{self.name}: {s.bits}-bit {'signed' if s.signed else 'unsigned'}, {type(s.granularity).__name__}, {kind}"
+
+
+def make_quantizer(recipe: TensorRecipe, name: str, role: str) -> TensorQuantizer:
+    """The quantizer slot for ``recipe``: uniform grids get a :class:`TensorQuantizer`,
+    non-uniform ones (:class:`~fewbits.spec.LevelSpec`) a :class:`~fewbits.wrap.levels.LevelQuantizer`."""
+    from ..spec import LevelSpec
+
+    if isinstance(recipe.spec, LevelSpec):
+        from .levels import LevelQuantizer
+
+        return LevelQuantizer(recipe, name, role)
+    return TensorQuantizer(recipe, name, role)
