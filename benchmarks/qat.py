@@ -14,7 +14,7 @@ the built-in ``w4a8`` recipe against the fp32 sentence embeddings by cosine.
     .venv/bin/python benchmarks/qat.py                         # fashion-cnn, 2 epochs each (~25 min)
     .venv/bin/python benchmarks/qat.py --tasks mnist1d --epochs 3   # quick look
     .venv/bin/python benchmarks/qat.py --configs 1/8           # binary weights only (other rows kept)
-    .venv/bin/python benchmarks/qat.py --tasks minilm-wordnet --epochs 1 --methods lsq   # w4a8, cosine to fp32
+    .venv/bin/python benchmarks/qat.py --tasks minilm-wordnet --epochs 1 --methods lsq --lr 2e-5  # cosine to fp32
     .venv/bin/python benchmarks/qat.py --tables                # reprint from the saved JSON
 """
 from __future__ import annotations
@@ -62,9 +62,10 @@ def rows_for(task_name: str, epochs: int, lr: float, methods: set, configs=CONFI
     for r in recipes:
         t0 = time.perf_counter()
         q = fewbits.calibrate(fewbits.prepare(task.model, r), task.calibration)
-        rows.append({"task": task.name, "config": r.name, "method": "PTQ (nearest)", "accuracy": task.evaluate(q)[task.metric],
+        metrics = task.evaluate(q)
+        rows.append({"task": task.name, "config": r.name, "method": "PTQ (nearest)", "accuracy": metrics[task.metric],
                      "integer": task.evaluate(fewbits.convert(q))[task.metric], "seconds": time.perf_counter() - t0,
-                     "epochs": 0})
+                     "epochs": 0, "metrics": metrics})
         for label, method, distill in METHODS if labelled else UNLABELLED_METHODS:
             if method not in methods:
                 continue
@@ -88,6 +89,8 @@ def print_tables(rows: list[dict]) -> None:
     for task in dict.fromkeys(r["task"] for r in rows):
         print_table([{"config": r["config"], "method": r["method"], "accuracy": f"{r['accuracy']:.2f}",
                       "Δ fp32": f"{r['delta']:+.2f}", "integer model": "" if r["integer"] is None else f"{r['integer']:.2f}",
+                      **({"cosine to fp32": f"{r['metrics']['cosine_mean']:.4f}"} if "cosine_mean" in r.get("metrics", {})
+                         else {}),
                       "per epoch": " / ".join(f"{a:.2f}" for a in r.get("history", [])),
                       "train s": round(r["seconds"], 1)} for r in rows if r["task"] == task], title=f"QAT: {task}")
 

@@ -185,3 +185,13 @@ def test_compress_prints_stages_and_writes_the_json_contract(tmp_path, capsys):
     assert "| huffman" in printed and "per layer" in printed
     assert main(["compress", "--task", "minilm-wordnet", "--small"]) == 2  # no labels: a one-line error
     assert "no labelled training data" in capsys.readouterr().err
+
+
+def test_quantize_with_a_non_uniform_builtin(tmp_path):
+    path = tmp_path / "r.json"
+    assert main(["quantize", "--task", "digits", "--recipe", "w4-kmeans", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    sizes, metric = data["size_bytes"], data["metric"]
+    assert sizes["quantized"] < sizes["fp32"] / 4  # 4-bit indices plus 16 float32 levels per channel
+    assert metric["quantized"] >= metric["fp32"] - 3  # 16 k-means levels per channel: close to fp32
+    assert {row["weight_bits"] for row in data["layers"]} == {4}

@@ -373,6 +373,14 @@ def cmd_demo(args) -> list:
     return results
 
 
+def _training_options(p: argparse.ArgumentParser, lr: float, batch_help: str) -> None:
+    p.add_argument("--lr", type=float, default=lr, help=f"Adam learning rate (default {lr:g})")
+    p.add_argument("--batch-size", type=int, default=128, help=batch_help)
+    p.add_argument("--train-size", type=int, help="train on the first N examples only (quick runs)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--small", action="store_true", help="evaluate on a subset (quick)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fewbits", description="Quantize PyTorch models and measure what it costs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -420,11 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fold: BatchNorm folded with frozen running statistics; train: it keeps learning on batch "
                         "statistics (its folded weight quantized) until --freeze-bn-after")
     t.add_argument("--freeze-bn-after", type=float, default=0.5, help="share of the steps before BatchNorm freezes")
-    t.add_argument("--lr", type=float, default=1e-4)
-    t.add_argument("--batch-size", type=int, default=128, help="global batch (split over data-parallel ranks)")
-    t.add_argument("--train-size", type=int, help="train on the first N examples only (quick runs)")
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--small", action="store_true", help="evaluate on a subset (quick)")
+    _training_options(t, lr=1e-4, batch_help="global batch (split over data-parallel ranks)")
     t.add_argument("--json", help="write the result as JSON (shaped like quantize's, plus 'training')")
     t.add_argument("--out", help="directory for report.json and the trained model (model.safetensors)")
     c = sub.add_parser("compress", help="Deep Compression: prune, k-means weight sharing, Huffman coding into a file")
@@ -437,11 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--steps", type=int, default=3, help="iterative pruning steps, each followed by retraining")
     c.add_argument("--epochs", type=float, default=1.0, help="retraining epochs after each pruning step")
     c.add_argument("--finetune-epochs", type=float, default=1.0, help="epochs of centroid fine-tuning")
-    c.add_argument("--lr", type=float, default=1e-3)
-    c.add_argument("--batch-size", type=int, default=128)
-    c.add_argument("--train-size", type=int, help="train on the first N examples only (quick runs)")
-    c.add_argument("--seed", type=int, default=0)
-    c.add_argument("--small", action="store_true", help="evaluate on a subset (quick)")
+    _training_options(c, lr=1e-3, batch_help="examples per step")
     c.add_argument("--out", help="write the compressed model here (.fbdc); default: a temporary file")
     c.add_argument("--json", help="write per-stage sizes, metrics and the compression ratio as JSON")
     d = sub.add_parser("demo", help="the default tasks through several recipes: one comparison table")

@@ -11,6 +11,9 @@ overrides (``None`` keeps a layer float) and include / exclude lists. Built-ins:
     w8            int8 per-channel weights only
     w4a8          int4 per-channel weights, uint8 static inputs
     w4-g128       int4 weights in groups of 128 along the input, weights only
+    w4-kmeans, w4-apot, w3-pow2, w2-ternary, w1-binary
+                  non-uniform weights only, per output channel: 16 k-means centroids, additive
+                  powers of two, powers of two, TWN ternary, XNOR-Net binary (±mean|w|)
 
 Transformer-aware defaults: embedding tables (word and position) get one int8 scale per row;
 the two-row token-type table stays float (3 KB, and its error would add to every token);
@@ -24,7 +27,8 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from .observe.methods import CalibrationMethod
-from .spec import AnySpec, BinarySpec, LevelSpec, PerChannel, PerGroup, PerTensor, QuantSpec, spec_from_dict
+from .spec import (AnySpec, APoTSpec, BinarySpec, CodebookSpec, LevelSpec, PerChannel, PerGroup, PerTensor, Pow2Spec,
+                   QuantSpec, TernarySpec, spec_from_dict)
 from .steps import STEP_NAMES, STEPS, BiasCorrection, SmoothQuant, step_from_dict, step_to_dict
 
 RECIPE_VERSION = 1
@@ -47,6 +51,9 @@ class TensorRecipe:
         object.__setattr__(self, "method", CalibrationMethod.parse(self.method).value)
         if isinstance(self.spec, LevelSpec) and self.dynamic:
             raise ValueError(f"{self.spec.kind} grids are fitted once from the weight: dynamic must be False")
+        if isinstance(self.spec, LevelSpec) and self.method != "minmax":
+            raise ValueError(f"{self.spec.kind} grids choose their own levels: method {self.method!r} applies to "
+                             "uniform grids (leave it at 'minmax')")
         if self.dynamic and not isinstance(self.spec.granularity, PerTensor):
             raise ValueError("dynamic activation quantization is per tensor: use granularity PerTensor()")
 
@@ -218,6 +225,10 @@ BUILTIN_RECIPES = {
                           steps=(BiasCorrection(),), adds=_ACT_STATIC, pools=_ACT_STATIC, concats=_ACT_STATIC),
     "w4a8": Recipe("w4a8", _conv_linear(_weights(4, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES),
     "w4-g128": Recipe("w4-g128", _conv_linear(_weights(4, PerGroup(128, axis=1)), None), _KEEP_FLOAT_TABLES),
+    **{name: Recipe(name, _conv_linear(TensorRecipe(spec), None), _KEEP_FLOAT_TABLES) for name, spec in (
+        ("w4-kmeans", CodebookSpec(4, PerChannel(0))), ("w4-apot", APoTSpec(4, PerChannel(0))),
+        ("w3-pow2", Pow2Spec(3, PerChannel(0))), ("w2-ternary", TernarySpec(granularity=PerChannel(0))),
+        ("w1-binary", BinarySpec(granularity=PerChannel(0))))},
 }
 
 

@@ -122,5 +122,7 @@ def test_level_specs_round_trip_and_validate():
         spec_from_dict({"version": 1, "kind": "lattice"})
     with pytest.raises(ValueError, match="dynamic must be False"):
         TensorRecipe(CodebookSpec(3), dynamic=True)
+    with pytest.raises(ValueError, match="method 'mse' applies to uniform grids"):
+        TensorRecipe(Pow2Spec(4), method="mse")
     assert TernarySpec().factor == 0.7 and TernarySpec(learned=True).factor == 0.05
     assert math.isclose(TernarySpec(threshold=0.5).factor, 0.5)
