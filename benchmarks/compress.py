@@ -8,7 +8,8 @@ Sections (``--sections``, comma-separated):
   APoT, k-means, binary (XNOR-Net α), ternary (TWN, TTQ start) — weight-only PTQ on fashion-cnn
   and mobilenetv2-probe, per output channel; the first and last layer stay at 8-bit uniform in
   every row (the binary/ternary papers' convention). Accuracy, median per-layer weight SQNR, bytes.
-* ``qat``: the same grids trained (fashion-cnn, weight-only, ``fewbits.qat.fit``, 2 epochs).
+* ``qat``: the grids trained, weight-only, ``fewbits.qat.fit``: fashion-cnn 2 epochs on its labels;
+  mobilenetv2-probe 3 epochs over 4,096 unlabelled images toward the fp32 pooled features (cosine).
 * ``xnor``: bit-packed XNOR–popcount GEMM (C kernel and NumPy) against fp32 GEMM of the same
   shape, one thread each, medians of interleaved repeats; packing the activations included.
 
@@ -118,26 +119,36 @@ def run_quantizers(tasks: list[str], bits_list=(4, 3, 2, 1)) -> list[dict]:
     return rows
 
 
+def qat_grids(task_name: str) -> list[tuple[str, TensorRecipe]]:
+    if task_name == "fashion-cnn":  # the 2-bit grids, APoT at 3, binary
+        return ([g for g in grids(2) if "MSE" not in g[0]] + [g for g in grids(3) if "APoT" in g[0]] + grids(1)[:1])
+    return [g for g in grids(4) if "MSE" not in g[0]] + [g for g in grids(3) if "uniform" in g[0] and "MSE" not in g[0]
+                                                       or "k-means" in g[0]]
+
+
 def run_qat(task_name: str, epochs: int, lr: float) -> list[dict]:
+    """Weight-only QAT of every grid from :func:`qat_grids`: labelled tasks on their labels,
+    mobilenetv2-probe toward the fp32 pooled features (cosine distillation, unlabelled images)."""
     from fewbits.cli import ShuffledBatches
-    from fewbits.qat import fit, prepare_qat
+    from fewbits.qat import Distillation, fit, prepare_qat
 
     task = load_task(task_name)
-    x, y = task.train_data()
+    train = task.train_data()
+    labelled = isinstance(train, tuple)
     ends = end_layers(task.model)
-    chosen = [g for g in grids(2) if "MSE" not in g[0] and "APoT" not in g[0]] + [g for g in grids(3) if "APoT" in g[0]]
-    chosen += grids(1)[:1]
     rows = []
-    for label, weights in chosen:
+    for label, weights in qat_grids(task_name):
         print(f"  QAT {task_name}: {label}", file=sys.stderr, flush=True)
         recipe = weight_recipe(label, weights, ends)
         ptq = task.evaluate(fewbits.prepare(task.model, recipe))[task.metric]
         q = prepare_qat(task.model, recipe)
-        result = fit(q, ShuffledBatches(x, y, 128, seed=0), epochs=epochs, lr=lr, evaluate=task.evaluate,
-                     monitor=task.metric)
+        data = ShuffledBatches(*train, 128, seed=0) if labelled else train
+        teacher = None if labelled else Distillation(task.model, weight=1.0, kind="cosine")
+        result = fit(q, data, epochs=epochs, lr=lr, evaluate=task.evaluate, monitor=task.metric, distill=teacher,
+                     forward=task.train_forward)
         rows.append({"task": task_name, "grid": label, "ptq": ptq, "qat": result.best[task.metric],
                      "history": [h[task.metric] for h in result.history], "seconds": result.seconds,
-                     "epochs": epochs})
+                     "epochs": epochs, "lr": lr, "metrics": result.best})
     return rows
 
 
@@ -201,10 +212,11 @@ def print_tables(data: dict) -> None:
                       "median layer weight SQNR dB": "" if r["sqnr"] is None else f"{r['sqnr']:.1f}", "bytes": r["bytes"]}
                      for r in q if r["task"] == task], title=f"weight grids, PTQ (weight-only): {task}")
     qat = data.get("qat", [])
-    if qat:
+    for task in dict.fromkeys(r["task"] for r in qat):
+        mine = [r for r in qat if r["task"] == task]
         print_table([{"weights": r["grid"], "PTQ": f"{r['ptq']:.2f}", "QAT": f"{r['qat']:.2f}",
                       "per epoch": " / ".join(f"{a:.2f}" for a in r["history"]), "train s": round(r["seconds"], 1)}
-                     for r in qat], title=f"weight grids, QAT: {qat[0]['task']} ({qat[0]['epochs']} epochs)")
+                     for r in mine], title=f"weight grids, QAT: {task} ({mine[0]['epochs']} epochs)")
     xnor = data.get("xnor", [])
     if xnor:
         print_table([{"shape": r["shape"], "M×K×N": f"{r['M']}×{r['K']}×{r['N']}", "exact": r["exact"],
@@ -227,8 +239,11 @@ def main() -> None:
     p.add_argument("--sections", default=",".join(SECTIONS))
     p.add_argument("--deep-tasks", default="fashion-cnn,fashion-mlp")
     p.add_argument("--quantizer-tasks", default="fashion-cnn,mobilenetv2-probe")
-    p.add_argument("--qat-epochs", type=int, default=2)
-    p.add_argument("--qat-lr", type=float, default=5e-4)
+    p.add_argument("--qat-tasks", default="fashion-cnn,mobilenetv2-probe")
+    p.add_argument("--qat-epochs", type=int, default=2, help="fashion-cnn's epochs")
+    p.add_argument("--qat-lr", type=float, default=5e-4, help="fashion-cnn's Adam rate")
+    p.add_argument("--qat-epochs-pretrained", type=int, default=3, help="MobileNetV2's epochs (of 4,096 images)")
+    p.add_argument("--qat-lr-pretrained", type=float, default=1e-4, help="MobileNetV2's Adam rate")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tables", action="store_true", help="reprint the tables from the saved JSON")
     args = p.parse_args()
@@ -248,7 +263,12 @@ def main() -> None:
     if "quantizers" in sections:
         data["quantizers"] = merged(data.get("quantizers", []), run_quantizers(args.quantizer_tasks.split(",")))
     if "qat" in sections:
-        data["qat"] = run_qat("fashion-cnn", args.qat_epochs, args.qat_lr)
+        rows = []
+        for name in args.qat_tasks.split(","):
+            epochs, lr = (args.qat_epochs, args.qat_lr) if name == "fashion-cnn" else \
+                (args.qat_epochs_pretrained, args.qat_lr_pretrained)
+            rows += run_qat(name, epochs, lr)
+        data["qat"] = merged(data.get("qat", []), rows)
     if "xnor" in sections:
         data["xnor"] = run_xnor()
         set_threads(args.threads)

@@ -66,3 +66,16 @@ def test_corrupt_fashion_files_are_named(tmp_path, monkeypatch):
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + b"\x00" * 100))
     with pytest.raises(ValueError, match="truncated"):
         fashion_mnist.load_fashion_mnist("test")
+
+
+def test_mobilenet_training_forward_is_the_probe_features():
+    from fewbits.tasks.mobilenet_probe import features_and_logits, pooled_features
+    from fewbits.tasks.models import load_mobilenetv2
+
+    model = load_mobilenetv2()
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    feats, _ = features_and_logits(model, x)
+    trained = pooled_features(model, x.requires_grad_())
+    assert torch.equal(trained.detach(), feats)  # the same forward, kept differentiable
+    trained.sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0

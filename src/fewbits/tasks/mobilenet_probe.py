@@ -4,7 +4,9 @@ Images are upsampled to 64 px, replicated to 3 channels and ImageNet-normalised.
 regression probe is fitted once on fp32 features (raw, C = 0.05: standardising features would
 divide the quantization noise of near-constant features by their tiny spread); the metric is its
 accuracy on the quantized backbone's features, plus top-1 agreement of the 1,000-class head with
-fp32 and the feature cosine.
+fp32 and the feature cosine. For quantization-aware training the task has 4,096 further
+training images without labels (disjoint from the probe's and calibration's) and
+``train_forward`` = the pooled features: a quantized backbone trains toward the fp32 features.
 """
 from __future__ import annotations
 
@@ -45,6 +47,18 @@ def features_and_logits(model: nn.Module, x: torch.Tensor, batch: int = 100):
     return _real(torch.cat(feats), inner.classifier), torch.cat(logits)
 
 
+def pooled_features(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The classifier's input (pooled features), differentiable: what training compares."""
+    inner = getattr(model, "model", model)
+    captured = []
+    hook = inner.classifier.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    try:
+        model(x)
+    finally:
+        hook.remove()
+    return _real(captured[0], inner.classifier)
+
+
 def _real(feats: torch.Tensor, classifier: nn.Module) -> torch.Tensor:
     """Features in real units: an integer model hands its classifier levels on the classifier's
     input grid (``fewbits.convert`` chains the global pool into it)."""
@@ -77,5 +91,9 @@ def mobilenet_task(small: bool = False) -> Task:
         cos = F.cosine_similarity(feats, ref_feats, dim=1).mean().item()
         return {"probe_accuracy": acc, "top1_agreement": agree, "feature_cosine": cos}
 
+    start = n_fit + 256  # after the probe's and calibration's images
+    n_train = 512 if small else 4096
     return Task("mobilenetv2-probe", f"ImageNet MobileNetV2 + linear probe on Fashion-MNIST at 64 px ({n_test} test images)",
-                model, list(cal_x.split(32)), "probe_accuracy", evaluate)
+                model, list(cal_x.split(32)), "probe_accuracy", evaluate,
+                train_data=lambda: [(b, None) for b in to_imagenet(x_train[start:start + n_train]).split(64)],
+                train_forward=pooled_features)
