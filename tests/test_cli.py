@@ -195,3 +195,10 @@ def test_quantize_with_a_non_uniform_builtin(tmp_path):
     assert sizes["quantized"] < sizes["fp32"] / 4  # 4-bit indices plus 16 float32 levels per channel
     assert metric["quantized"] >= metric["fp32"] - 3  # 16 k-means levels per channel: close to fp32
     assert {row["weight_bits"] for row in data["layers"]} == {4}
+
+def test_train_an_unlabelled_image_task_by_feature_distillation(tmp_path):
+    path = tmp_path / "t.json"
+    assert main(["train", "--task", "mobilenetv2-probe", "--recipe", "w4a8", "--distill", "--small", "--epochs", "1",
+                 "--train-size", "128", "--lr", "1e-4", "--json", str(path)]) == 0
+    training = json.loads(path.read_text())["training"]
+    assert training["train_size"] == 128 and training["distill"] == "cosine" and len(training["history"]) == 1

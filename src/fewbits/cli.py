@@ -261,8 +261,9 @@ def cmd_train(args) -> dict:
                 x, y = x[:args.train_size], y[:args.train_size]
             data = ShuffledBatches(x, y, args.batch_size, args.seed)
             size = len(x)
-        else:  # ready (inputs, None) batches of keyword arguments
-            rows = [len(next(iter(inputs.values()))) for inputs, _ in train]
+        else:  # ready (inputs, None) batches: tensors, or dicts of keyword arguments
+            rows = [len(inputs) if isinstance(inputs, torch.Tensor) else len(next(iter(inputs.values())))
+                    for inputs, _ in train]
             keep = len(rows)
             if args.train_size:  # whole batches, at least one, up to about N examples
                 keep = max(1, sum(1 for i in range(len(rows)) if sum(rows[:i + 1]) <= args.train_size))
