@@ -215,13 +215,6 @@ class LevelSpec:
             raise ValueError(f"{self.kind} levels are chosen per tensor or per output channel "
                              f"(PerTensor() or PerChannel(0)), got {g!r}")
 
-    @property
-    def signed(self) -> bool:  # levels on both sides of zero (reports and sizes ask specs this)
-        return True
-
-    def replace(self, **changes: Any) -> "LevelSpec":
-        return type(self)(**{**self._fields(), **changes})
-
     def _fields(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 

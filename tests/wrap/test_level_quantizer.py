@@ -6,6 +6,7 @@ from torch import nn
 
 import fewbits
 from fewbits import qat
+from fewbits.numerics.levels import level_indices
 from fewbits.recipe import LayerRecipe, Recipe, TensorRecipe
 from fewbits.report.evaluate import quantized_bytes
 from fewbits.spec import APoTSpec, BinarySpec, CodebookSpec, PerChannel, Pow2Spec, QuantSpec, TernarySpec
@@ -40,6 +41,8 @@ def test_prepare_save_load_convert_export(spec, tmp_path):
     path = fewbits.save(q, tmp_path / "m.fewbits")
     back = fewbits.load(path, model=_net())
     assert torch.equal(back(x), y)
+    packed = fewbits.load(path)  # without a model: the stored level indices
+    assert torch.equal(packed.qdata("3").long(), level_indices(q.model[3].weight, wq.boundaries, spec))
     tables = sum(m.weight_quantizer.levels.numel() + (m.weight_quantizer.boundaries.numel()
                                                         if spec.kind == "ternary" else 0) for m in (q.model[0], q.model[3]))
     # indices at spec.bits, float32 level tables (and TWN's thresholds), float32 biases, the

@@ -26,9 +26,9 @@ from torch import nn
 
 from ..files import write_atomic
 from ..numerics.affine import dequantize, quantize
+from ..numerics.levels import decode, level_indices
 from ..numerics.packing import pack, unpack
 from ..recipe import Recipe
-from ..numerics.levels import decode, level_indices
 from ..spec import LevelSpec, spec_from_dict
 from ..wrap.prepare import LeftFloat, QuantizedModel, Status, prepare
 
@@ -115,6 +115,8 @@ class PackedFile:
         entry = self.meta["weights"][layer]
         spec = spec_from_dict(entry["spec"])
         data = self.tensors[layer + _QDATA]
+        if isinstance(spec, LevelSpec):  # level indices, unsigned
+            return unpack(data, spec.bits, entry["view"])
         return unpack(data, spec.bits, entry["view"], signed=spec.signed) if spec.bits <= 8 else data
 
 

@@ -32,12 +32,12 @@ from torch.nn import functional as F
 
 from ..progress import Progress
 from ..wrap.fold import fold_batchnorm
+from ..wrap.levels import LevelQuantizer
 from ..wrap.modules import QUANT_MODULES
 from ..wrap.prepare import QuantizedModel, Status, calibrate, prepare
 from ..wrap.quantizer import TensorQuantizer
 from .batchnorm import QATConvBn, attach_batchnorm, freeze_batchnorm
 from .estimators import check_estimator
-from ..wrap.levels import LevelQuantizer
 from .quantizers import QATQuantizer, check_method, is_distributed
 
 
@@ -86,8 +86,8 @@ def prepare_qat(model: nn.Module, recipe="w8a8", *, method: str = "ste", estimat
     for name, layer in qmodel.quantized_layers().items():  # non-uniform weights follow the weight
         wq = getattr(layer, "weight_quantizer", None)
         if isinstance(wq, LevelQuantizer) and batchnorm == "train":
-            raise ValueError(f"prepare_qat: layer '{name}' has {wq.spec.kind} weights and a BatchNorm in training; "
-                             "non-uniform grids train on folded weights here: use batchnorm='fold'")
+            raise ValueError(f"prepare_qat: batchnorm='train' trains uniform weight grids only, layer '{name}' has "
+                             f"{wq.spec.kind} weights: use batchnorm='fold'")
         if isinstance(wq, LevelQuantizer):
             wq.start_training(layer._weight_view())
     _swap_quantizers(qmodel.model, lambda q: None if q.recipe.dynamic or isinstance(q, LevelQuantizer) else
