@@ -152,13 +152,10 @@ def run_qat(task_name: str, epochs: int, lr: float) -> list[dict]:
     return rows
 
 
-def _median_time(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _seconds(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
 
 
 def run_xnor(repeats: int = 7) -> list[dict]:
@@ -187,7 +184,7 @@ def run_xnor(repeats: int = 7) -> list[dict]:
         times = {key: [] for key in fns}
         for _ in range(repeats):  # interleaved: each repeat times every kernel once
             for key, fn in fns.items():
-                times[key].append(_median_time(fn, 1))
+                times[key].append(_seconds(fn))
         med = {key: statistics.median(v) for key, v in times.items()}
         gmac = m * k * n / 1e9
         rows.append({"shape": what, "M": m, "K": k, "N": n, "exact": exact,

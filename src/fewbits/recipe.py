@@ -66,6 +66,17 @@ class TensorRecipe:
         return cls(spec_from_dict(data["spec"]), data.get("method", "minmax"), data.get("dynamic", False))
 
 
+def level_role_error(spec, role: str) -> str:
+    """Why ``spec`` cannot quantize a layer's ``role`` tensor (``weight``, ``input``, ``output``);
+    empty when it can. Non-uniform grids quantize weights; the sign is the one activation grid."""
+    if not isinstance(spec, LevelSpec) or role == "weight":
+        return ""
+    if role == "input" and isinstance(spec, BinarySpec) and not spec.scaled:
+        return ""
+    return (f"{spec.kind} grids quantize weights; an activation grid can only be BinarySpec(scaled=False) "
+            "on a layer's input")
+
+
 @dataclass(frozen=True)
 class LayerRecipe:
     """What to quantize in one layer; ``None`` leaves that tensor float."""
@@ -77,10 +88,9 @@ class LayerRecipe:
     def __post_init__(self) -> None:
         for role in ("input", "output"):
             t = getattr(self, role)
-            if t is not None and isinstance(t.spec, LevelSpec) and not (
-                    role == "input" and isinstance(t.spec, BinarySpec) and not t.spec.scaled):
-                raise ValueError(f"{t.spec.kind} grids quantize weights; an activation grid can only be "
-                                 f"BinarySpec(scaled=False) on a layer's input, got {t.spec!r} for the {role}")
+            why = level_role_error(t.spec, role) if t is not None else ""
+            if why:
+                raise ValueError(f"{why}, got {t.spec!r} for the {role}")
 
     def to_dict(self) -> dict:
         return {k: (getattr(self, k).to_dict() if getattr(self, k) else None) for k in ("weight", "input", "output")}

@@ -93,8 +93,7 @@ class QuantSpec:
         if not MIN_BITS <= self.bits <= MAX_BITS:
             raise ValueError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
         for name in ("signed", "symmetric", "narrow_range"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            _check_bool(name, getattr(self, name))
         if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup)):
             raise ValueError(
                 f"granularity must be PerTensor(), PerChannel(axis) or PerGroup(size, axis), "
@@ -189,6 +188,11 @@ def granularity_from_dict(data: dict) -> Granularity:
     return cls(**data)
 
 
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+
+
 def _check_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, got {value!r}")
@@ -272,8 +276,7 @@ class BinarySpec(LevelSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.scaled, bool):
-            raise ValueError(f"binary scaled must be True or False, got {self.scaled!r}")
+        _check_bool("binary scaled", self.scaled)
 
 
 @dataclass(frozen=True)
@@ -297,8 +300,7 @@ class TernarySpec(LevelSpec):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.learned, bool):
-            raise ValueError(f"ternary learned must be True or False, got {self.learned!r}")
+        _check_bool("ternary learned", self.learned)
         t = self.threshold
         if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < 1.5):
             raise ValueError(f"ternary threshold is a factor in (0, 1.5), got {self.threshold!r}")

@@ -133,3 +133,13 @@ def huffman_decode(data: bytes, nbits: int, lengths: np.ndarray, count: int) -> 
     if len(out) != count or position != nbits:
         raise ValueError(f"Huffman stream decoded {len(out)} of {count} symbols in {position} of {nbits} bits")
     return np.asarray(out, dtype=np.int64)
+
+
+def best_gap_bits(positions: np.ndarray, choices=range(2, 11)) -> int:
+    """The gap width whose Huffman-coded stream plus its code table (a byte per symbol) is
+    smallest: wider gaps need fewer fillers but a bigger table."""
+    def size(b):
+        symbols = gap_symbols(positions, b)
+        lengths = huffman_lengths(np.bincount(symbols, minlength=1 << b)) if symbols.size else np.zeros(1)
+        return int((lengths * np.bincount(symbols, minlength=lengths.size)).sum()) + 8 * (1 << b)
+    return min(choices, key=size)

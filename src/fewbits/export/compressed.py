@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..compress.coding import (gap_symbols, huffman_decode, huffman_encode, huffman_lengths,
+from ..compress.coding import (best_gap_bits, gap_symbols, huffman_decode, huffman_encode, huffman_lengths,
                                positions_from_gaps)
 from ..files import write_atomic
 
@@ -52,15 +52,6 @@ def _stream(symbols: np.ndarray, alphabet: int) -> tuple[bytes, bytes, int]:
     lengths = huffman_lengths(np.bincount(symbols, minlength=alphabet)) if symbols.size else np.zeros(alphabet, np.int64)
     data, nbits = huffman_encode(symbols, lengths)
     return lengths.astype(np.uint8).tobytes(), data, nbits
-
-
-def best_gap_bits(positions: np.ndarray, choices=range(2, 11)) -> int:
-    """The gap width whose Huffman-coded stream plus code table is smallest."""
-    def size(b):
-        symbols = gap_symbols(positions, b)
-        lengths = huffman_lengths(np.bincount(symbols, minlength=1 << b)) if symbols.size else np.zeros(1)
-        return int((lengths * np.bincount(symbols, minlength=lengths.size)).sum()) + 8 * (1 << b)
-    return min(choices, key=size)
 
 
 def encode(tensors: dict, meta: dict) -> bytes:

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from ..numerics.levels import choose_levels, decode, groups_view, level_indices, midpoints, quantize_levels
-from ..recipe import TensorRecipe
+from ..recipe import TensorRecipe, level_role_error
 from ..spec import BinarySpec, CodebookSpec, TernarySpec
 from .quantizer import TensorQuantizer
 
@@ -32,12 +32,9 @@ class LevelQuantizer(TensorQuantizer):
 
     def __init__(self, recipe: TensorRecipe, name: str, role: str) -> None:
         super().__init__(recipe, name, role)
-        spec = recipe.spec
-        if role != "weight" and not (isinstance(spec, BinarySpec) and not spec.scaled and role == "input"):
-            raise ValueError(f"'{name}': {spec.kind} grids quantize weights; an activation grid can only be "
-                             "BinarySpec(scaled=False) on a layer's input")
-        if recipe.dynamic:
-            raise ValueError(f"'{name}': {spec.kind} grids are fitted once, not per batch (dynamic=False)")
+        why = level_role_error(recipe.spec, role)  # (a TensorRecipe refuses dynamic level grids)
+        if why:
+            raise ValueError(f"'{name}': {why}")
         self.register_buffer("levels", None)
         self.register_buffer("boundaries", None)
         self.register_buffer("indices", None)  # k-means in training: the fixed assignment
