@@ -129,7 +129,7 @@ def qat_grids(task_name: str) -> list[tuple[str, TensorRecipe]]:
 def run_qat(task_name: str, epochs: int, lr: float) -> list[dict]:
     """Weight-only QAT of every grid from :func:`qat_grids`: labelled tasks on their labels,
     mobilenetv2-probe toward the fp32 pooled features (cosine distillation, unlabelled images)."""
-    from fewbits.cli import ShuffledBatches
+    from fewbits.batches import ShuffledBatches
     from fewbits.qat import Distillation, fit, prepare_qat
 
     task = load_task(task_name)

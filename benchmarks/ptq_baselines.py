@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MiniLMHidden, MobileNetOutputs, print_table, save_json, set_threads  # noqa: E402
 
 import fewbits  # noqa: E402
-from fewbits.cli import calib_label  # noqa: E402
+from fewbits.report.summary import calib_label  # noqa: E402
 from fewbits.recipe import get_recipe, with_calibration  # noqa: E402
 from fewbits.tasks import load_task  # noqa: E402
 

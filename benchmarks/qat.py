@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, save_json, set_threads  # noqa: E402
 
 import fewbits  # noqa: E402
-from fewbits.cli import ShuffledBatches  # noqa: E402
+from fewbits.batches import ShuffledBatches  # noqa: E402
 from fewbits.qat import Distillation, fit, prepare_qat  # noqa: E402
 from fewbits.recipe import LayerRecipe, Recipe, TensorRecipe, get_recipe  # noqa: E402
 from fewbits.spec import BinarySpec, PerChannel, QuantSpec  # noqa: E402

@@ -26,9 +26,12 @@ from .observe import (
 from .recipe import BUILTIN_RECIPES, LayerRecipe, Recipe, TensorRecipe, get_recipe
 from .spec import (APoTSpec, BinarySpec, CodebookSpec, LevelSpec, PerChannel, PerGroup, PerTensor, Pow2Spec, QuantSpec,
                    Rounding, TernarySpec)
-from .wrap import QuantizedModel, calibrate, prepare
+from .target import KernelProfile, Target, int8_kernel_profile
+from .wrap import AlgorithmResult, QuantizedModel
 from .steps import AWQ, GPTQ, AdaRound, BiasCorrection, CrossLayerEqualization, SmoothQuant, StochasticRounding
-from .algorithms import AlgorithmResult, apply
+from .algorithms import apply
+from .flow import calibrate, prepare, quantize_model
+from .lower import lower
 from .export import export_onnx, load, save, verify
 from .convert import IntegerModel, convert
 from .report import Report, evaluate
@@ -44,7 +47,8 @@ __all__ = [
     "MinMaxObserver", "MovingAverageObserver", "HistogramObserver", "CalibrationMethod",
     "make_observer", "estimate_range", "calibrate_qparams", "sample_stats", "weight_qparams",
     "Recipe", "LayerRecipe", "TensorRecipe", "BUILTIN_RECIPES", "get_recipe",
-    "prepare", "calibrate", "QuantizedModel", "evaluate", "Report",
+    "prepare", "calibrate", "quantize_model", "QuantizedModel", "evaluate", "Report",
+    "Target", "KernelProfile", "int8_kernel_profile", "lower",
     "apply", "AlgorithmResult", "SmoothQuant", "BiasCorrection", "CrossLayerEqualization", "AdaRound",
     "StochasticRounding", "GPTQ", "AWQ", "save", "load", "convert", "IntegerModel",
     "export_onnx", "verify", "qat", "compress",

@@ -7,10 +7,8 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
-CLI_SCHEMA = 1
 
 
 def _write_json(data: dict, path: Path) -> None:
@@ -19,73 +17,10 @@ def _write_json(data: dict, path: Path) -> None:
     write_json_atomic(path, data)
 
 
-def calib_label(recipe) -> str:
-    """How the recipe sets activation ranges: a method name, 'dynamic', or 'none'."""
-    layers = [lr for _, lr in recipe.by_type] + [lr for _, lr in recipe.by_name if lr]
-    acts = [t for lr in layers for t in (lr.input, lr.output) if t]
-    if not acts:
-        return "none"
-    if all(t.dynamic for t in acts):
-        return "dynamic"
-    return ",".join(sorted({t.method for t in acts if not t.dynamic}))
-
-
-def run_quantize(model, calibration, recipe, metric_fn=None, metric=None, calib=None, algo=None, fit_cpu=False):
-    """prepare → calibrate (running the recipe's steps and ``algo``) → evaluate;
-    returns (qmodel, report, recipe used). ``fit_cpu``: cap GEMM weights at 7 bits when this
-    CPU's int8 kernels saturate beyond (see ``fewbits.export.int8_kernel_profile``)."""
-    import fewbits
-    from fewbits.export.onnx import NARROW_BITS, int8_kernel_profile
-    from fewbits.recipe import get_recipe, with_calibration, with_weight_bits_at_most
-    from fewbits.steps import parse_steps
-
-    recipe = get_recipe(recipe)
-    if fit_cpu and int8_kernel_profile().pair_saturation:
-        recipe = with_weight_bits_at_most(recipe, NARROW_BITS)
-    if calib:
-        recipe = with_calibration(recipe, calib)
-    if algo:
-        recipe = replace(recipe, steps=recipe.steps + tuple(parse_steps(algo)))
-    t0 = time.perf_counter()
-    qmodel = fewbits.prepare(model, recipe)
-    fewbits.calibrate(qmodel, calibration)
-    seconds = time.perf_counter() - t0
-    report = fewbits.evaluate(qmodel, model, metric_fn=metric_fn, metric=metric, batches=calibration, seconds=seconds)
-    report.extra["algorithms"] = [r.to_dict() for r in qmodel.applied]
-    return qmodel, report, recipe
-
-
-def result_json(name: str, recipe, report) -> dict:
-    m = report.metric
-    return {
-        "schema_version": CLI_SCHEMA, "task": name, "recipe": recipe.name, "calib": calib_label(recipe),
-        "metric": {"name": m, "fp32": report.fp32.get(m), "quantized": report.quantized.get(m)} if m else None,
-        "metrics": {"fp32": report.fp32, "quantized": report.quantized},
-        "size_bytes": report.size_bytes, "seconds": report.seconds,
-        "left_float": [{"name": x.name, "type": x.type, "reason": x.reason} for x in report.left_float],
-        "layers": report.to_dict()["layers"], "algorithms": report.extra.get("algorithms", []),
-    }
-
-
-def summary_row(result: dict) -> dict:
-    row = {"task": result["task"], "recipe": result["recipe"], "calib": result["calib"]}
-    if result["metric"]:
-        m = result["metric"]
-        row.update({"metric": m["name"], "fp32": m["fp32"], "quantized": m["quantized"],
-                    "delta": m["quantized"] - m["fp32"]})
-    sizes = result["size_bytes"]
-    row.update({"size fp32": _mb(sizes["fp32"]), "size quantized": _mb(sizes["quantized"]),
-                "ratio": f"{sizes['fp32'] / max(sizes['quantized'], 1):.2f}x", "seconds": round(result["seconds"], 1),
-                "left float": len(result["left_float"])})
-    worst = [x for x in result["layers"] if x["output_sqnr_db"] is not None]
-    if worst:
-        low = min(worst, key=lambda x: x["output_sqnr_db"])
-        row["worst layer SQNR"] = f"{low['output_sqnr_db']:.1f} dB ({low['name']})"
-    return row
-
-
 def _mb(n: int) -> str:
-    return f"{n / 1e6:.2f} MB" if n >= 1e5 else f"{n / 1e3:.1f} kB"
+    from fewbits.report.summary import megabytes
+
+    return megabytes(n)
 
 
 # ---- user models -----------------------------------------------------------------------------
@@ -109,17 +44,32 @@ def load_user_model(spec: str, checkpoint: str | None):
     if not isinstance(model, torch.nn.Module):
         raise ValueError(f"--model: {factory}() returned {type(model).__name__}, not a torch.nn.Module")
     if checkpoint:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = load_torch_file(checkpoint, "--checkpoint")
         state = state.get("state_dict", state) if isinstance(state, dict) else state
         model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+def load_torch_file(path: str, option: str):
+    """``torch.load`` of a user's file (tensors only), or one line naming the file and the option."""
+    import pickle
+
+    import torch
+
+    if not Path(path).is_file():
+        raise ValueError(f"{option}: file {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError, AttributeError, KeyError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ValueError(f"{option}: {path} is not a readable torch file ({type(err).__name__}: {first[:200]})") from None
 
 
 def load_batches(path: str, batch_size: int) -> list:
     """A ``.pt`` file holding a Tensor (split along dim 0) or a list of ready batches."""
     import torch
 
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = load_torch_file(path, "--calib-data")
     if isinstance(data, torch.Tensor):
         return list(data.split(batch_size))
     if isinstance(data, (list, tuple)) and data:
@@ -129,11 +79,10 @@ def load_batches(path: str, batch_size: int) -> list:
 
 def accuracy_metric(path: str):
     """``{"x": Tensor [N, ...], "y": int Tensor [N]}`` → a top-1 accuracy metric."""
-    import torch
 
     from fewbits.tasks.base import accuracy
 
-    data = torch.load(path, map_location="cpu", weights_only=True)
+    data = load_torch_file(path, "--eval-data")
     if not isinstance(data, dict) or not {"x", "y"} <= set(data):
         raise ValueError(f"{path}: --eval-data must hold a dict with 'x' (inputs) and 'y' (integer labels)")
     return lambda m: {"accuracy": accuracy(m, data["x"], data["y"])}
@@ -148,6 +97,8 @@ def cmd_tasks(args) -> None:
 
 
 def cmd_quantize(args) -> dict:
+    from fewbits.flow import quantize_model
+    from fewbits.report.summary import result_json, summary_row
     from fewbits.report.table import format_table
 
     if bool(args.task) == bool(args.model):
@@ -164,8 +115,8 @@ def cmd_quantize(args) -> dict:
         calibration = load_batches(args.calib_data, args.batch_size)
         metric_fn = accuracy_metric(args.eval_data) if args.eval_data else None
         name, metric = Path(args.model.rpartition(":")[0]).stem, ("accuracy" if args.eval_data else None)
-    qmodel, report, recipe = run_quantize(model, calibration, args.recipe, metric_fn, metric, args.calib, args.algo,
-                                          args.fit_cpu)
+    qmodel, report, recipe = quantize_model(model, calibration, args.recipe, metric_fn=metric_fn, metric=metric,
+                                            calib=args.calib, algo=args.algo, fit_cpu=args.fit_cpu)
     result = result_json(name, recipe, report)
     print(format_table([summary_row(result)], title=f"fewbits quantize: {name}"))
     if report.left_float:
@@ -207,29 +158,6 @@ def export_for_cli(qmodel, calibration, args) -> dict:
     return exported.to_dict()
 
 
-class ShuffledBatches:
-    """``(inputs, labels)`` batches of a training set, reshuffled (seeded) on every pass."""
-
-    def __init__(self, x, y, batch_size: int, seed: int = 0) -> None:
-        import torch
-
-        if batch_size < 1:
-            raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
-        self.x, self.y, self.batch_size = x, y, batch_size
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def __len__(self) -> int:
-        return len(self.x) // self.batch_size  # the last partial batch is dropped
-
-    def __iter__(self):
-        import torch
-
-        order = torch.randperm(len(self.x), generator=self.generator)
-        for i in range(len(self)):
-            idx = order[i * self.batch_size:(i + 1) * self.batch_size]
-            yield self.x[idx], self.y[idx]
-
-
 def cmd_train(args) -> dict:
     """Quantization-aware training of a task's model; ``torchrun --nproc-per-node N -m fewbits
     train …`` runs it data-parallel (each rank takes its share of every global batch)."""
@@ -238,14 +166,16 @@ def cmd_train(args) -> dict:
     import torch
 
     import fewbits
+    from fewbits.batches import ShuffledBatches
     from fewbits.qat import Distillation, chain, fit, prepare_qat, progressive_bits, progressive_layers
     from fewbits.recipe import get_recipe
+    from fewbits.report.summary import result_json, summary_row
     from fewbits.report.table import format_table
     from fewbits.tasks import load_task
 
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if distributed and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("gloo" if not torch.cuda.is_available() else "nccl")
+        torch.distributed.init_process_group("gloo")  # every tensor stays on the CPU, CUDA or not
     rank = torch.distributed.get_rank() if distributed else 0
     try:
         task = load_task(args.task, small=args.small)
@@ -352,7 +282,9 @@ DEMO_CONFIGS = [("w8a8", "minmax"), ("w8a8", "percentile"), ("w8a8", "entropy"),
 
 
 def cmd_demo(args) -> list:
+    from fewbits.flow import quantize_model
     from fewbits.report.plot import plot_layer_sqnr
+    from fewbits.report.summary import result_json, summary_row
     from fewbits.report.table import format_table
     from fewbits.tasks import load_task
 
@@ -362,12 +294,15 @@ def cmd_demo(args) -> list:
         print(f"fewbits demo: {task.name} — {task.description}", file=sys.stderr, flush=True)
         for recipe_name, calib in DEMO_CONFIGS:
             print(f"  {recipe_name} {calib or ''} ...", file=sys.stderr, flush=True)
-            _, report, recipe = run_quantize(task.model, task.calibration, recipe_name, task.evaluate, task.metric, calib)
+            _, report, recipe = quantize_model(task.model, task.calibration, recipe_name, metric_fn=task.evaluate,
+                                               metric=task.metric, calib=calib)
             result = result_json(task.name, recipe, report)
             results.append(result)
             reports[f"{task.name} | {recipe.name} {result['calib']}"] = report
     print(format_table([summary_row(r) for r in results], title="fewbits demo: what quantization cost"))
     out = Path(args.out)
+    from fewbits.report.summary import CLI_SCHEMA
+
     _write_json({"schema_version": CLI_SCHEMA, "results": results}, out / "demo.json")
     plot = plot_layer_sqnr(reports, out / "layer_sqnr.png")
     print(f"\nresults: {out / 'demo.json'}; per-layer SQNR plot: {plot}")

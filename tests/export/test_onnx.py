@@ -217,9 +217,9 @@ def test_fashion_cnn_onnx_accuracy_equals_the_integer_model(tmp_path):
     assert result.verification.ok, result.verification.summary()
     assert result.counts() == {"int8": 5}
     ort_acc = task.evaluate(OnnxModel(result.path))[task.metric]
-    from fewbits.export.onnx import narrowed
+    from fewbits.export.plan import narrowing
 
-    int_acc = task.evaluate(fewbits.convert(narrowed(q, result.layers)))[task.metric]
+    int_acc = task.evaluate(fewbits.convert(q, fewbits.Target.reference(weight_bits=narrowing(result.layers))))[task.metric]
     assert abs(ort_acc - int_acc) <= 0.2, (ort_acc, int_acc)  # a few images on rare one-level flips
     assert abs(ort_acc - task.evaluate(q)[task.metric]) <= 1.0  # 7-bit weights cost little here
 

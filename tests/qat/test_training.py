@@ -9,7 +9,7 @@ from torch.nn import functional as F
 
 import fewbits
 from fewbits.qat import Distillation, QATQuantizer, distillation_loss, finish, fit, prepare_qat
-from fewbits.wrap.prepare import Status
+from fewbits.wrap import Status
 from fewbits.wrap.quantizer import TensorQuantizer
 
 

@@ -6,6 +6,8 @@ import torch
 from torch import fx, nn
 
 import fewbits
+from fewbits.lower.lower import lower_op
+from fewbits.target import Target
 from fewbits.convert.layers import IntegerAdd
 from fewbits.recipe import Recipe, get_recipe
 from fewbits.wrap.ops import QuantAdd
@@ -110,7 +112,7 @@ def test_integer_additions_chain_block_to_block_and_match_the_simulation():
 def test_integer_add_rescales_exactly():
     q = _prepared()
     add = q.model.features[3].add
-    integer = IntegerAdd(add)
+    integer = IntegerAdd(lower_op(add.name, add, Target.reference()))
     g = torch.Generator().manual_seed(3)
     a, b = torch.randn(4, 8, 4, 4, generator=g), torch.randn(4, 8, 4, 4, generator=g)
     got = integer(a, b)

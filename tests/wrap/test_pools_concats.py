@@ -5,6 +5,8 @@ import torch
 from torch import fx, nn
 
 import fewbits
+from fewbits.lower.lower import lower_op
+from fewbits.target import Target
 from fewbits.convert.layers import IntegerAvgPool, IntegerConcat
 from fewbits.recipe import Recipe, TensorRecipe, get_recipe
 from fewbits.spec import QuantSpec
@@ -82,7 +84,7 @@ def test_integer_average_pool_equals_the_simulation(pool):
     op(x)
     op.input_quantizer.stop_observing(op.input_quantizer.observed_qparams())
     op.output_quantizer.stop_observing(op.output_quantizer.observed_qparams())
-    integer = IntegerAvgPool(op)
+    integer = IntegerAvgPool(lower_op(op.name, op, Target.reference()))
     # the simulation averages in float32, the integer op rounds the exact window sum times a
     # 2^-31-accurate multiplier; both send an exact half to the even level. Only a float32 value
     # within rounding error of a half could part them (by one level): measured never here
@@ -98,7 +100,7 @@ def test_integer_average_pool_rounds_exact_halves_to_even_like_the_simulation():
     for quantizer in (op.input_quantizer, op.output_quantizer):  # one grid: means of 4 levels hit .5
         quantizer.scale, quantizer.zero_point = torch.tensor(0.05), torch.tensor(3)
     x = (torch.randint(0, 256, (4, 8, 6, 6), generator=torch.Generator().manual_seed(1)) - 3) * 0.05
-    integer = IntegerAvgPool(op)
+    integer = IntegerAvgPool(lower_op(op.name, op, Target.reference()))
     integer.emit_integers = True
     sums = (integer.a.quantize(x).double() - 3).reshape(4, 8, 3, 2, 3, 2).sum((3, 5))
     assert float((sums % 4 == 2).double().mean()) > 0.2  # a fifth of the means are exact halves
@@ -112,14 +114,14 @@ def test_integer_average_pool_rounds_exact_halves_to_even_like_the_simulation():
 def test_integer_concatenation_is_exact_on_equal_grids_and_rescales_otherwise():
     q = _prepared()
     cat = q.model.block.cat
-    integer = IntegerConcat(cat)
+    integer = IntegerConcat(lower_op(cat.name, cat, Target.reference()))
     g = torch.Generator().manual_seed(4)
     a, b = torch.rand(2, 4, 5, 5, generator=g) * 4, torch.rand(2, 6, 5, 5, generator=g) * 6
     assert integer.grids[0].scale != integer.out.scale  # operand a is rescaled
     # float32 dequantize-then-requantize vs a fixed-point rescale: they could part only at a
     # float32 near-half (by one level); measured equal on these inputs
     assert torch.equal(cat(a, b), integer(a, b))
-    same = IntegerConcat(cat)
+    same = IntegerConcat(lower_op(cat.name, cat, Target.reference()))
     same.grids = [same.out, same.out]
     same.multipliers = [fewbits.numerics.fixed_point.fixed_point_multiplier(1.0)] * 2
     same.emit_integers = True

@@ -33,17 +33,15 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-from ..spec import PerTensor
-from ..wrap.modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear, int32_accumulator_blocker
-from ..wrap.prepare import LeftFloat, QuantizedModel, Status, _replace
-from ..wrap.ops import QuantAdd, QuantConcat, QuantPool
-from ..wrap.quantizer import TensorQuantizer
+from ..lower import Kind, lower
+from ..target import Target
+from ..wrap.handle import LeftFloat, QuantizedModel, Status, replace_module
 from .layers import (IntegerAdd, IntegerAvgPool, IntegerConcat, IntegerConv, IntegerEmbedding, IntegerLinear,
                      IntegerMaxPool, OutputGrid)
 
 _GRID_PRESERVING = (nn.Flatten, nn.Identity, nn.Dropout)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d)
-_INTEGER_OPS = {QuantAdd: IntegerAdd, QuantPool: IntegerAvgPool, QuantConcat: IntegerConcat}
+_INTEGER_OPS = {"QuantAdd": IntegerAdd, "QuantPool": IntegerAvgPool, "QuantConcat": IntegerConcat}
 _FIXED_GRID = tuple(_INTEGER_OPS.values())  # ops with their own output grid
 _RESHAPES = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous"}  # tensor methods keeping levels
 
@@ -79,41 +77,35 @@ class IntegerModel(nn.Module):
         return {n: m for n, m in self.model.named_modules() if isinstance(m, (IntegerLinear, IntegerConv))}
 
 
-def _why_float(layer: nn.Module) -> str:
-    if layer.output_quantizer is not None:
-        return "output quantizers are not converted yet: runs simulated"
-    return int32_accumulator_blocker(layer.input_quantizer, layer.weight_quantizer)
-
-
 @torch.no_grad()
-def convert(qmodel: QuantizedModel) -> IntegerModel:
-    """The integer model of a calibrated ``qmodel`` (which is left unchanged)."""
+def convert(qmodel: QuantizedModel, target: Target | None = None) -> IntegerModel:
+    """The integer model of a calibrated ``qmodel`` (which is left unchanged), built from its
+    lowered records on ``target`` (default :meth:`Target.reference`: exact integer arithmetic;
+    a target with recorded ``weight_bits`` reproduces a narrowed ONNX file)."""
     if not isinstance(qmodel, QuantizedModel):
         raise ValueError("convert expects the model returned by fewbits.prepare")
     qmodel.require_calibrated("convert")
+    lowering = lower(qmodel, target or Target.reference())
     work = copy.deepcopy(qmodel.model)
     islands = list(qmodel.left_float)
     integer = {}
-    for name, layer in list(work.named_modules()):
-        if isinstance(layer, QuantEmbedding) and layer.weight_quantizer is not None:
-            if layer.max_norm is not None:
-                islands.append(LeftFloat(name, "QuantEmbedding", "max_norm renormalizes rows at lookup: runs simulated"))
-                continue
-            _replace(work, name, IntegerEmbedding(layer))
-        elif isinstance(layer, (QuantLinear, QuantConv1d, QuantConv2d)):
-            why = _why_float(layer)
-            if why:
-                islands.append(LeftFloat(name, type(layer).__name__, why))
-                continue
-            new = IntegerLinear(layer) if isinstance(layer, QuantLinear) else IntegerConv(layer)
+    for name, record in lowering.layers.items():
+        if record.op == "embedding" and record.kind is Kind.WEIGHT_ONLY:
+            replace_module(work, name, IntegerEmbedding(record))
+        elif record.kind is Kind.INTEGER:
+            new = IntegerLinear(record) if record.op == "linear" else IntegerConv(record)
             integer[name] = new
-            _replace(work, name, new)
-        elif type(layer) in _INTEGER_OPS:
-            quantizers = [q for q in layer.modules() if isinstance(q, TensorQuantizer)]
-            if any(q.recipe.dynamic or not isinstance(q.spec.granularity, PerTensor) for q in quantizers):
-                islands.append(LeftFloat(name, type(layer).__name__, "dynamic or per-channel grids: runs simulated"))
-                continue
-            _replace(work, name, _INTEGER_OPS[type(layer)](layer))
+            replace_module(work, name, new)
+        else:
+            if record.narrowed_from is not None:  # the simulated layer runs on the target's narrower weights
+                work.get_submodule(name).weight_quantizer.set_grid(record.weight_spec, record.w_scale,
+                                                                   record.w_zero_point)
+            islands.append(LeftFloat(name, record.type, record.reason))
+    for name, record in lowering.ops.items():
+        if record.kind is Kind.INTEGER:
+            replace_module(work, name, _INTEGER_OPS[record.type](record))
+        else:
+            islands.append(LeftFloat(name, record.type, record.reason))
     chains, note = _fuse_chains(work, integer)
     return IntegerModel(work, islands, chains, qmodel.recipe, note)
 
@@ -206,9 +198,9 @@ def _fuse_chains(work: nn.Module, integer: dict) -> tuple[list[Chain], str]:
                 grid.clamp_below(0.0)
                 if isinstance(module, nn.ReLU6):
                     grid.clamp_above(6.0)
-                _replace(work, step.target, nn.Identity())  # the clamp happens in requantize
+                replace_module(work, step.target, nn.Identity())  # the clamp happens in requantize
             elif isinstance(module, _POOLS):
-                _replace(work, step.target, IntegerMaxPool(module))
+                replace_module(work, step.target, IntegerMaxPool(module))
         if _emit(producer, grid):
             chains.append(Chain(node.target, target, tuple(str(s.target) for s in through)))
     return chains, f"{len(chains)} integer chains found by torch.fx"

@@ -1,6 +1,6 @@
 """Integer layers: int8 (or fewer-bit) weights, int32 biases, fixed-point requantization.
 
-A layer takes either a float tensor (quantized here with its input grid: the "input quantize")
+Each is built from its lowered record (:mod:`fewbits.lower`). A layer takes either a float tensor (quantized here with its input grid: the "input quantize")
 or an integer tensor already on that grid (the previous layer requantized into it). It returns
 either float (``acc · s_x · s_w``, the "output dequantize") or, when the converter gave it the
 next layer's grid, integers requantized with per-channel ``(m0, shift)`` multipliers, clamped to
@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..lower.records import Grid, LayerRecord, OpRecord
 from ..numerics.affine import dequantize, quantize
 from ..numerics.fixed_point import fixed_point_multiplier, requantize, rounding_right_shift
 from ..runtime.reference import int_avg_pool_sums, int_conv, int_linear, int_max_pool
@@ -39,31 +40,23 @@ class OutputGrid:
 
 
 class _IntegerLayer(nn.Module):
-    """Shared state: integer weights, their qparams, the input grid, the int32 bias."""
+    """Shared state, from the layer's lowered record: integer weights, their qparams, the input
+    grid, the int32 bias."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, record: LayerRecord) -> None:
         super().__init__()
-        wq, xq = layer.weight_quantizer, layer.input_quantizer
-        self.name = wq.name.rpartition(".")[0]
-        self.in_spec = xq.spec
-        self.register_buffer("x_scale", xq.scale.detach().float().reshape(()))
-        self.register_buffer("x_zero_point", xq.zero_point.detach().reshape(()).to(torch.int32))
-        view = layer._weight_view().detach()
-        qw = quantize(view, wq.scale, wq.zero_point, wq.spec).reshape(layer.weight.shape)
-        self.register_buffer("qweight", qw)
-        channels = qw.shape[0]
-        self.register_buffer("w_scale", wq.scale.detach().float().reshape(-1).expand(channels).clone())
-        self.register_buffer("w_zero_point", wq.zero_point.detach().reshape(-1).expand(channels).to(torch.int32).clone())
-        acc_scale = self.x_scale.double() * self.w_scale.double()
-        self.register_buffer("acc_scale", acc_scale)  # float64: s_x·s_w without another rounding
-        if layer.bias is not None:
-            bq = torch.round(layer.bias.detach().double() / acc_scale)
-            if bq.abs().max() > 2**31 - 1:
-                raise ValueError(f"layer '{self.name}': the bias does not fit int32 at scale s_x·s_w")
-            self.register_buffer("bias_q", bq.to(torch.int32))
-        else:
-            self.bias_q = None
-        self.register_buffer("smooth_scale", getattr(layer, "smooth_scale", None))  # SmoothQuant's divisor
+        self.name = record.name
+        grid = record.input
+        self.in_spec = grid.spec
+        self.register_buffer("x_scale", torch.tensor(grid.scale, dtype=torch.float32))
+        self.register_buffer("x_zero_point", torch.tensor(grid.zero_point, dtype=torch.int32))
+        self.register_buffer("qweight", record.qweight.reshape(record.weight_shape).clone())
+        w_scale, w_zero_point = record.channel_qparams()
+        self.register_buffer("w_scale", w_scale)
+        self.register_buffer("w_zero_point", w_zero_point.to(torch.int32))
+        self.register_buffer("acc_scale", record.acc_scale.clone())  # float64: s_x·s_w without another rounding
+        self.register_buffer("bias_q", record.bias_q)
+        self.register_buffer("smooth_scale", record.smooth_scale)  # SmoothQuant's divisor
         self.output: Optional[OutputGrid] = None
         self.register_buffer("m0", None)
         self.register_buffer("shift", None)
@@ -103,12 +96,9 @@ class IntegerLinear(_IntegerLayer):
 
 
 class IntegerConv(_IntegerLayer):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__(layer)
-        if layer.padding_mode != "zeros":
-            raise ValueError(f"layer '{self.name}': padding_mode={layer.padding_mode!r}; integer convolution "
-                             "pads with the zero point only")
-        self.geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+    def __init__(self, record: LayerRecord) -> None:
+        super().__init__(record)
+        self.geometry = dict(record.geometry)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         acc = int_conv(self._input(x), int(self.x_zero_point), self.qweight, self.w_zero_point, self.bias_q,
@@ -119,13 +109,12 @@ class IntegerConv(_IntegerLayer):
 class IntegerEmbedding(nn.Module):
     """Integer table rows, dequantized on lookup: the output is float (a float island follows)."""
 
-    def __init__(self, layer: nn.Module) -> None:
+    def __init__(self, record: LayerRecord) -> None:
         super().__init__()
-        wq = layer.weight_quantizer
-        self.spec = wq.spec
-        self.register_buffer("qweight", quantize(layer.weight.detach(), wq.scale, wq.zero_point, wq.spec))
-        self.register_buffer("scale", wq.scale.detach().float())
-        self.register_buffer("zero_point", wq.zero_point.detach())
+        self.spec = record.weight_spec
+        self.register_buffer("qweight", record.qweight.clone())
+        self.register_buffer("scale", record.w_scale.float())
+        self.register_buffer("zero_point", record.w_zero_point)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         rows = self.qweight[idx]
@@ -145,21 +134,6 @@ class IntegerMaxPool(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.pool(x) if torch.is_floating_point(x) else int_max_pool(x, self.pool)
-
-
-class Grid:
-    """A tensor's activation grid as the integer model uses it (per-tensor)."""
-
-    def __init__(self, quantizer) -> None:
-        self.spec = quantizer.spec
-        self.scale = float(quantizer.scale.reshape(()))
-        self.zero_point = int(quantizer.zero_point.reshape(()))
-
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        return quantize(x, torch.tensor(self.scale), torch.tensor(self.zero_point), self.spec).to(torch.int32)
-
-    def dequantize(self, levels: torch.Tensor) -> torch.Tensor:
-        return ((levels.to(torch.int64) - self.zero_point).to(torch.float64) * self.scale).to(torch.float32)
 
 
 class _IntegerOp(nn.Module):
@@ -186,10 +160,10 @@ class IntegerAdd(_IntegerOp):
     is dequantized to float unless the converter found that every consumer works on the output
     grid (``emit_integers``)."""
 
-    def __init__(self, add: nn.Module) -> None:
+    def __init__(self, record: OpRecord) -> None:
         super().__init__()
-        self.name = add.name
-        self.a, self.b, self.out = Grid(add.a_quantizer), Grid(add.b_quantizer), Grid(add.output_quantizer)
+        self.name = record.name
+        (self.a, self.b), self.out = record.inputs, record.output
         (ma, sa), (mb, sb) = (fixed_point_multiplier(g.scale / self.out.scale) for g in (self.a, self.b))
         self.shift = max(sa, sb)
         self.m_a, self.m_b = ma << (self.shift - sa), mb << (self.shift - sb)
@@ -212,10 +186,10 @@ class IntegerAvgPool(_IntegerOp):
     ``M = s_in / (n · s_out)`` (one fixed-point multiplier per window size ``n``), rounded once,
     an exact half to the even level (frequent: four values averaged on one grid give halves)."""
 
-    def __init__(self, op: nn.Module) -> None:
+    def __init__(self, record: OpRecord) -> None:
         super().__init__()
-        self.name, self.pool = op.name, op.pool
-        self.a, self.out = Grid(op.input_quantizer), Grid(op.output_quantizer)
+        self.name, self.pool = record.name, record.pool
+        (self.a,), self.out = record.inputs, record.output
         self.emit_integers = False
 
     def _fixed_point(self, counts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -240,11 +214,11 @@ class IntegerConcat(_IntegerOp):
     """Concatenation on integers: each operand's ``q − z_i`` requantized onto the output grid with
     ``M_i = s_i / s_out`` (exactly the identity when the grids are equal)."""
 
-    def __init__(self, op: nn.Module) -> None:
+    def __init__(self, record: OpRecord) -> None:
         super().__init__()
-        self.name, self.dim = op.name, op.dim
-        self.grids = [Grid(q) for q in op.input_quantizers]
-        self.out = Grid(op.output_quantizer)
+        self.name, self.dim = record.name, record.dim
+        self.grids = list(record.inputs)
+        self.out = record.output
         self.multipliers = [fixed_point_multiplier(g.scale / self.out.scale) for g in self.grids]
         self.emit_integers = False
 

@@ -25,12 +25,14 @@ import torch
 from torch import nn
 
 from ..files import write_atomic
-from ..numerics.affine import dequantize, quantize
-from ..numerics.levels import decode, level_indices
+from ..flow import prepare
+from ..lower import lower
+from ..numerics.affine import dequantize
+from ..numerics.levels import decode
 from ..numerics.packing import pack, unpack
 from ..recipe import Recipe
 from ..spec import LevelSpec, spec_from_dict
-from ..wrap.prepare import LeftFloat, QuantizedModel, Status, prepare
+from ..wrap.handle import AlgorithmResult, QuantizedModel
 
 FORMAT = "fewbits.packed"
 FORMAT_VERSION = (1, 0)
@@ -39,19 +41,18 @@ _QDATA = ".weight.qdata"
 
 # ---- save ------------------------------------------------------------------------------------
 def _packed_weights(qmodel: QuantizedModel) -> tuple[dict, dict]:
+    """Every quantized weight's integers (level indices for non-uniform grids, whose levels are
+    the quantizer's buffer), packed, from the lowered records."""
     tensors, entries = {}, {}
-    for name, module in qmodel.quantized_layers().items():
-        wq = module.weight_quantizer
-        if wq is None:
+    for name, record in lower(qmodel).layers.items():
+        if record.qweight is None:
             continue
-        spec = wq.spec
-        if isinstance(spec, LevelSpec):  # level indices; the levels are the quantizer's buffer
-            q = level_indices(module._weight_view().detach(), wq.boundaries, spec)
+        spec, q = record.weight_spec, record.qweight
+        if isinstance(spec, LevelSpec):
             tensors[name + _QDATA] = pack(q, spec.bits)
         else:
-            q = quantize(module._weight_view().detach(), wq.scale, wq.zero_point, spec)
             tensors[name + _QDATA] = pack(q, spec.bits, signed=spec.signed) if spec.bits <= 8 else q.contiguous()
-        entries[name] = {"spec": spec.to_dict(), "shape": list(module.weight.shape), "view": list(q.shape)}
+        entries[name] = {"spec": spec.to_dict(), "shape": list(record.weight_shape), "view": list(q.shape)}
     return tensors, entries
 
 
@@ -131,6 +132,9 @@ def _read(path) -> tuple[dict, dict]:
     if len(raw) < 8:
         raise ValueError(f"{bad} (only {len(raw)} bytes)")
     (n,) = struct.unpack("<Q", raw[:8])
+    if 8 + n > len(raw) and FORMAT.encode() in raw[8:]:
+        raise ValueError(f"{path}: truncated fewbits packed file: its header alone needs {8 + n} bytes, "
+                         f"the file has {len(raw)}")
     try:
         header = json.loads(raw[8:8 + n])
         meta = json.loads(header["__metadata__"]["fewbits"])
@@ -143,6 +147,10 @@ def _read(path) -> tuple[dict, dict]:
         raise ValueError(f"{path}: packed format version {major}.{minor} is not readable by this fewbits "
                          f"(reads {FORMAT_VERSION[0]}.x); upgrade fewbits" if major > FORMAT_VERSION[0] else
                          f"{path}: packed format version {major}.{minor} is no longer supported")
+    expected = 8 + n + max((int(v["data_offsets"][1]) for k, v in header.items()
+                            if k != "__metadata__" and isinstance(v, dict) and "data_offsets" in v), default=0)
+    if len(raw) < expected:
+        raise ValueError(f"{path}: truncated fewbits packed file: expected {expected} bytes, found {len(raw)}")
     try:
         tensors = st_load(raw)
     except Exception as err:  # safetensors raises its own error types for truncated data
@@ -162,8 +170,6 @@ def load(path, model: nn.Module | None = None):
     meta, tensors = _read(path)
     if model is None:
         return PackedFile(meta, tensors)
-    from ..algorithms.apply import AlgorithmResult
-
     qmodel = prepare(model, Recipe.from_dict(meta["recipe"]), fold_bn=meta["fold_bn"])
     if qmodel.folded_bn != meta["folded_bn"] or [vars(x) for x in qmodel.left_float] != meta["left_float"]:
         raise ValueError(f"{path}: the model given does not match the saved one (its layers prepare differently)")
@@ -183,9 +189,8 @@ def load(path, model: nn.Module | None = None):
     if missing or weights:
         raise ValueError(f"{path}: the model given does not match the saved one "
                          f"(missing from the file: {missing[:5]}; unused in the file: {sorted(weights)[:5]})")
-    qmodel.applied = [AlgorithmResult(r["step"], r["layers"], [LeftFloat(**s) for s in r["skipped"]], r["seconds"])
-                      for r in meta["applied"]]
-    qmodel.status = Status.CALIBRATED
+    qmodel.applied = [AlgorithmResult.from_dict(r) for r in meta["applied"]]
+    qmodel.mark_calibrated()
     return qmodel
 
 
@@ -233,13 +238,14 @@ def ideal_bytes(qmodel: QuantizedModel) -> int:
     """Bits × parameters for packed weights plus every qparam and float tensor at its dtype
     (the all-zero zero points of symmetric weights carry no information and are not counted)."""
     total = 0
+    records = lower(qmodel, calibrated=False).layers
     for key, t in qmodel.model.state_dict().items():
         if _symmetric_zero(key, t, qmodel):
             continue
         layer = key[: -len(".weight")] if key.endswith(".weight") else None
-        module = qmodel.quantized_layers().get(layer) if layer else None
-        if module is not None and module.weight_quantizer is not None:
-            total += math.ceil(t.numel() * module.weight_quantizer.spec.bits / 8)
+        record = records.get(layer) if layer else None
+        if record is not None and record.qweight is not None:
+            total += math.ceil(t.numel() * record.weight_bits / 8)
         else:
             total += t.numel() * t.element_size()
     return total

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from ..wrap.fold import batchnorm_pairs, fold_into, folded_factor_and_bias
 from .quantizers import is_distributed
@@ -55,18 +54,12 @@ class QATConvBn(nn.Module):
         factor, bias = folded_factor_and_bias(layer.bias, self.bn)
         return layer.weight * factor.reshape([-1] + [1] * (layer.weight.dim() - 1)), factor, bias
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        layer = self.layer
-        if isinstance(layer, nn.Linear):
-            return F.linear(x, weight)
-        return layer._conv_forward(x, weight, None)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         layer = self.layer
         folded, factor, bias = self.folded_weight()
         wq = layer.weight_quantizer
         w = folded if wq is None else wq(folded.reshape(folded.shape[0], -1)).reshape(folded.shape)
-        y = self._linear(layer._in(x), w)
+        y = layer.compute(layer.quantize_input(x), w, None)
         channel = [1, -1] + [1] * (y.dim() - 2)
         if self.training and not self.frozen:
             y = y / factor.reshape(channel)
@@ -75,7 +68,7 @@ class QATConvBn(nn.Module):
             y = self._batch_norm(y, channel)
         else:  # the folded bias on the accumulator grid, as deployed
             y = y + layer.quantized_bias(bias).reshape(channel)
-        return layer._out(y)
+        return layer.quantize_output(y)
 
     def _batch_norm(self, y: torch.Tensor, channel: list) -> torch.Tensor:
         bn = self.bn

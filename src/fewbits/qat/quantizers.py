@@ -32,7 +32,6 @@ their gradients).
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 from torch import nn

@@ -34,7 +34,8 @@ from ..progress import Progress
 from ..wrap.fold import fold_batchnorm
 from ..wrap.levels import LevelQuantizer
 from ..wrap.modules import QUANT_MODULES
-from ..wrap.prepare import QuantizedModel, Status, calibrate, prepare
+from ..flow import calibrate, prepare
+from ..wrap.handle import QuantizedModel, Status
 from ..wrap.quantizer import TensorQuantizer
 from .batchnorm import QATConvBn, attach_batchnorm, freeze_batchnorm
 from .estimators import check_estimator
@@ -89,12 +90,11 @@ def prepare_qat(model: nn.Module, recipe="w8a8", *, method: str = "ste", estimat
             raise ValueError(f"prepare_qat: batchnorm='train' trains uniform weight grids only, layer '{name}' has "
                              f"{wq.spec.kind} weights: use batchnorm='fold'")
         if isinstance(wq, LevelQuantizer):
-            wq.start_training(layer._weight_view())
+            wq.start_training(layer.weight_view())
     _swap_quantizers(qmodel.model, lambda q: None if q.recipe.dynamic or isinstance(q, LevelQuantizer) else
                      QATQuantizer(q, method, estimator, momentum, temperature))
-    qmodel.status = Status.TRAINING
-    qmodel.qat = {"method": method, "estimator": estimator, "momentum": momentum, "temperature": temperature,
-                  "batchnorm": batchnorm}
+    qmodel.start_training({"method": method, "estimator": estimator, "momentum": momentum,
+                           "temperature": temperature, "batchnorm": batchnorm})
     return qmodel.train()
 
 
@@ -141,14 +141,14 @@ def finish(qmodel: QuantizedModel) -> QuantizedModel:
     for layer in qmodel.quantized_layers().values():  # weights' grids from the final weights
         wq = getattr(layer, "weight_quantizer", None)
         if isinstance(wq, QATQuantizer) and not wq.learned:
-            wq.set_from(layer._weight_view())
+            wq.set_from(layer.weight_view())
         elif isinstance(wq, LevelQuantizer):  # k-means: the layer now holds its shared weights
-            shared = wq.stop_training(layer._weight_view())
+            shared = wq.stop_training(layer.weight_view())
             if shared is not None:
                 with torch.no_grad():
                     layer.weight.copy_(shared.reshape(layer.weight.shape))
     _swap_quantizers(qmodel.model, lambda q: q.frozen() if isinstance(q, QATQuantizer) else None)
-    qmodel.status = Status.CALIBRATED
+    qmodel.mark_calibrated()
     return qmodel
 
 
@@ -181,7 +181,7 @@ def progressive_bits(widths: list[int], epochs: int, roles: tuple[str, ...] = ("
 def _fold_trained_batchnorm(qmodel: QuantizedModel) -> None:
     """Fold every still-separate BatchNorm into its layer (running statistics), in the model and
     in the fp32 reference, so both have the layers that deploy."""
-    paired = getattr(qmodel, "training_bn", [])
+    paired = qmodel.training_bn
     if not paired:
         return
     for parent in list(qmodel.model.modules()):

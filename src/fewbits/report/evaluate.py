@@ -8,12 +8,9 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
-from ..spec import LevelSpec
-from ..wrap.modules import QUANT_MODULES
-from ..wrap.prepare import LeftFloat, QuantizedModel, as_call
+from ..wrap.handle import LeftFloat, QuantizedModel, as_call
 
 REPORT_SCHEMA = 1
-_QUANT_TYPES = tuple(QUANT_MODULES.values())
 
 
 @dataclass
@@ -22,7 +19,8 @@ class LayerReport:
     type: str
     weight_bits: Optional[int]
     weight_sqnr_db: Optional[float]
-    output_sqnr_db: Optional[float]
+    output_sqnr_db: Optional[float]  # accumulated: the whole quantized model up to this layer's output
+    isolated_sqnr_db: Optional[float] = None  # this layer's own: only it quantized, its input exact
 
 
 @dataclass
@@ -43,9 +41,11 @@ class Report:
                 "size_bytes": self.size_bytes, "layers": [asdict(x) for x in self.layers],
                 "left_float": [asdict(x) for x in self.left_float], "seconds": self.seconds, **self.extra}
 
-    def worst_layers(self, n: int = 5) -> list[LayerReport]:
-        scored = [x for x in self.layers if x.output_sqnr_db is not None]
-        return sorted(scored, key=lambda x: x.output_sqnr_db)[:n]
+    def worst_layers(self, n: int = 5, isolated: bool = False) -> list[LayerReport]:
+        """The ``n`` layers with the lowest SQNR, accumulated or (``isolated``) each layer's own."""
+        key = "isolated_sqnr_db" if isolated else "output_sqnr_db"
+        scored = [x for x in self.layers if getattr(x, key) is not None]
+        return sorted(scored, key=lambda x: getattr(x, key))[:n]
 
 
 def model_bytes(model: nn.Module) -> int:
@@ -56,39 +56,29 @@ def model_bytes(model: nn.Module) -> int:
 
 def quantized_bytes(qmodel: QuantizedModel) -> int:
     """Deployed size: quantized weights at their packed bit width plus their scales and zero
-    points; every other parameter and buffer (biases, float layers) at its own dtype."""
+    points (:meth:`fewbits.lower.LayerRecord.weight_bytes`); every other parameter and buffer
+    (biases, float layers) at its own dtype, an activation's scale in float32 and zero point in
+    one byte."""
+    from ..lower import lower
     from ..wrap.quantizer import TensorQuantizer
 
+    records = lower(qmodel, calibrated=False).layers
     total, counted = 0, set()
-    for module in qmodel.model.modules():
+    for name, module in qmodel.model.named_modules():
+        record = records.get(name)
         if isinstance(module, TensorQuantizer) and module.role == "weight":
             continue  # its scales are counted with the weight
-        for name, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
+        for key, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
             if id(tensor) in counted or tensor is None:
                 continue
             counted.add(id(tensor))
-            quantizer = getattr(module, "weight_quantizer", None) if name == "weight" else None
-            if quantizer is not None and isinstance(module, _QUANT_TYPES) and isinstance(quantizer.spec, LevelSpec):
-                total += math.ceil(tensor.numel() * quantizer.spec.bits / 8) + level_table_bytes(quantizer)
-            elif quantizer is not None and isinstance(module, _QUANT_TYPES):
-                spec = quantizer.spec
-                qparams = quantizer.scale.numel()
-                zero_point_bytes = 0 if (spec.symmetric and spec.signed) else math.ceil(spec.bits / 8)
-                total += math.ceil(tensor.numel() * spec.bits / 8) + qparams * (4 + zero_point_bytes)
-            elif isinstance(module, TensorQuantizer):  # an activation's scale (float32) and zero point
-                total += tensor.numel() * (4 if name == "scale" else 1)
+            if key == "weight" and record is not None and record.qweight is not None:
+                total += record.weight_bytes()
+            elif isinstance(module, TensorQuantizer):
+                total += tensor.numel() * (4 if key == "scale" else 1)
             else:
                 total += tensor.numel() * tensor.element_size()
     return total
-
-
-def level_table_bytes(quantizer) -> int:
-    """A non-uniform grid's table in float32: its levels, and its thresholds when they are not
-    the midpoints between levels (TWN's ``±Δ``)."""
-    from ..spec import TernarySpec
-
-    extra = quantizer.boundaries.numel() if isinstance(quantizer.spec, TernarySpec) else 0
-    return 4 * (quantizer.levels.numel() + extra)
 
 
 def _weight_rows(qmodel: QuantizedModel) -> list[LayerReport]:
@@ -133,6 +123,35 @@ def layer_output_sqnr(qmodel: QuantizedModel, batches: list) -> dict[str, float]
     return {n: _finite(10 * math.log10(s / e)) if e > 0 and s > 0 else None for n, (s, e) in sums.items()}
 
 
+@torch.no_grad()
+def layer_isolated_sqnr(qmodel: QuantizedModel, batches: list) -> dict[str, float]:
+    """SQNR of every quantized layer's output when only that layer is quantized and its input is
+    the exact fp32 one (the fp32 model runs; each layer's quantized twin sees the same input):
+    the error the layer itself makes."""
+    names = list(qmodel.quantized_layers())
+    sums = {n: [0.0, 0.0] for n in names}
+    float_model = qmodel.float_model
+
+    def compare(name):
+        twin = qmodel.model.get_submodule(name)
+
+        def hook(_m, args, out):
+            ref, got = out.detach().double(), twin(*args).detach().double()
+            sums[name][0] += ref.pow(2).sum().item()
+            sums[name][1] += (ref - got).pow(2).sum().item()
+        return hook
+
+    hooks = [float_model.get_submodule(n).register_forward_hook(compare(n)) for n in names]
+    try:
+        for i, batch in enumerate(batches):
+            args, kwargs = as_call(batch, i)
+            float_model(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {n: _finite(10 * math.log10(s / e)) if e > 0 and s > 0 else None for n, (s, e) in sums.items()}
+
+
 def _finite(v):
     return None if v is None or not math.isfinite(v) else round(v, 3)
 
@@ -142,7 +161,8 @@ def evaluate(qmodel: QuantizedModel, model, *, metric_fn: Optional[Callable[[nn.
     """Compare ``qmodel`` with the fp32 ``model`` it was prepared from.
 
     ``model`` may be a :class:`fewbits.tasks.Task`, which supplies the model, its metrics and
-    calibration batches. Per-layer output SQNR uses up to 4 of ``batches``.
+    calibration batches. Per-layer output SQNR (accumulated, and each layer's own) uses up to 4
+    of ``batches``.
     """
     from ..tasks.base import Task
 
@@ -156,8 +176,9 @@ def evaluate(qmodel: QuantizedModel, model, *, metric_fn: Optional[Callable[[nn.
     quantized = metric_fn(qmodel) if metric_fn else {}
     layers = _weight_rows(qmodel)
     if batches:
-        out = layer_output_sqnr(qmodel, list(batches)[:4])
+        some = list(batches)[:4]
+        out, own = layer_output_sqnr(qmodel, some), layer_isolated_sqnr(qmodel, some)
         for row in layers:
-            row.output_sqnr_db = out.get(row.name)
+            row.output_sqnr_db, row.isolated_sqnr_db = out.get(row.name), own.get(row.name)
     sizes = {"fp32": model_bytes(model), "quantized": quantized_bytes(qmodel)}
     return Report(metric, fp32, quantized, sizes, layers, list(qmodel.left_float), seconds)

@@ -1,9 +1,10 @@
-"""Quantized modules and the prepare → calibrate steps."""
+"""Quantized modules, the quantizer slots, and the model handle they live in."""
 from .fold import fold_batchnorm
+from .handle import AlgorithmResult, LeftFloat, QuantizedModel, Status, as_call, quantization_disabled, replace_module
 from .modules import QuantConv1d, QuantConv2d, QuantEmbedding, QuantLinear
-from .prepare import LeftFloat, QuantizedModel, Status, as_call, calibrate, prepare, quantization_disabled
 from .quantizer import TensorQuantizer
 
 __all__ = ["QuantLinear", "QuantConv1d", "QuantConv2d", "QuantEmbedding", "TensorQuantizer",
-           "prepare", "calibrate", "QuantizedModel", "Status", "LeftFloat", "fold_batchnorm",
-           "as_call", "quantization_disabled"]
+           "QuantizedModel", "Status", "LeftFloat", "AlgorithmResult", "fold_batchnorm",
+           "as_call", "quantization_disabled", "replace_module"]
+

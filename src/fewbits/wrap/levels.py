@@ -23,7 +23,7 @@ from torch import nn
 
 from ..numerics.levels import choose_levels, decode, groups_view, level_indices, midpoints, quantize_levels
 from ..recipe import TensorRecipe, level_role_error
-from ..spec import BinarySpec, CodebookSpec, TernarySpec
+from ..spec import BinarySpec, CodebookSpec, LevelSpec, TernarySpec
 from .quantizer import TensorQuantizer
 
 
@@ -129,3 +129,11 @@ class LevelQuantizer(TensorQuantizer):
     def extra_repr(self) -> str:
         s = self.spec
         return f"{self.name}: {s.kind} {s.bits}-bit, {type(s.granularity).__name__}"
+
+
+def make_quantizer(recipe: TensorRecipe, name: str, role: str) -> TensorQuantizer:
+    """The quantizer slot for ``recipe``: uniform grids get a :class:`TensorQuantizer`,
+    non-uniform ones (:class:`~fewbits.spec.LevelSpec`) a :class:`LevelQuantizer`."""
+    if isinstance(recipe.spec, LevelSpec):
+        return LevelQuantizer(recipe, name, role)
+    return TensorQuantizer(recipe, name, role)

@@ -13,35 +13,19 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..numerics.accumulator import accumulator_blocker, accumulator_scale, int32_bias
 from ..recipe import LayerRecipe
-from ..spec import LevelSpec, PerChannel, PerTensor
-from .quantizer import TensorQuantizer, make_quantizer
-
-
-def int32_accumulator_blocker(input_quantizer, weight_quantizer) -> str:
-    """Why a layer's inputs and weights cannot meet in an int32 accumulator of step ``s_x·s_w``
-    per output channel (static per-tensor input, per-tensor or per-output-channel weights);
-    empty when they can. The simulated bias rounding and ``fewbits.convert`` share this rule."""
-    xq, wq = input_quantizer, weight_quantizer
-    if wq is None:
-        return "no weight quantizer"
-    for q in (wq, xq):
-        if q is not None and isinstance(q.spec, LevelSpec):
-            return f"{q.spec.kind} {q.role} grid: computes in float with the decoded levels"
-    if xq is None:
-        return "weight-only: computes in float with the dequantized weights"
-    if xq.recipe.dynamic:
-        return "dynamic input ranges: not converted yet, runs simulated"
-    if not isinstance(xq.spec.granularity, PerTensor):
-        return "per-channel input grid: an integer GEMM needs one input scale"
-    g = wq.spec.granularity
-    if not (isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0)):
-        return f"weights quantized {g}: one scale per output channel is needed to requantize an integer accumulator"
-    return ""
+from .levels import make_quantizer
+from .quantizer import TensorQuantizer
 
 
 class _QuantSlots:
-    """Mixin: the three quantizer slots and the shared conversion from a float layer."""
+    """Mixin: the three quantizer slots and the shared conversion from a float layer.
+
+    What the rest of fewbits reads of a quantized layer: :meth:`weight_view` (the weight as the
+    quantizer sees it), :meth:`quantize_input`, :meth:`compute` (the float op with a given weight
+    and bias), :meth:`accumulator_scale` (the int32 accumulator's step) and :meth:`quantized_bias`.
+    """
 
     weight_quantizer: Optional[TensorQuantizer]
     input_quantizer: Optional[TensorQuantizer]
@@ -53,15 +37,29 @@ class _QuantSlots:
             quantizer = make_quantizer(tensor_recipe, f"{name}.{slot}", slot) if tensor_recipe else None
             setattr(self, f"{slot}_quantizer", quantizer)
         if self.weight_quantizer is not None:
-            self.weight_quantizer.set_from(self._weight_view())
+            self.weight_quantizer.set_from(self.weight_view())
 
-    def _weight_view(self) -> torch.Tensor:
+    def weight_view(self) -> torch.Tensor:
+        """The weight as its quantizer sees it (convolutions: ``[out_channels, in·kh·kw]``)."""
         return self.weight
+
+    def refit_weight(self) -> None:
+        """Fit the weight quantizer to the current weight again (after an algorithm changed it)."""
+        if self.weight_quantizer is not None:
+            self.weight_quantizer.set_from(self.weight_view())
 
     def quantized_weight(self) -> torch.Tensor:
         if self.weight_quantizer is None:
             return self.weight
-        return self.weight_quantizer(self._weight_view()).reshape(self.weight.shape)
+        return self.weight_quantizer(self.weight_view()).reshape(self.weight.shape)
+
+    def accumulator_scale(self):
+        """``s_x·s_w`` per output channel (float64) when the input and the weights meet in an int32
+        accumulator with a calibrated input range, else ``None``."""
+        xq, wq = self.input_quantizer, self.weight_quantizer
+        if wq is None or xq is None or accumulator_blocker(xq.spec, xq.recipe.dynamic, wq.spec) or xq.scale is None:
+            return None
+        return accumulator_scale(xq.scale, wq.scale, self.weight.shape[0])
 
     def quantized_bias(self, bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The bias as the integer model adds it: ``round(b / (s_x·s_w))`` in the int32
@@ -70,18 +68,21 @@ class _QuantSlots:
         rounding passes gradients straight through. ``bias``: another bias for this layer's
         accumulator (a BatchNorm folded during training), instead of its own."""
         b, xq, wq = self.bias if bias is None else bias, self.input_quantizer, self.weight_quantizer
-        if b is None or int32_accumulator_blocker(xq, wq) or xq.scale is None:
+        if b is None:
             return b
-        if not (xq.enabled and wq.enabled) or xq.observer is not None:
+        step = self.accumulator_scale()
+        if step is None or not (xq.enabled and wq.enabled) or xq.observer is not None:
             return b
-        step = xq.scale.detach().double().reshape(()) * wq.scale.detach().double().reshape(-1)
-        b_hat = (torch.round(b.detach().double() / step) * step).to(b.dtype)
+        b_hat = (int32_bias(b, step) * step).to(b.dtype)
         return b + (b_hat - b).detach()
 
-    def _in(self, x):
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the product sees it: divided by a SmoothQuant divisor, then quantized."""
+        if getattr(self, "smooth_scale", None) is not None:
+            x = x / self.smooth_scale
         return x if self.input_quantizer is None else self.input_quantizer(x)
 
-    def _out(self, y):
+    def quantize_output(self, y: torch.Tensor) -> torch.Tensor:
         return y if self.output_quantizer is None else self.output_quantizer(y)
 
     @classmethod
@@ -117,21 +118,24 @@ class QuantLinear(_QuantSlots, nn.Linear):
         scale = scale.to(self.weight.dtype)
         self.weight.mul_(scale)
         self.smooth_scale = scale if self.smooth_scale is None else self.smooth_scale * scale
-        if self.weight_quantizer is not None:
-            self.weight_quantizer.set_from(self._weight_view())
+        self.refit_weight()
+
+    def compute(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        return F.linear(x, weight, bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.smooth_scale is not None:
-            x = x / self.smooth_scale
-        return self._out(F.linear(self._in(x), self.quantized_weight(), self.quantized_bias()))
+        return self.quantize_output(self.compute(self.quantize_input(x), self.quantized_weight(), self.quantized_bias()))
 
 
 class _QuantConv(_QuantSlots):
-    def _weight_view(self) -> torch.Tensor:
+    def weight_view(self) -> torch.Tensor:
         return self.weight.reshape(self.weight.shape[0], -1)
 
+    def compute(self, x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+        return self._conv_forward(x, weight, bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._out(self._conv_forward(self._in(x), self.quantized_weight(), self.quantized_bias()))
+        return self.quantize_output(self.compute(self.quantize_input(x), self.quantized_weight(), self.quantized_bias()))
 
 
 class QuantConv1d(_QuantConv, nn.Conv1d):
@@ -145,10 +149,12 @@ class QuantConv2d(_QuantConv, nn.Conv2d):
 class QuantEmbedding(_QuantSlots, nn.Embedding):
     """Weights only: the input is integer indices."""
 
+    def compute(self, idx: torch.Tensor, weight: torch.Tensor, bias=None) -> torch.Tensor:
+        return F.embedding(idx, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
+                           self.sparse)
+
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        w = self.quantized_weight()
-        return self._out(F.embedding(idx, w, self.padding_idx, self.max_norm, self.norm_type,
-                                     self.scale_grad_by_freq, self.sparse))
+        return self.quantize_output(self.compute(idx, self.quantized_weight()))
 
 
 # Dispatch by exact type: a subclass of nn.Linear may use its weight in ways the swap cannot see.

@@ -65,6 +65,26 @@ class TensorQuantizer(nn.Module):
         """Static qparams from the tensor itself (weights: every value seen exactly)."""
         self.scale, self.zero_point = weight_qparams(tensor.detach(), self.spec, self.recipe.method, self.name)
 
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Fix the grid at ``scale`` / ``zero_point`` (an algorithm's choice, e.g. GPTQ's group scales)."""
+        if self.scale is not None and tuple(scale.shape) != tuple(self.scale.shape):
+            raise ValueError(f"quantizer '{self.name}': scale of shape {tuple(scale.shape)} for a grid of "
+                             f"{tuple(self.scale.shape)}")
+        self.scale, self.zero_point = scale, zero_point
+
+    def set_grid(self, spec, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        """Move onto another grid of the same scheme (a narrower width the target needs)."""
+        from dataclasses import replace
+
+        self.recipe = replace(self.recipe, spec=spec)
+        self.scale, self.zero_point = scale, zero_point
+
+    def clear_range(self) -> None:
+        """Forget a static activation range (what it sees changed): calibrate observes it again."""
+        if self.role == "weight":
+            raise ValueError(f"quantizer '{self.name}': weights refit with set_from, their range is not cleared")
+        self.scale = self.zero_point = None
+
     def start_observing(self) -> None:
         self.observer = make_observer(self.recipe.method, self.spec.granularity, self.name)
 
@@ -84,15 +104,3 @@ class TensorQuantizer(nn.Module):
         s = self.spec
         kind = "dynamic" if self.recipe.dynamic else self.recipe.method
         return f"{self.name}: {s.bits}-bit {'signed' if s.signed else 'unsigned'}, {type(s.granularity).__name__}, {kind}"
-
-
-def make_quantizer(recipe: TensorRecipe, name: str, role: str) -> TensorQuantizer:
-    """The quantizer slot for ``recipe``: uniform grids get a :class:`TensorQuantizer`,
-    non-uniform ones (:class:`~fewbits.spec.LevelSpec`) a :class:`~fewbits.wrap.levels.LevelQuantizer`."""
-    from ..spec import LevelSpec
-
-    if isinstance(recipe.spec, LevelSpec):
-        from .levels import LevelQuantizer
-
-        return LevelQuantizer(recipe, name, role)
-    return TensorQuantizer(recipe, name, role)

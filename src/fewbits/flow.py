@@ -1,4 +1,5 @@
-"""prepare / calibrate: the first two steps of the data path, and the model they hand over.
+"""The data path on top of the model handle: ``prepare`` → ``calibrate`` (→ the recipe's
+algorithm steps), and :func:`quantize_model`, the whole composition the command line runs.
 
     qmodel = fewbits.prepare(model, recipe="w8a8")   # a new model; `model` is never modified
     fewbits.calibrate(qmodel, batches)                # Tensor | tuple of args | dict of kwargs
@@ -6,37 +7,21 @@
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import enum
-from dataclasses import dataclass
+import time
+from dataclasses import replace
 from typing import Iterable
 
 import torch
 from torch import nn
 
-from ..progress import Progress
-from ..recipe import Recipe, get_recipe
-from .fold import fold_batchnorm
-from .modules import QUANT_MODULES, QuantEmbedding
-from .quantizer import TensorQuantizer
-
-
-class Status(enum.Enum):
-    PREPARED = "prepared"
-    CALIBRATED = "calibrated"
-    TRAINING = "training"  # fewbits.qat.prepare_qat: grids follow the weights and data until finish()
-    CONVERTED = "converted"
-
-
-@dataclass(frozen=True)
-class LeftFloat:
-    """A module fewbits did not quantize, and why."""
-
-    name: str
-    type: str
-    reason: str
-
+from .progress import Progress
+from .recipe import get_recipe, with_calibration, with_weight_bits_at_most
+from .target import Target
+from .wrap.fold import fold_batchnorm
+from .wrap.handle import LeftFloat, QuantizedModel, Status, as_call, batch_errors_named, replace_module
+from .wrap.modules import QUANT_MODULES, QuantEmbedding
+from .wrap.ops import quantize_ops
 
 # Modules with parameters of their own that stay float on purpose, and the reason given.
 _FLOAT_BY_DESIGN = {
@@ -44,48 +29,6 @@ _FLOAT_BY_DESIGN = {
     nn.GroupNorm: "normalization stays float",
     nn.MultiheadAttention: "MultiheadAttention uses its projection weights functionally; swap not possible",
 }
-
-
-class QuantizedModel(nn.Module):
-    """The prepared model: ``model`` with quantized layers, plus what was left float and why."""
-
-    def __init__(self, model: nn.Module, recipe: Recipe, left_float: list[LeftFloat], folded_bn: list[str],
-                 float_model: nn.Module, fold_bn: bool = True) -> None:
-        super().__init__()
-        self.model = model
-        # The fp32 network after BN folding, with the same module names: the reference for
-        # per-layer errors. Kept out of the module tree so parameters() and state_dict() skip it.
-        self.__dict__["float_model"] = float_model
-        self.recipe = recipe
-        self.left_float = left_float
-        self.folded_bn = folded_bn
-        self.fold_bn = fold_bn
-        self.status = Status.PREPARED if recipe.needs_calibration else Status.CALIBRATED
-        self.applied: list = []  # results of fewbits.apply, in order
-        self.additions: list[str] = []  # QuantAdd modules (recipe.adds), by name
-        self.ops: list[str] = []  # every quantized op between layers (adds, pools, concats), by name
-        # per layer with a folded BatchNorm: its output's (mean, std) per channel by design, (β, |γ|)
-        self.bn_stats: dict = {}
-
-    def forward(self, *args, **kwargs):
-        if self.status is Status.PREPARED:
-            raise RuntimeError(f"recipe '{self.recipe.name}' has static activation ranges: "
-                               "run fewbits.calibrate(qmodel, batches) before inference")
-        return self.model(*args, **kwargs)
-
-    def require_calibrated(self, what: str) -> None:
-        """Raise, naming ``what`` was asked, unless the grids are fixed (calibrated)."""
-        if self.status is Status.TRAINING:
-            raise ValueError(f"{what}: the model is in quantization-aware training: run fewbits.qat.finish(qmodel) "
-                             "first to fix its grids")
-        if self.status is not Status.CALIBRATED:
-            raise ValueError(f"{what}: the model is not calibrated: run fewbits.calibrate(qmodel, batches) first")
-
-    def quantized_layers(self) -> dict[str, nn.Module]:
-        return {n: m for n, m in self.model.named_modules() if type(m) in QUANT_MODULES.values()}
-
-    def quantizers(self) -> dict[str, TensorQuantizer]:
-        return {q.name: q for q in self.model.modules() if isinstance(q, TensorQuantizer)}
 
 
 def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True) -> QuantizedModel:
@@ -98,13 +41,12 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True) -> Quantiz
         raise ValueError(f"prepare expects a torch.nn.Module, got {type(model).__name__}")
     recipe = get_recipe(recipe)
     work = copy.deepcopy(model).eval()
+    bn_stats: dict = {}
     if fold_bn:
-        bn_stats: dict = {}
         folded, unfolded = fold_batchnorm(work, bn_stats)
         why_bn = "BatchNorm not directly after a conv/linear in an nn.Sequential: kept float"
     else:
         folded, unfolded = [], [n for n, m in work.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        bn_stats = {}
         why_bn = "BatchNorm folding disabled (fold_bn=False): kept float"
     left = [LeftFloat(n, type(work.get_submodule(n)).__name__, why_bn) for n in unfolded]
     float_model = copy.deepcopy(work)
@@ -131,11 +73,9 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True) -> Quantiz
         except ValueError as err:  # e.g. a group size that does not divide this layer
             left.append(LeftFloat(name, type(module).__name__, str(err)))
             continue
-        _replace(work, name, swapped)
+        replace_module(work, name, swapped)
     ops = []
     if recipe.adds is not None or recipe.pools is not None or recipe.concats is not None:
-        from .ops import quantize_ops
-
         work, ops, untouched = quantize_ops(work, recipe.adds, recipe.pools, recipe.concats,
                                             skip=tuple(QUANT_MODULES.values()))
         left += [LeftFloat(n, type(work.get_submodule(n)).__name__, why) for n, why in untouched]
@@ -155,46 +95,8 @@ def _float_reason(module: nn.Module) -> str:
     return ""
 
 
-def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent_name) if parent_name else root, child, new)
-
-
-@contextlib.contextmanager
-def quantization_disabled(qmodel: QuantizedModel):
-    """Inside the block every quantizer passes values through: the prepared model computes
-    its float function (algorithms use this to collect fp32 statistics)."""
-    quantizers = list(qmodel.quantizers().values())
-    before = [q.enabled for q in quantizers]
-    for q in quantizers:
-        q.enabled = False
-    try:
-        yield qmodel.model
-    finally:
-        for q, was in zip(quantizers, before):
-            q.enabled = was
-
-
-def as_call(batch, index: int) -> tuple[tuple, dict]:
-    """A calibration batch as (args, kwargs), checked."""
-    if isinstance(batch, torch.Tensor):
-        args, kwargs = (batch,), {}
-    elif isinstance(batch, (tuple, list)):
-        args, kwargs = tuple(batch), {}
-    elif isinstance(batch, dict):
-        args, kwargs = (), dict(batch)
-    else:
-        raise ValueError(f"calibration batch {index}: expected a Tensor, a tuple of arguments or a dict of "
-                         f"keyword arguments, got {type(batch).__name__}")
-    named = [(f"argument {i}", v) for i, v in enumerate(args)] + [(f"argument '{k}'", v) for k, v in kwargs.items()]
-    for label, value in named:
-        if isinstance(value, torch.Tensor) and torch.is_floating_point(value) and not torch.isfinite(value).all():
-            raise ValueError(f"calibration batch {index}: {label} has non-finite values (NaN or inf)")
-    return args, kwargs
-
-
 def _pending_steps(qmodel: QuantizedModel) -> list:
-    from ..steps import step_to_dict
+    from .steps import step_to_dict
 
     done = [r.step for r in qmodel.applied]
     return [s for s in qmodel.recipe.steps if step_to_dict(s) not in done]
@@ -203,7 +105,7 @@ def _pending_steps(qmodel: QuantizedModel) -> list:
 def _run_recipe_steps(qmodel: QuantizedModel, batches: list, after_ranges: bool) -> None:
     """Run the recipe's algorithm steps not yet applied: those that need calibrated ranges
     (``needs_ranges``) after the ranges are observed, the others before."""
-    from ..algorithms import apply
+    from .algorithms import apply
 
     for step in _pending_steps(qmodel):
         if getattr(step, "needs_ranges", False) == after_ranges:
@@ -229,7 +131,7 @@ def calibrate(qmodel: QuantizedModel, batches: Iterable) -> QuantizedModel:
         _run_recipe_steps(qmodel, batches, after_ranges=False)
     static = [q for q in qmodel.quantizers().values() if q.needs_range]
     if not static:
-        qmodel.status = Status.CALIBRATED
+        qmodel.mark_calibrated()
         _run_recipe_steps(qmodel, batches, after_ranges=True)
         return qmodel
     total = len(batches) if hasattr(batches, "__len__") else None
@@ -239,7 +141,8 @@ def calibrate(qmodel: QuantizedModel, batches: Iterable) -> QuantizedModel:
         with Progress("calibrating, batch", total) as progress:
             for index, batch in enumerate(batches):
                 args, kwargs = as_call(batch, index)
-                qmodel.model(*args, **kwargs)
+                with batch_errors_named(index, qmodel.model):
+                    qmodel.model(*args, **kwargs)
                 progress.step()
         if progress.count == 0:
             raise ValueError("calibration got no batches: an empty stream gives no ranges")
@@ -250,6 +153,40 @@ def calibrate(qmodel: QuantizedModel, batches: Iterable) -> QuantizedModel:
         raise
     for q in static:
         q.stop_observing(new[q.name])
-    qmodel.status = Status.CALIBRATED
+    qmodel.mark_calibrated()
     _run_recipe_steps(qmodel, batches, after_ranges=True)
     return qmodel
+
+
+def quantize_model(model: nn.Module, calibration, recipe="w8a8", *, metric_fn=None, metric=None, calib=None, algo=None,
+             fit_cpu: bool = False, target: Target | None = None):
+    """prepare → calibrate (running the recipe's steps and ``algo``) → evaluate, the composition
+    ``fewbits quantize`` runs; returns ``(qmodel, report, recipe used)``.
+
+    ``calib``: an activation calibration method for every static grid; ``algo``: post-training
+    algorithms, comma-separated (``"cle,bc"``); ``fit_cpu``: cap GEMM weights at the width
+    ``target``'s int8 kernels run exactly (default: ONNX Runtime on this CPU; 7 bits on AVX2
+    without VNNI) before calibration, so the algorithms fit the deployed weights.
+    """
+    from .report.evaluate import evaluate
+    from .steps import parse_steps
+
+    recipe = get_recipe(recipe)
+    if fit_cpu:
+        bits = (target or Target.onnxruntime()).fits_kernels_at()
+        if bits is not None:
+            recipe = with_weight_bits_at_most(recipe, bits)
+    if calib:
+        recipe = with_calibration(recipe, calib)
+    if algo:
+        recipe = replace(recipe, steps=recipe.steps + tuple(parse_steps(algo)))
+    t0 = time.perf_counter()
+    qmodel = prepare(model, recipe)
+    calibrate(qmodel, calibration)
+    seconds = time.perf_counter() - t0
+    report = evaluate(qmodel, model, metric_fn=metric_fn, metric=metric, batches=calibration, seconds=seconds)
+    report.extra["algorithms"] = [r.to_dict() for r in qmodel.applied]
+    return qmodel, report, recipe
+
+
+__all__ = ["prepare", "calibrate", "quantize_model"]

@@ -1,0 +1,67 @@
+"""Bias correction's driver: empirical (per-channel output means, fp32 vs quantized) or
+analytic (from the folded BatchNorm statistics through ReLU / ReLU6)."""
+from __future__ import annotations
+
+import fnmatch
+
+import torch
+from torch import nn
+
+from ..progress import Progress
+from ..steps import BiasCorrection
+from ..wrap.handle import AlgorithmResult, LeftFloat, QuantizedModel
+from . import bias_correction
+from .hooks import LAYERS, add_to_bias, channel_means, layer_chains
+
+
+@torch.no_grad()
+def run_bias_correction(qmodel: QuantizedModel, step: BiasCorrection, batches: list, result: AlgorithmResult) -> None:
+    layers = {n: m for n, m in qmodel.quantized_layers().items()
+              if fnmatch.fnmatchcase(n, step.layers) and isinstance(m, LAYERS)}
+    for name, m in qmodel.quantized_layers().items():
+        if fnmatch.fnmatchcase(name, step.layers) and name not in layers:
+            result.skipped.append(LeftFloat(name, type(m).__name__, "bias correction treats linear and conv layers"))
+    if step.mode == "analytic":
+        _analytic_bias_correction(qmodel, layers, result)
+        return
+    float_means = channel_means(qmodel.float_model, list(layers), batches)  # insertion order = execution order
+    with Progress("bias correction, layer", len(float_means)) as progress:
+        for name in float_means:
+            progress.step(name)
+            module = layers[name]
+            quant = channel_means(qmodel.model, [name], batches, stop_after=name)[name]
+            delta = bias_correction.correction(float_means[name], quant)
+            add_to_bias(module, delta)
+            result.layers[name] = {"mean_abs_shift": round(delta.abs().mean().item(), 6),
+                                   "max_abs_shift": round(delta.abs().max().item(), 6)}
+
+
+def _analytic_bias_correction(qmodel: QuantizedModel, layers: dict, result: AlgorithmResult) -> None:
+    sources = {second: (first, through) for first, second, through in
+               layer_chains(qmodel, result, (nn.ReLU, nn.ReLU6, nn.Identity, nn.Dropout))}
+    for name, module in layers.items():
+        first, through = sources.get(name, (None, []))
+        why = ""
+        if module.weight_quantizer is None:
+            why = "the weights are not quantized"
+        elif first not in qmodel.bn_stats:
+            why = "its input does not come from a layer with a folded BatchNorm (through ReLU / ReLU6 / nothing)"
+        if why:
+            result.skipped.append(LeftFloat(name, type(module).__name__, why))
+            continue
+        mu, sigma = qmodel.bn_stats[first]
+        lo, hi = float("-inf"), float("inf")
+        for t in through:
+            act = qmodel.model.get_submodule(t)
+            if isinstance(act, (nn.ReLU, nn.ReLU6)):
+                lo = max(lo, 0.0)
+            if isinstance(act, nn.ReLU6):
+                hi = min(hi, 6.0)
+        mean = bias_correction.clipped_normal_mean(mu, sigma, lo, hi)
+        error = (module.quantized_weight() - module.weight).detach()
+        if getattr(module, "smooth_scale", None) is not None:
+            mean = mean / module.smooth_scale.double()
+        shift = bias_correction.expected_output_shift(error, mean, getattr(module, "groups", 1))
+        add_to_bias(module, -shift)
+        result.layers[name] = {"mean_abs_shift": round(shift.abs().mean().item(), 6),
+                               "max_abs_shift": round(shift.abs().max().item(), 6), "input_from": first}

@@ -1,0 +1,261 @@
+"""What the drivers share: hooks that collect a layer's inputs or outputs, running batches up to
+a layer, the execution order, the layer chains torch.fx finds, and the layer selections."""
+from __future__ import annotations
+
+import fnmatch
+import math
+
+import torch
+from torch import nn
+
+from ..progress import Progress
+from ..spec import LevelSpec, PerTensor
+from ..wrap.handle import AlgorithmResult, LeftFloat, QuantizedModel, quantization_disabled
+from ..wrap.modules import QuantConv1d, QuantConv2d, QuantLinear
+from . import bias_correction, smoothquant
+
+
+def scalable_linears(qmodel: QuantizedModel, pattern: str, result: AlgorithmResult, algo: str) -> dict:
+    """The linear layers ``algo`` may rescale per input channel (``"smoothquant"``: quantized
+    per-tensor inputs; ``"awq"``: weight-only), the others listed in ``result`` with the reason."""
+    shared = {id(p) for p in shared_parameters(qmodel.model)}
+    chosen = {}
+    for name, module in qmodel.quantized_layers().items():
+        if not fnmatch.fnmatchcase(name, pattern):
+            continue
+        why = ""
+        if not isinstance(module, QuantLinear):
+            why = (f"SmoothQuant smooths linear layers, this is a {type(module).__name__}" if algo == "smoothquant"
+                   else f"AWQ scales linear layers, this is a {type(module).__name__}")
+        elif algo == "smoothquant" and (module.input_quantizer is None or module.weight_quantizer is None):
+            why = "SmoothQuant needs both an input and a weight quantizer"
+        elif algo == "smoothquant" and not isinstance(module.input_quantizer.spec.granularity, PerTensor):
+            why = "SmoothQuant targets per-tensor inputs"
+        elif algo == "awq" and module.weight_quantizer is None:
+            why = "the weights are not quantized"
+        elif module.weight_quantizer is not None and isinstance(module.weight_quantizer.spec, LevelSpec):
+            why = f"{module.weight_quantizer.spec.kind} weights: scaling is chosen for uniform grids"
+        elif algo == "awq" and module.input_quantizer is not None:
+            why = "AWQ is for weight-only layers (SmoothQuant balances quantized inputs)"
+        elif id(module.weight) in shared:
+            why = "the weight is tied to another module: scaling it would change that module too"
+        if why:
+            result.skipped.append(LeftFloat(name, type(module).__name__, why))
+        else:
+            chosen[name] = module
+    return chosen
+
+
+@torch.no_grad()
+def collect_inputs(qmodel: QuantizedModel, layers: dict, batches: list, samples: int,
+                    label: str = "smoothquant statistics") -> dict:
+    """Per-channel min/max and mean magnitude of every input of ``layers`` over all batches and a
+    seeded row sample, with the model computing in float."""
+    per_batch = math.ceil(samples / len(batches))
+    generator = torch.Generator().manual_seed(0)
+    seen: dict[str, list] = {}
+
+    def hook(name):
+        def grab(_module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+            lo, hi, mag = x.amin(0), x.amax(0), x.abs().double().sum(0)
+            pick = x[torch.randperm(len(x), generator=generator)[:per_batch]]
+            if name in seen:
+                old = seen[name]
+                seen[name] = [torch.minimum(old[0], lo), torch.maximum(old[1], hi), old[2] + [pick], old[3] + mag,
+                              old[4] + len(x)]
+            else:
+                seen[name] = [lo, hi, [pick], mag, len(x)]
+        return grab
+
+    handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with quantization_disabled(qmodel) as model, Progress(f"{label}, batch", len(batches)) as p:
+            for args, kwargs in batches:
+                model(*args, **kwargs)
+                p.step()
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: smoothquant.LayerInputs(lo, hi, torch.cat(rows)[:samples], (mag / count).float())
+            for n, (lo, hi, rows, mag, count) in seen.items()}
+
+
+def with_inputs(label: str, layers: dict, stats: dict, result: AlgorithmResult):
+    """``(name, layer, inputs)`` for each layer whose inputs were collected, with progress; a layer
+    that never ran on the batches is listed as skipped."""
+    with Progress(f"{label}, layer", len(layers)) as progress:
+        for name, layer in layers.items():
+            progress.step(name)
+            if name not in stats:
+                result.skipped.append(LeftFloat(name, "QuantLinear", "the layer never ran on the batches"))
+                continue
+            yield name, layer, stats[name]
+
+
+def clear_activation_ranges(qmodel: QuantizedModel, quantizers=None) -> None:
+    """Forget the static activation ranges (``quantizers``, default all): what they see changed,
+    so the model goes back to PREPARED until calibrate observes them again."""
+    for q in quantizers if quantizers is not None else qmodel.quantizers().values():
+        if q.needs_range:
+            q.clear_range()
+    qmodel.mark_ranges_cleared()
+
+
+def db(v: float):
+    return None if not math.isfinite(v) else round(v, 2)
+
+
+class Stop(Exception):
+    """Raised by a hook once the layer of interest has run: the rest of the forward is not needed."""
+
+
+def channel_means(model, names: list[str], batches: list, stop_after: str | None = None) -> dict:
+    sums: dict = {}
+
+    def hook(name):
+        def grab(module, _args, out):
+            s, n = bias_correction.channel_sum(out, 1 if not isinstance(module, nn.Linear) else out.dim() - 1)
+            old = sums.get(name, (0.0, 0))
+            sums[name] = (old[0] + s, old[1] + n)
+            if name == stop_after:
+                raise Stop
+        return grab
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    try:
+        run_batches(model, batches)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: s / c for n, (s, c) in sums.items()}
+
+
+def add_to_bias(layer: nn.Module, delta: torch.Tensor) -> None:
+    """``b ← b + delta``, creating a zero bias where the layer has none."""
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0], dtype=layer.weight.dtype))
+    layer.bias.add_(delta.to(layer.bias.dtype))
+
+
+def run_batches(model: nn.Module, batches: list) -> None:
+    """Every batch through ``model``; a hook raising :class:`Stop` ends that batch's forward."""
+    for args, kwargs in batches:
+        try:
+            model(*args, **kwargs)
+        except Stop:
+            pass
+
+
+LAYERS = (QuantLinear, QuantConv1d, QuantConv2d)
+
+
+def depthwise(m: nn.Module) -> bool:
+    return isinstance(m, (QuantConv1d, QuantConv2d)) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+
+
+def layer_chains(qmodel: QuantizedModel, result: AlgorithmResult, through_types: tuple) -> list[tuple]:
+    """``(first, second, through)``: quantized layers where ``first``'s output reaches ``second``'s
+    only input through modules of ``through_types`` alone, every module called once (torch.fx on
+    the prepared model; an untraceable model has none, noted in ``result``)."""
+    from torch import fx
+
+    from ..wrap.ops import QUANT_OPS
+
+    class Tracer(fx.Tracer):
+        def is_leaf_module(self, m, qualname):
+            return isinstance(m, (*LAYERS, *QUANT_OPS)) or super().is_leaf_module(m, qualname)
+
+    try:
+        graph = Tracer().trace(qmodel.model)
+    except Exception as err:  # noqa: BLE001 — no graph, no pairs
+        result.skipped.append(LeftFloat("", type(qmodel.model).__name__,
+                                        f"not traceable by torch.fx ({type(err).__name__}): no layer pairs found"))
+        return []
+    calls = [n.target for n in graph.nodes if n.op == "call_module"]
+    chains = []
+    for node in graph.nodes:
+        if node.op != "call_module" or calls.count(node.target) != 1 or \
+                not isinstance(qmodel.model.get_submodule(node.target), LAYERS):
+            continue
+        through, cur = [], node
+        while len(cur.users) == 1:
+            (user,) = cur.users
+            if user.op != "call_module" or calls.count(user.target) != 1:
+                break
+            module = qmodel.model.get_submodule(user.target)
+            if isinstance(module, LAYERS):
+                if user.args == (cur,) and not user.kwargs:
+                    chains.append((node.target, user.target, through))
+                break
+            if not isinstance(module, through_types):
+                break
+            through.append(user.target)
+            cur = user
+    return chains
+
+
+def shared_parameters(model: nn.Module) -> list:
+    """Parameters held by more than one module (tied weights)."""
+    owners: dict[int, list] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(p)
+    return [ps[0] for ps in owners.values() if len(ps) > 1]
+
+
+def rounding_layers(qmodel: QuantizedModel, pattern: str, result: AlgorithmResult) -> dict:
+    chosen = {}
+    for name, m in qmodel.quantized_layers().items():
+        if not fnmatch.fnmatchcase(name, pattern):
+            continue
+        if not isinstance(m, LAYERS):
+            result.skipped.append(LeftFloat(name, type(m).__name__, "rounding is chosen for linear and conv layers"))
+        elif m.weight_quantizer is None:
+            result.skipped.append(LeftFloat(name, type(m).__name__, "the weights are not quantized"))
+        elif isinstance(m.weight_quantizer.spec, LevelSpec):
+            result.skipped.append(LeftFloat(name, type(m).__name__, f"{m.weight_quantizer.spec.kind} weights: "
+                                            "rounding is chosen on uniform grids"))
+        else:
+            chosen[name] = m
+    return chosen
+
+
+def execution_order(model: nn.Module, names: list, batch) -> list:
+    order = []
+
+    def seen(name):
+        def hook(_module, _args, _out):
+            if name not in order:
+                order.append(name)
+        return hook
+
+    handles = [model.get_submodule(n).register_forward_hook(seen(n)) for n in names]
+    try:
+        args, kwargs = batch
+        model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def feed_until(model: nn.Module, name: str, batches: list, take) -> None:
+    """Run ``batches`` through ``model`` up to layer ``name``: ``take(input)`` sees its input each
+    time and the rest of the forward is skipped."""
+    def grab(_module, args):
+        take(args[0].detach())
+        raise Stop
+
+    handle = model.get_submodule(name).register_forward_pre_hook(grab)
+    try:
+        run_batches(model, batches)
+    finally:
+        handle.remove()
+
+
+def layer_inputs(model: nn.Module, name: str, batches: list) -> torch.Tensor:
+    """The input of layer ``name`` on every batch, concatenated along the first dimension."""
+    seen = []
+    feed_until(model, name, batches, seen.append)
+    return torch.cat(seen)

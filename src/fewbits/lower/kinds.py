@@ -1,0 +1,119 @@
+"""The deployability rule: what each quantized layer and op becomes on a target, and why.
+
+:func:`deployed_kind` is the only place that decides a layer's deployed form; the integer model,
+the ONNX file, the packed file and the size report read its answer from the lowered records
+(:func:`fewbits.lower.lower`). Layers are read through their quantizer slots only (``weight_quantizer``,
+``input_quantizer``, ``output_quantizer``) and their float geometry.
+"""
+from __future__ import annotations
+
+import enum
+
+from torch import nn
+
+from ..numerics.accumulator import accumulator_blocker
+from ..spec import LevelSpec, PerChannel, PerGroup, PerTensor
+from ..target import Target
+
+
+class Kind(enum.Enum):
+    """A layer's deployed form."""
+
+    INTEGER = "integer"  # static input grid × integer weights → int32 accumulator
+    INTEGER_DYNAMIC = "integer-dynamic"  # the input grid from each batch's range (ONNX DynamicQuantizeLinear)
+    WEIGHT_ONLY = "weight-only"  # integer weights, dequantized; the product is float
+    DECODED = "decoded"  # non-uniform levels: float weights holding the decoded levels
+    SIMULATED = "simulated"  # fake quantization as float operations, exactly the simulated layer
+    FLOAT = "float"  # not quantized at all
+
+
+INTEGER_KINDS = (Kind.INTEGER, Kind.INTEGER_DYNAMIC)
+
+
+def dynamic_u8(quantizer) -> bool:
+    """A per-batch grid that ONNX's DynamicQuantizeLinear computes: 256 levels, asymmetric, per
+    tensor (its scale (max⁺ − min⁻)/255 and zero point −round(min⁻/s) are ``choose_qparams``')."""
+    spec = quantizer.spec
+    return (quantizer.recipe.dynamic and spec.bits == 8 and not spec.symmetric and not spec.narrow_range
+            and isinstance(spec.granularity, PerTensor))
+
+
+def _per_output_channel(spec) -> bool:
+    g = spec.granularity
+    return isinstance(g, PerTensor) or (isinstance(g, PerChannel) and g.axis == 0)
+
+
+def _dequantizable(w_spec) -> str:
+    """Why integer weights on ``w_spec`` cannot sit behind ONNX's (opset 18) DequantizeLinear."""
+    g = w_spec.granularity
+    if w_spec.bits > 8:
+        return f"{w_spec.bits}-bit weights"
+    if isinstance(g, PerGroup):
+        return "per-group weight scales (needs opset 21 blocked DequantizeLinear)"
+    if isinstance(g, PerChannel) and g.axis != 0:
+        return f"per-channel weights along axis {g.axis}"
+    return ""
+
+
+def _embedding_kind(layer: nn.Module, onnx: bool) -> tuple[Kind, str]:
+    if layer.output_quantizer is not None:
+        return Kind.SIMULATED, "output quantizer: runs simulated"
+    if layer.max_norm is not None:
+        return Kind.SIMULATED, "max_norm renormalizes rows at lookup: runs simulated"
+    why = _dequantizable(layer.weight_quantizer.spec) if onnx else ""
+    if why:
+        return Kind.SIMULATED, why
+    return Kind.WEIGHT_ONLY, "integer table rows, dequantized on lookup"
+
+
+def deployed_kind(layer: nn.Module, target: Target) -> tuple[Kind, str]:
+    """``(kind, reason)`` of a quantized linear / convolution / embedding layer on ``target``."""
+    wq, xq, oq = layer.weight_quantizer, layer.input_quantizer, layer.output_quantizer
+    onnx = target.engine == "onnxruntime"
+    if wq is None:
+        return Kind.SIMULATED, "no weight quantizer"
+    if isinstance(wq.spec, LevelSpec):
+        return Kind.DECODED, (f"{wq.spec.kind} weights: no integer kernel for non-uniform levels; float weights "
+                              "holding the decoded levels")
+    if isinstance(layer, nn.Embedding):
+        return _embedding_kind(layer, onnx)
+    if xq is None and oq is None:
+        why = _dequantizable(wq.spec) if onnx else ""
+        if why:
+            return Kind.SIMULATED, f"weight-only, {why}: traced as the simulated layer"
+        return Kind.WEIGHT_ONLY, "weight-only: computes in float with the dequantized weights"
+    if oq is not None:
+        return Kind.SIMULATED, "output quantizers are not converted: runs simulated"
+    if getattr(layer, "padding_mode", "zeros") != "zeros":
+        return Kind.SIMULATED, f"padding_mode={layer.padding_mode!r}: integer convolution pads with the zero point only"
+    if onnx and xq.recipe.dynamic and dynamic_u8(xq):
+        if not _per_output_channel(wq.spec):
+            return Kind.SIMULATED, "dynamic inputs need per-tensor or per-output-channel weights"
+        if wq.spec.bits > 8 or bool((wq.zero_point != 0).any()):
+            return Kind.SIMULATED, "dynamic inputs: symmetric weights of at most 8 bits"
+        return Kind.INTEGER_DYNAMIC, ""
+    why = accumulator_blocker(xq.spec, xq.recipe.dynamic, wq.spec)
+    if why:
+        return Kind.SIMULATED, why
+    if xq.scale is None:
+        return Kind.SIMULATED, "input range not calibrated"
+    if onnx:
+        xs, ws = xq.spec, wq.spec
+        if xs.qmax - xs.qmin > 255:
+            return Kind.SIMULATED, f"{xs.bits}-bit inputs do not fit uint8"
+        if ws.bits > 8:
+            return Kind.SIMULATED, f"{ws.bits}-bit weights do not fit int8"
+        if bool((wq.zero_point != 0).any()):
+            return Kind.SIMULATED, "asymmetric weights: ONNX Runtime's per-channel kernels need zero weight zero points"
+    return Kind.INTEGER, ""
+
+
+def op_kind(quantizers: list, target: Target) -> tuple[Kind, str]:
+    """``(kind, reason)`` of a quantized addition, pool or concatenation with these operand and
+    result quantizers: integer when every one is a static per-tensor grid (of at most 256
+    levels for ONNX Runtime's QLinear ops)."""
+    if any(q.recipe.dynamic or not isinstance(q.spec.granularity, PerTensor) for q in quantizers):
+        return Kind.SIMULATED, "dynamic or per-channel grids: runs simulated"
+    if target.engine == "onnxruntime" and any(q.spec.qmax - q.spec.qmin > 255 for q in quantizers):
+        return Kind.SIMULATED, "grids wider than 8 bits: ONNX Runtime's QLinear ops take uint8"
+    return Kind.INTEGER, ""

@@ -1,0 +1,154 @@
+"""The lowered records: one frozen record per quantized layer and per quantized op.
+
+A record holds everything an emitter needs — the deployed kind and why, the integer weight, its
+scales and zero points, the input grid, the int32 bias and the accumulator scale, the SmoothQuant
+divisor, the geometry, the narrowing applied — so that the integer model, the ONNX file, the
+packed file and the size report are built from the records and never from a simulated layer's
+insides. :func:`fewbits.lower.lower` makes them.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..numerics.affine import dequantize, quantize
+from ..spec import LevelSpec, QuantSpec, TernarySpec
+from .kinds import Kind
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A static per-tensor activation grid: ``x ≈ scale · (q − zero_point)``, q in [qmin, qmax]."""
+
+    scale: float
+    zero_point: int
+    spec: QuantSpec
+
+    @classmethod
+    def of(cls, quantizer) -> "Grid":
+        return cls(float(quantizer.scale.reshape(())), int(quantizer.zero_point.reshape(())), quantizer.spec)
+
+    @property
+    def qmin(self) -> int:
+        return self.spec.qmin
+
+    @property
+    def qmax(self) -> int:
+        return self.spec.qmax
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        return quantize(x, torch.tensor(self.scale), torch.tensor(self.zero_point), self.spec).to(torch.int32)
+
+    def dequantize(self, levels: torch.Tensor) -> torch.Tensor:
+        return ((levels.to(torch.int64) - self.zero_point).to(torch.float64) * self.scale).to(torch.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class LayerRecord:
+    """One quantized layer as it deploys (see the module docstring).
+
+    ``qweight``: the weight's integer levels in the quantizer's view (``[out, in·k…]`` for a
+    convolution; level *indices* for non-uniform grids), ``None`` without a weight quantizer.
+    ``w_scale`` / ``w_zero_point``: the qparams in the quantizer's own shape (per group:
+    ``[out, groups]``). ``input``: the static input grid of integer layers. ``acc_scale``: ``s_x·s_w``
+    per output channel (float64), ``bias_q`` the int32 bias on it; ``bias`` the float bias the
+    other kinds add. ``narrowed_from``: the recipe's weight width when the target narrowed it.
+    """
+
+    name: str
+    type: str
+    op: str  # "linear" | "conv1d" | "conv2d" | "embedding"
+    kind: Kind
+    reason: str
+    weight_shape: tuple
+    weight_spec: Optional[object] = None
+    qweight: Optional[torch.Tensor] = None
+    w_scale: Optional[torch.Tensor] = None
+    w_zero_point: Optional[torch.Tensor] = None
+    levels: Optional[torch.Tensor] = None  # non-uniform grids: the level table
+    boundaries: Optional[torch.Tensor] = None
+    input: Optional[Grid] = None
+    acc_scale: Optional[torch.Tensor] = None
+    bias_q: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    smooth_scale: Optional[torch.Tensor] = None
+    geometry: dict = field(default_factory=dict)
+    narrowed_from: Optional[int] = None
+    narrow_note: str = ""
+
+    @property
+    def weight_bits(self) -> Optional[int]:
+        return None if self.weight_spec is None else self.weight_spec.bits
+
+    @property
+    def channels(self) -> int:
+        return self.weight_shape[0]
+
+    def channel_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Weight scale (float32) and zero point (int64) per output channel (per-tensor or
+        per-output-channel grids)."""
+        c = self.channels
+        return (self.w_scale.float().reshape(-1).expand(c).contiguous(),
+                self.w_zero_point.reshape(-1).expand(c).to(torch.int64).contiguous())
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the simulation multiplies, rebuilt from the integers (layer shape)."""
+        if isinstance(self.weight_spec, LevelSpec):
+            from ..numerics.levels import decode
+
+            return decode(self.qweight, self.levels).reshape(self.weight_shape)
+        return dequantize(self.qweight, self.w_scale, self.w_zero_point, self.weight_spec).reshape(self.weight_shape)
+
+    def weight_bytes(self) -> int:
+        """Deployed bytes of the weight: its levels at their packed width, plus the scales
+        (float32) and zero points (omitted for symmetric signed grids) or the level table."""
+        spec = self.weight_spec
+        packed = math.ceil(self.qweight.numel() * spec.bits / 8)
+        if isinstance(spec, LevelSpec):  # the table in float32, thresholds too when not the midpoints
+            extra = self.boundaries.numel() if isinstance(spec, TernarySpec) else 0
+            return packed + 4 * (self.levels.numel() + extra)
+        zero_point_bytes = 0 if (spec.symmetric and spec.signed) else math.ceil(spec.bits / 8)
+        return packed + self.w_scale.numel() * (4 + zero_point_bytes)
+
+
+@dataclass(frozen=True, eq=False)
+class OpRecord:
+    """A quantized addition, average pool or concatenation as it deploys: its operand grids and
+    its output grid (integer kinds only), ``pool`` / ``dim`` for the op itself."""
+
+    name: str
+    type: str  # "QuantAdd" | "QuantPool" | "QuantConcat"
+    kind: Kind
+    reason: str
+    inputs: tuple = ()
+    output: Optional[Grid] = None
+    pool: Optional[torch.nn.Module] = None
+    is_global: bool = False
+    dim: int = 0
+
+
+@dataclass(frozen=True, eq=False)
+class Lowering:
+    """Every record of one model on one target, in module order."""
+
+    target: object
+    layers: dict  # name → LayerRecord
+    ops: dict  # name → OpRecord
+
+    def of_kind(self, *kinds: Kind) -> dict:
+        return {n: r for n, r in self.layers.items() if r.kind in kinds}
+
+
+def record_summary(record) -> dict:
+    """A record without its tensors, as files and reports list it."""
+    out = {"name": record.name, "type": record.type, "kind": record.kind.value, "reason": record.reason}
+    if isinstance(record, LayerRecord):
+        out.update({"op": record.op, "weight": None if record.weight_spec is None else record.weight_spec.to_dict(),
+                    "narrowed_from": record.narrowed_from, "smoothed": record.smooth_scale is not None,
+                    "input": None if record.input is None else
+                    {"scale": record.input.scale, "zero_point": record.input.zero_point, "bits": record.input.spec.bits,
+                     "signed": record.input.spec.signed}})
+    return out
