@@ -113,6 +113,18 @@ def test_errors_are_one_line_and_exit_2(capsys, tmp_path):
     assert "'bc' corrects the biases for the weights as they are, so it must come after ['cle']" in capsys.readouterr().err
     assert main(["quantize", "--task", "digits", "--algo", "smoothquant,smoothquant"]) == 2
     assert "more than once" in capsys.readouterr().err
+    # unreadable files: one line naming the file and the option, no unpickling traceback
+    (tmp_path / "mymodel.py").write_text(MODEL_FILE)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"definitely not a torch file")
+    torch.save(torch.randn(8, 1, 8, 8), tmp_path / "calib.pt")
+    for option, files in (("--calib-data", [str(corrupt)]), ("--checkpoint", [str(tmp_path / "calib.pt"), str(corrupt)])):
+        args = ["quantize", "--model", f"{tmp_path / 'mymodel.py'}:build", "--calib-data", files[0]]
+        if option == "--checkpoint":
+            args += ["--checkpoint", files[1]]
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"fewbits: error: {option}: {corrupt} is not a readable torch file"), err
 
 
 def test_demo_runs_and_prints_one_table(tmp_path, capsys):

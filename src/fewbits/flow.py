@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .progress import Progress
-from .recipe import get_recipe, with_calibration, with_weight_bits_at_most
+from .recipe import fitted_to, get_recipe, with_calibration
 from .target import Target
 from .wrap.fold import fold_batchnorm
 from .wrap.handle import LeftFloat, QuantizedModel, Status, as_call, batch_errors_named, replace_module
@@ -31,15 +31,18 @@ _FLOAT_BY_DESIGN = {
 }
 
 
-def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True) -> QuantizedModel:
+def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Target | None = None) -> QuantizedModel:
     """A quantized copy of ``model`` following ``recipe`` (a name, a :class:`Recipe` or a JSON file).
 
     BatchNorm is folded into the preceding layer first (eval mode), weights get their qparams
     now, and every module with parameters that was not swapped is listed in ``left_float``.
+    ``target``: quantize the weights of integer GEMMs at the widest width its int8 kernels run
+    exactly (7 bits on AVX2 without VNNI; the recipe is renamed ``…+w7``), so that calibration
+    and the algorithms fit the weights that deploy; ``None`` keeps the recipe's widths.
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"prepare expects a torch.nn.Module, got {type(model).__name__}")
-    recipe = get_recipe(recipe)
+    recipe = get_recipe(recipe) if target is None else fitted_to(get_recipe(recipe), target)
     work = copy.deepcopy(model).eval()
     bn_stats: dict = {}
     if fold_bn:
@@ -173,9 +176,7 @@ def quantize_model(model: nn.Module, calibration, recipe="w8a8", *, metric_fn=No
 
     recipe = get_recipe(recipe)
     if fit_cpu:
-        bits = (target or Target.onnxruntime()).fits_kernels_at()
-        if bits is not None:
-            recipe = with_weight_bits_at_most(recipe, bits)
+        recipe = fitted_to(recipe, target or Target.onnxruntime())
     if calib:
         recipe = with_calibration(recipe, calib)
     if algo:

@@ -261,7 +261,7 @@ def with_calibration(recipe: Recipe, method: str) -> Recipe:
 def with_weight_bits_at_most(recipe: Recipe, bits: int) -> Recipe:
     """The same recipe with the weights of layers that quantize their inputs (the ones an int8
     GEMM runs) capped at ``bits``; embedding tables and weight-only layers keep theirs. For CPUs
-    whose int8 kernels saturate beyond 7-bit weights (see ``fewbits.export.int8_kernel_profile``):
+    whose int8 kernels saturate beyond 7-bit weights (``fewbits.target.Target.fits_kernels_at``):
     preparing at 7 bits lets calibration-time steps (bias correction) fit the weights that deploy."""
 
     def cap(layer: Optional[LayerRecipe]) -> Optional[LayerRecipe]:
@@ -304,3 +304,11 @@ def _read_recipe_file(name: str) -> Recipe:
         return Recipe.from_dict(data)
     except (ValueError, KeyError, TypeError) as err:
         raise ValueError(f"recipe file {path}: {err}") from None
+
+
+def fitted_to(recipe: Recipe, target) -> Recipe:
+    """``recipe`` with the weights of integer GEMMs capped at the widest width ``target``'s int8
+    kernels run exactly (:meth:`fewbits.target.Target.fits_kernels_at`); unchanged where every
+    width runs exactly."""
+    bits = target.fits_kernels_at()
+    return recipe if bits is None else with_weight_bits_at_most(recipe, bits)

@@ -122,6 +122,10 @@ def test_damaged_foreign_and_newer_files_fail_loudly(tmp_path):
     bad.write_bytes(raw[:20])
     with pytest.raises(ValueError, match="not a fewbits packed file"):
         fewbits.load(bad)
+    header = 8 + int.from_bytes(raw[:8], "little")
+    bad.write_bytes(raw[: header - 10])  # the header itself cut short
+    with pytest.raises(ValueError, match=rf"truncated fewbits packed file: its header alone needs {header} bytes"):
+        fewbits.load(bad)
     from safetensors.torch import save_file
 
     save_file({"w": torch.zeros(3)}, str(bad))

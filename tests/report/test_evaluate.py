@@ -35,6 +35,16 @@ def test_layer_sqnr_matches_a_direct_computation():
         ref, out = model(x), q(x)
     expected = 10 * math.log10(ref.double().pow(2).sum().item() / (ref.double() - out.double()).pow(2).sum().item())
     assert abs(rows["2"].output_sqnr_db - expected) < 1e-3  # rounded to 3 decimals
+    # each layer's own error: the last layer quantized alone on the exact fp32 input of it
+    with torch.no_grad():
+        h = model[1](model[0](x))
+        own_out = q.model[2](h)
+        ref2 = model[2](h)
+    own = 10 * math.log10(ref2.double().pow(2).sum().item() / (ref2.double() - own_out.double()).pow(2).sum().item())
+    assert abs(rows["2"].isolated_sqnr_db - own) < 1e-3  # rounded to 3 decimals
+    assert rows["0"].isolated_sqnr_db == rows["0"].output_sqnr_db  # the first layer's input is exact in both
+    assert rows["2"].isolated_sqnr_db > rows["2"].output_sqnr_db  # the accumulated error includes layer 0's
+    assert report.worst_layers(1, isolated=True)[0].name in rows
     assert report.fp32["out_norm"] != report.quantized["out_norm"]
     assert report.to_dict()["schema_version"] == 1
 

@@ -101,6 +101,9 @@ def test_bad_batches_are_named_and_change_nothing():
         fewbits.calibrate(q, ["not a tensor"])
     with pytest.raises(ValueError, match="calibration got no batches"):
         fewbits.calibrate(q, [])
+    # a batch of the wrong shape: the batch index and the layer it failed in, one line
+    with pytest.raises(ValueError, match=r"calibration batch 1 in layer '7': mat1 and mat2 shapes cannot be multiplied"):
+        fewbits.calibrate(q, [good[0], torch.randn(5, 3, 9, 9)])
     for n, t in q.quantizers().items():
         assert torch.equal(t.scale, before[n][0]) and torch.equal(t.zero_point, before[n][1]), n
         assert t.observer is None

@@ -228,7 +228,7 @@ def _assign_weight(qmodel: QuantizedModel, layer: str, entry: dict, data, zero_i
         _assign(qmodel.model, f"{layer}.weight", decode(q, wq.levels).reshape(entry["shape"]), path)
         return
     if not zero_in_file:
-        wq.zero_point = torch.zeros_like(wq.scale, dtype=torch.int32)
+        wq.set_qparams(wq.scale, torch.zeros_like(wq.scale, dtype=torch.int32))
     q = unpack(data, spec.bits, entry["view"], signed=spec.signed) if spec.bits <= 8 else data
     weight = dequantize(q, wq.scale, wq.zero_point, spec).reshape(entry["shape"])
     _assign(qmodel.model, f"{layer}.weight", weight, path)
