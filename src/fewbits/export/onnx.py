@@ -92,7 +92,8 @@ def _dynamic(value, mode: str):
 
 def export_onnx(qmodel: QuantizedModel, example_inputs, path, *, batches=None, weights: str = "auto",
                 verify: bool = True, strict: bool = False, tolerance: float = 1.0,
-                wrap=None, dynamic: str = "auto", profile: Optional[KernelProfile] = None) -> ExportResult:
+                wrap=None, dynamic: str = "auto", profile: Optional[KernelProfile] = None,
+                target: Optional[Target] = None) -> ExportResult:
     """Write ``qmodel`` (calibrated) as a QDQ ONNX model at ``path`` and check it.
 
     ``example_inputs``: a tensor, a tuple of positional tensors, or a dict of keyword tensors
@@ -104,6 +105,8 @@ def export_onnx(qmodel: QuantizedModel, example_inputs, path, *, batches=None, w
     ``"batch"``, ``"all"``, ``"none"``). With ``verify`` the file is run by
     ONNX Runtime on ``batches`` (default: the example) and compared to the integer model
     (:func:`verify`); past ``tolerance`` output steps it warns, or raises with ``strict``.
+    ``profile`` / ``target``: export for another CPU than this one (``target`` an
+    ``onnxruntime`` :class:`~fewbits.target.Target`, which then also gives the ``weights`` mode).
     """
     if not isinstance(qmodel, QuantizedModel):
         raise ValueError("export_onnx expects the model returned by fewbits.prepare")
@@ -115,8 +118,11 @@ def export_onnx(qmodel: QuantizedModel, example_inputs, path, *, batches=None, w
         raise ValueError(f"dynamic must be one of {DYNAMIC_MODES}, got {dynamic!r}")
     args, kwargs = as_call(example_inputs)
     t0 = time.perf_counter()
-    profile = profile or int8_kernel_profile()
-    lowering = lower(qmodel, Target.onnxruntime(profile, weights))
+    if target is not None and target.engine != "onnxruntime":
+        raise ValueError(f"export_onnx: target engine {target.engine!r}; ONNX files run on the 'onnxruntime' engine")
+    target = target or Target.onnxruntime(profile or int8_kernel_profile(), weights)
+    profile, weights = target.profile, target.weights
+    lowering = lower(qmodel, target)
     plan = plan_from(lowering)
     module = export_module(qmodel, lowering)
     if wrap is not None:

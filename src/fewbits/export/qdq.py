@@ -61,7 +61,6 @@ def _onnx_dynamic_qdq_u8(x):
     return op.DequantizeLinear(y, scale, zero_point)
 
 
-
 def _weight_buffers(module: nn.Module, record: LayerRecord) -> None:
     """Give ``module`` the record's integer weight and per-output-channel scales and zero points
     as buffers (the initializers behind DequantizeLinear)."""
@@ -143,7 +142,8 @@ class WeightOnlyLayer(nn.Module):
     def __init__(self, record: LayerRecord, layer: nn.Module) -> None:
         super().__init__()
         _weight_buffers(self, record)
-        self.layer = layer  # its float op (geometry, padding) and bias; its weight is not used
+        self.layer = layer  # its float op (geometry, padding); its own weight and bias are not used
+        self.register_buffer("bias", record.bias)
         self.register_buffer("smooth_scale", record.smooth_scale)
         self.embedding = record.op == "embedding"
         if self.embedding and not bool(self.w_zero_point.any()):
@@ -160,7 +160,7 @@ class WeightOnlyLayer(nn.Module):
         w = qd.dequantize_per_channel(self.qweight, self.w_scale, self.w_zero_point, 0, *self.w_range, dtype)
         if self.smooth_scale is not None:
             x = x / self.smooth_scale
-        return self.layer.compute(x, w, self.layer.bias)
+        return self.layer.compute(x, w, self.bias)
 
 
 class QDQAdd(nn.Module):

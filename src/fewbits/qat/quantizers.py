@@ -142,7 +142,7 @@ class QATQuantizer(TensorQuantizer):
         plain = TensorQuantizer(self.recipe, self.name, self.role)
         plain.enabled = self.enabled
         if self.scale is not None:
-            plain.scale, plain.zero_point = self.scale.detach().clone(), self.zero_point.detach().clone()
+            plain.set_qparams(self.scale.detach().clone(), self.zero_point.detach().clone())
         return plain
 
     @torch.no_grad()
