@@ -143,3 +143,26 @@ def test_prepare_for_a_saturating_target_fits_the_gemm_weights():
     assert {layer.weight_quantizer.spec.bits for layer in q.quantized_layers().values()} == {7}
     vnni = Target.onnxruntime(int8_kernel_profile({"avx2", "avx512_vnni"}, "x86_64"))
     assert fewbits.prepare(_net(), "w8a8", target=vnni).recipe.name == "w8a8"
+
+
+def test_size_of_a_model_not_yet_calibrated():
+    # the size needs the weights only: a prepared model with static ranges (and ops) still has one
+    q = fewbits.prepare(_net(), "w8a8-bc-int")
+    q2 = fewbits.prepare(_net(), "w8a8-bc-int")
+    fewbits.calibrate(q2, _batches())
+    weights = sum(r.weight_bytes() for r in lower(q2).layers.values())
+    assert weights == sum(r.weight_bytes() for r in lower(q, calibrated=False).layers.values())
+    assert fewbits.report.quantized_bytes(q) < fewbits.report.quantized_bytes(q2)  # no activation scales yet
+    with pytest.raises(ValueError, match="not calibrated"):
+        lower(q)
+
+
+def test_what_prepare_left_float_is_a_float_record_and_an_island():
+    model = nn.Sequential(nn.Linear(12, 8), nn.LayerNorm(8), nn.Linear(8, 4)).eval()
+    q = fewbits.prepare(model, "w8a8")
+    fewbits.calibrate(q, [torch.randn(8, 12)])
+    lowering = lower(q)
+    assert [(r.name, r.kind) for r in lowering.floats.values()] == [("1", Kind.FLOAT)]
+    assert "normalization stays float" in lowering.floats["1"].reason
+    im = fewbits.convert(q)
+    assert [(i.name, i.reason) for i in im.float_islands] == [("1", lowering.floats["1"].reason)]

@@ -87,7 +87,7 @@ def convert(qmodel: QuantizedModel, target: Target | None = None) -> IntegerMode
     qmodel.require_calibrated("convert")
     lowering = lower(qmodel, target or Target.reference())
     work = copy.deepcopy(qmodel.model)
-    islands = list(qmodel.left_float)
+    islands = [LeftFloat(r.name, r.type, r.reason) for r in lowering.floats.values()]
     integer = {}
     for name, record in lowering.layers.items():
         if record.op == "embedding" and record.kind is Kind.WEIGHT_ONLY:

@@ -133,7 +133,7 @@ def export_onnx(qmodel: QuantizedModel, example_inputs, path, *, batches=None, w
     model = onnx.load_from_string(data)
     meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "recipe": qmodel.recipe.to_dict(),
             "profile": asdict(profile), "weights": weights, "layers": [asdict(e) for e in plan],
-            "records": [record_summary(r) for r in (*lowering.layers.values(), *lowering.ops.values())],
+            "records": [record_summary(r) for r in lowering.records()],
             "input_levels": _quantize_nodes(model, module)}
     for node in model.graph.node:  # the exporter's per-node stack traces: ~1.5 MB on MiniLM
         del node.metadata_props[:]

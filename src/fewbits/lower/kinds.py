@@ -24,7 +24,7 @@ class Kind(enum.Enum):
     WEIGHT_ONLY = "weight-only"  # integer weights, dequantized; the product is float
     DECODED = "decoded"  # non-uniform levels: float weights holding the decoded levels
     SIMULATED = "simulated"  # fake quantization as float operations, exactly the simulated layer
-    FLOAT = "float"  # not quantized at all
+    FLOAT = "float"  # left float by prepare (qmodel.left_float), with its reason
 
 
 INTEGER_KINDS = (Kind.INTEGER, Kind.INTEGER_DYNAMIC)
@@ -114,6 +114,8 @@ def op_kind(quantizers: list, target: Target) -> tuple[Kind, str]:
     levels for ONNX Runtime's QLinear ops)."""
     if any(q.recipe.dynamic or not isinstance(q.spec.granularity, PerTensor) for q in quantizers):
         return Kind.SIMULATED, "dynamic or per-channel grids: runs simulated"
+    if any(q.scale is None for q in quantizers):
+        return Kind.SIMULATED, "ranges not calibrated"
     if target.engine == "onnxruntime" and any(q.spec.qmax - q.spec.qmin > 255 for q in quantizers):
         return Kind.SIMULATED, "grids wider than 8 bits: ONNX Runtime's QLinear ops take uint8"
     return Kind.INTEGER, ""

@@ -22,7 +22,7 @@ from ..target import INT16_MAX, INT16_MIN, NARROW_BITS, Target, pair_sum_bound
 from ..wrap.handle import QuantizedModel
 from ..wrap.ops import QuantAdd, QuantConcat, QuantPool
 from .kinds import INTEGER_KINDS, Kind, deployed_kind, dynamic_u8, op_kind
-from .records import Grid, LayerRecord, Lowering, OpRecord
+from .records import FloatRecord, Grid, LayerRecord, Lowering, OpRecord
 
 _OPS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
 
@@ -155,7 +155,8 @@ def lower(qmodel: QuantizedModel, target: Optional[Target] = None, *, calibrated
     layers = {name: lower_layer(name, layer, target) for name, layer in qmodel.quantized_layers().items()}
     ops = {name: lower_op(name, m, target) for name, m in qmodel.model.named_modules()
            if isinstance(m, (QuantAdd, QuantPool, QuantConcat))}
-    return Lowering(target, layers, ops)
+    floats = {lf.name: FloatRecord(lf.name, lf.type, lf.reason) for lf in qmodel.left_float}
+    return Lowering(target, layers, ops, floats)
 
 
 __all__ = ["lower", "lower_layer", "lower_op", "integer_weight", "u8_shift"]

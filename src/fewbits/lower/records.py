@@ -130,6 +130,16 @@ class OpRecord:
     dim: int = 0
 
 
+@dataclass(frozen=True)
+class FloatRecord:
+    """A module ``prepare`` left float (``qmodel.left_float``), and why: it deploys as it is."""
+
+    name: str
+    type: str
+    reason: str
+    kind: Kind = Kind.FLOAT
+
+
 @dataclass(frozen=True, eq=False)
 class Lowering:
     """Every record of one model on one target, in module order."""
@@ -137,6 +147,10 @@ class Lowering:
     target: object
     layers: dict  # name → LayerRecord
     ops: dict  # name → OpRecord
+    floats: dict = field(default_factory=dict)  # name → FloatRecord
+
+    def records(self) -> list:
+        return [*self.layers.values(), *self.ops.values(), *self.floats.values()]
 
     def of_kind(self, *kinds: Kind) -> dict:
         return {n: r for n, r in self.layers.items() if r.kind in kinds}
