@@ -146,12 +146,21 @@ def export_for_cli(qmodel, calibration, args) -> dict:
     missing = onnx_available()
     if missing:
         raise ImportError(missing)
-    exported = export_onnx(qmodel, calibration[0], args.onnx, batches=calibration[:4], weights=args.onnx_weights,
-                           strict=args.strict)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exported = export_onnx(qmodel, calibration[0], args.onnx, batches=calibration[:4], weights=args.onnx_weights,
+                               strict=args.strict)
+    for w in caught:  # the exporter's warnings (a layer that did not fuse, a parity miss) as one line each
+        if str(w.message).startswith("export_onnx:"):
+            print(f"fewbits: warning: {w.message}", file=sys.stderr)
     v = exported.verification
     modes = ", ".join(f"{n} {m}" for m, n in exported.counts().items())
     narrowed = sum(e.narrowed_from is not None for e in exported.layers)
     print(format_table([{"onnx": Path(exported.path).name, "MB": _mb(exported.bytes), "layers": modes,
+                         "integer GEMMs in ORT": exported.kernels.describe().split(" weight")[0]
+                         + f" ({exported.kernels.share:.0%})",
                          "weights narrowed": narrowed, "max level diff": v.max_levels,
                          "levels differing": f"{v.differing:.1e}", "ok": v.ok}],
                        title=f"ONNX export ({exported.profile.describe()})"))

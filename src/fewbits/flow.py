@@ -47,7 +47,8 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Ta
     bn_stats: dict = {}
     if fold_bn:
         folded, unfolded = fold_batchnorm(work, bn_stats)
-        why_bn = "BatchNorm not directly after a conv/linear in an nn.Sequential: kept float"
+        why_bn = ("BatchNorm not directly after a conv/linear whose output only it reads (in an nn.Sequential or "
+                  "its parent's traced forward): kept float")
     else:
         folded, unfolded = [], [n for n, m in work.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         why_bn = "BatchNorm folding disabled (fold_bn=False): kept float"

@@ -1,6 +1,7 @@
 """QDQ ONNX export: ONNX Runtime runs it on integer kernels and matches the integer model."""
 import collections
 import json
+import warnings
 
 import pytest
 import torch
@@ -74,6 +75,7 @@ def test_cnn_exports_to_integer_kernels_and_matches_the_integer_model(tmp_path):
     assert result.counts() == {"int8": 4}
     ops = _ort_ops(result.path, tmp_path)
     assert ops["QLinearConv"] == 2 and ops["QGemm"] == 2, ops  # ORT runs every layer on integers
+    assert (result.kernels.integer, result.kernels.float, result.kernels.share) == (4, 0, 1.0)  # and says so
     meta = json.loads({p.key: p.value for p in onnx.load(result.path).metadata_props}["fewbits"])
     assert meta["format"] == "fewbits.onnx" and len(meta["layers"]) == 4
     assert {i.name for i in onnx.load(result.path).graph.input} == {"input"}
@@ -123,7 +125,12 @@ def test_signed_activation_grid_exports_as_uint8(tmp_path):
     layer = LayerRecipe(weight=TensorRecipe(QuantSpec(bits=8, granularity=PerChannel(0))), input=signed)
     recipe = Recipe("w8a8-signed", (("Linear", layer), ("Conv2d", layer)))
     q = _calibrated(_cnn(), recipe)
-    result = export_onnx(q, _batches(1)[0], tmp_path / "s.onnx", batches=_batches(2, seed=4))
+    # the numbers are right, but ONNX Runtime fuses none of the layers after a ReLU here: a ReLU
+    # before a quantize whose zero point is not the lowest level (128) stays a separate node, so
+    # the GEMM before it has no quantized output; the exporter says so
+    with pytest.warns(UserWarning, match=r"did not fuse"):
+        result = export_onnx(q, _batches(1)[0], tmp_path / "s.onnx", batches=_batches(2, seed=4))
+    assert result.kernels.integer < 4
     assert result.verification.ok and result.verification.max_levels <= 1, result.verification.summary()
     zero_points = [i for i in onnx.load(result.path).graph.initializer if i.data_type == onnx.TensorProto.INT8
                    and not i.dims]
@@ -261,3 +268,31 @@ def test_recipe_capped_at_7_bits_exports_without_narrowing(tmp_path):
     assert all(e.narrowed_from is None and e.weight_bits == 7 for e in result.layers)
     assert all("kept" in e.reason for e in result.layers)  # the pair bound holds: proven, not assumed
     assert result.verification.ok
+
+
+class _Residual(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.conv2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 8 * 8, 3)
+
+    def forward(self, x):
+        y = self.conv2(torch.relu(self.conv1(x))) + x
+        return self.fc(torch.flatten(torch.relu(y), 1))
+
+
+def test_the_exporter_reads_back_which_gemms_ort_runs_on_integers(tmp_path):
+    torch.manual_seed(0)
+    model = _Residual().eval()
+    batches = [torch.randn(4, 4, 8, 8) for _ in range(2)]
+    q = _calibrated(model, "w8a8", batches)
+    # conv2's output meets a float addition: no quantized output, so ORT cannot fuse it
+    with pytest.warns(UserWarning, match=r"1 integer layer\(s\) did not fuse .*\['conv2'\]"):
+        plain = export_onnx(q, batches[0], tmp_path / "plain.onnx", batches=batches)
+    assert (plain.kernels.integer, plain.kernels.float) == (2, 1) and plain.kernels.share == pytest.approx(2 / 3)
+    assert plain.to_dict()["kernels"]["unfused_layers"] == ["conv2"]
+    adds = _calibrated(model, "w8a8-bc-adds", batches)  # the addition quantized: every product fuses
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing to warn about
+        result = export_onnx(adds, batches[0], tmp_path / "adds.onnx", batches=batches)
+    assert (result.kernels.integer, result.kernels.float) == (3, 0) and result.kernels.share == 1.0

@@ -9,8 +9,16 @@ from . import awq, smoothquant
 from .hooks import collect_inputs, scalable_linears, with_inputs
 
 
+def _why_not(layer) -> str:
+    if layer.weight_quantizer is None:
+        return "the weights are not quantized"
+    if layer.input_quantizer is not None:
+        return "AWQ is for weight-only layers (SmoothQuant balances quantized inputs)"
+    return ""
+
+
 def run_awq(qmodel: QuantizedModel, step: AWQ, batches: list, result: AlgorithmResult) -> None:
-    layers = scalable_linears(qmodel, step.layers, result, "awq")
+    layers = scalable_linears(qmodel, step.layers, result, "AWQ", _why_not)
     stats = collect_inputs(qmodel, layers, batches, step.samples, label="awq statistics")
     grid = [i / step.grid for i in range(step.grid)]
     for name, layer, inputs in with_inputs("awq", layers, stats, result):

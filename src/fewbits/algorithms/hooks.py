@@ -4,40 +4,37 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from typing import Callable
 
 import torch
 from torch import nn
 
 from ..progress import Progress
-from ..spec import LevelSpec, PerTensor
+from ..spec import LevelSpec
 from ..wrap.handle import AlgorithmResult, LeftFloat, QuantizedModel, quantization_disabled
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantLinear
 from . import bias_correction, smoothquant
 
 
-def scalable_linears(qmodel: QuantizedModel, pattern: str, result: AlgorithmResult, algo: str) -> dict:
-    """The linear layers ``algo`` may rescale per input channel (``"smoothquant"``: quantized
-    per-tensor inputs; ``"awq"``: weight-only), the others listed in ``result`` with the reason."""
+def scalable_linears(qmodel: QuantizedModel, pattern: str, result: AlgorithmResult, algorithm: str,
+                     why_not: Callable[[nn.Module], str]) -> dict:
+    """The linear layers matching ``pattern`` that ``algorithm`` may rescale per input channel:
+    ``why_not(layer)`` is the algorithm's own reason to skip one (empty: none); on top, the layer
+    must be linear, on a uniform weight grid, with a weight no other module shares. The others
+    are listed in ``result`` with the reason."""
     shared = {id(p) for p in shared_parameters(qmodel.model)}
     chosen = {}
     for name, module in qmodel.quantized_layers().items():
         if not fnmatch.fnmatchcase(name, pattern):
             continue
-        why = ""
+        wq = module.weight_quantizer
         if not isinstance(module, QuantLinear):
-            why = (f"SmoothQuant smooths linear layers, this is a {type(module).__name__}" if algo == "smoothquant"
-                   else f"AWQ scales linear layers, this is a {type(module).__name__}")
-        elif algo == "smoothquant" and (module.input_quantizer is None or module.weight_quantizer is None):
-            why = "SmoothQuant needs both an input and a weight quantizer"
-        elif algo == "smoothquant" and not isinstance(module.input_quantizer.spec.granularity, PerTensor):
-            why = "SmoothQuant targets per-tensor inputs"
-        elif algo == "awq" and module.weight_quantizer is None:
-            why = "the weights are not quantized"
-        elif module.weight_quantizer is not None and isinstance(module.weight_quantizer.spec, LevelSpec):
-            why = f"{module.weight_quantizer.spec.kind} weights: scaling is chosen for uniform grids"
-        elif algo == "awq" and module.input_quantizer is not None:
-            why = "AWQ is for weight-only layers (SmoothQuant balances quantized inputs)"
-        elif id(module.weight) in shared:
+            why = f"{algorithm} scales linear layers, this is a {type(module).__name__}"
+        else:
+            why = why_not(module)
+        if not why and wq is not None and isinstance(wq.spec, LevelSpec):
+            why = f"{wq.spec.kind} weights: scaling is chosen for uniform grids"
+        if not why and id(module.weight) in shared:
             why = "the weight is tied to another module: scaling it would change that module too"
         if why:
             result.skipped.append(LeftFloat(name, type(module).__name__, why))

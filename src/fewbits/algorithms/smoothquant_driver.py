@@ -4,14 +4,23 @@ from __future__ import annotations
 
 import torch
 
+from ..spec import PerTensor
 from ..steps import SmoothQuant
 from ..wrap.handle import AlgorithmResult, QuantizedModel
 from . import smoothquant
 from .hooks import clear_activation_ranges, collect_inputs, db, scalable_linears, with_inputs
 
 
+def _why_not(layer) -> str:
+    if layer.input_quantizer is None or layer.weight_quantizer is None:
+        return "SmoothQuant needs both an input and a weight quantizer"
+    if not isinstance(layer.input_quantizer.spec.granularity, PerTensor):
+        return "SmoothQuant targets per-tensor inputs"
+    return ""
+
+
 def run_smoothquant(qmodel: QuantizedModel, step: SmoothQuant, batches: list, result: AlgorithmResult) -> None:
-    layers = scalable_linears(qmodel, step.layers, result, "smoothquant")
+    layers = scalable_linears(qmodel, step.layers, result, "SmoothQuant", _why_not)
     stats = collect_inputs(qmodel, layers, batches, step.samples)
     for name, module, inputs in with_inputs("smoothquant", layers, stats, result):
         wq = module.weight_quantizer

@@ -37,9 +37,10 @@ import torch
 from torch import nn
 
 from ..files import write_atomic
-from ..lower import lower, record_summary
+from ..lower import lower, record_summaries
 from ..target import NARROW_BITS, WEIGHT_MODES, KernelProfile, Target, int8_kernel_profile, pair_sum_bound
 from ..wrap.handle import QuantizedModel
+from .kernels import KernelReport, kernel_report
 from .plan import EXPORT_FORMAT, EXPORT_VERSION, LayerExport, plan_from, plan_layers
 from .qdq import QDQLayer, export_module, _onnx_dynamic_qdq_u8, _onnx_global_avg_pool, _qd
 from .verify import OnnxModel, Verification, as_call, verify_onnx
@@ -60,6 +61,7 @@ class ExportResult:
     outputs: list[str]
     seconds: float
     verification: Optional["Verification"] = None
+    kernels: Optional[KernelReport] = None  # what ONNX Runtime's optimized graph runs
 
     def counts(self) -> dict[str, int]:
         out: dict[str, int] = {}
@@ -73,7 +75,8 @@ class ExportResult:
                 "narrowed": [e.name for e in self.layers if e.narrowed_from is not None],
                 "layers": [asdict(e) for e in self.layers], "inputs": self.inputs, "outputs": self.outputs,
                 "seconds": round(self.seconds, 2),
-                "verification": None if self.verification is None else self.verification.to_dict()}
+                "verification": None if self.verification is None else self.verification.to_dict(),
+                "kernels": None if self.kernels is None else self.kernels.to_dict()}
 
 
 DYNAMIC_MODES = ("auto", "batch", "all", "none")
@@ -133,17 +136,26 @@ def export_onnx(qmodel: QuantizedModel, example_inputs, path, *, batches=None, w
     model = onnx.load_from_string(data)
     meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "recipe": qmodel.recipe.to_dict(),
             "profile": asdict(profile), "weights": weights, "layers": [asdict(e) for e in plan],
-            "records": [record_summary(r) for r in lowering.records()],
+            "lowered": record_summaries(lowering.records()),
             "input_levels": _quantize_nodes(model, module)}
+    gemms = {node.name: layer for node, layer in _layer_nodes(model, module, ("Conv", "Gemm", "MatMul"))}
     for node in model.graph.node:  # the exporter's per-node stack traces: ~1.5 MB on MiniLM
         del node.metadata_props[:]
     entry = model.metadata_props.add()
-    entry.key, entry.value = "fewbits", json.dumps(meta)
+    entry.key, entry.value = "fewbits", json.dumps(meta, separators=(",", ":"))
     payload = model.SerializeToString()
     write_atomic(path, payload)
     result = ExportResult(str(path), len(payload), OPSET, profile, plan,
                           [i.name for i in model.graph.input], [o.name for o in model.graph.output],
                           time.perf_counter() - t0)
+    result.kernels = kernel_report(path, watch=gemms)
+    if result.kernels.unfused:
+        names = sorted(set(result.kernels.unfused.values()))
+        warnings.warn(f"export_onnx: {path.name}: {len(names)} integer layer(s) did not fuse into an integer kernel in "
+                      f"ONNX Runtime and run in float ({result.kernels.describe()}): {names[:8]}"
+                      f"{' …' if len(names) > 8 else ''} (ONNX Runtime fuses a QDQ layer only when it finds the whole "
+                      "pattern, e.g. a convolution's output quantized)",
+                      stacklevel=2)
     if verify:
         result.verification = verify_onnx(qmodel, path, batches if batches is not None else [example_inputs],
                                           tolerance=tolerance, wrap=wrap)
@@ -155,13 +167,13 @@ def export_onnx(qmodel: QuantizedModel, example_inputs, path, *, batches=None, w
     return result
 
 
-def _quantize_nodes(model, module: nn.Module) -> dict[str, str]:
-    """ONNX tensor holding each integer layer's uint8 input levels → the layer's name (the
-    exporter records the module path of every node it wrote)."""
+def _layer_nodes(model, module: nn.Module, op_types: tuple) -> list:
+    """``(node, layer name)`` for every node of one of ``op_types`` written inside an integer (QDQ)
+    layer (the exporter records the module path of every node it wrote)."""
     paths = {p: m.name for p, m in module.named_modules() if isinstance(m, QDQLayer)}
-    found = {}
+    found = []
     for node in model.graph.node:
-        if node.op_type != "QuantizeLinear":
+        if node.op_type not in op_types:
             continue
         props = {p.key: p.value for p in node.metadata_props}
         try:
@@ -171,8 +183,13 @@ def _quantize_nodes(model, module: nn.Module) -> dict[str, str]:
         # scopes: ['', 'features', 'features.0', ..., op] or ['', '0', op] at the top level
         path = scopes[-2] if len(scopes) >= 2 else ""
         if path in paths:
-            found[node.output[0]] = paths[path]
+            found.append((node, paths[path]))
     return found
+
+
+def _quantize_nodes(model, module: nn.Module) -> dict[str, str]:
+    """ONNX tensor holding each integer layer's uint8 input levels → the layer's name."""
+    return {node.output[0]: layer for node, layer in _layer_nodes(model, module, ("QuantizeLinear",))}
 
 
 def _torch_onnx_bytes(module: nn.Module, args: tuple, kwargs: dict, dynamic_mode: str = "auto") -> bytes:

@@ -5,7 +5,7 @@ from these records; :func:`deployed_kind` is the one rule for what a layer becom
 """
 from .kinds import INTEGER_KINDS, Kind, deployed_kind, op_kind
 from .lower import integer_weight, lower, lower_layer, u8_shift
-from .records import FloatRecord, Grid, LayerRecord, Lowering, OpRecord, record_summary
+from .records import FloatRecord, Grid, LayerRecord, Lowering, OpRecord, record_summaries
 
 __all__ = ["lower", "lower_layer", "integer_weight", "u8_shift", "deployed_kind", "op_kind", "Kind", "INTEGER_KINDS",
-           "Grid", "LayerRecord", "OpRecord", "FloatRecord", "Lowering", "record_summary"]
+           "Grid", "LayerRecord", "OpRecord", "FloatRecord", "Lowering", "record_summaries"]

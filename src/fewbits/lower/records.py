@@ -156,13 +156,25 @@ class Lowering:
         return {n: r for n, r in self.layers.items() if r.kind in kinds}
 
 
-def record_summary(record) -> dict:
-    """A record without its tensors, as files and reports list it."""
-    out = {"name": record.name, "type": record.type, "kind": record.kind.value, "reason": record.reason}
-    if isinstance(record, LayerRecord):
-        out.update({"op": record.op, "weight": None if record.weight_spec is None else record.weight_spec.to_dict(),
-                    "narrowed_from": record.narrowed_from, "smoothed": record.smooth_scale is not None,
-                    "input": None if record.input is None else
-                    {"scale": record.input.scale, "zero_point": record.input.zero_point, "bits": record.input.spec.bits,
-                     "signed": record.input.spec.signed}})
-    return out
+def record_summaries(records) -> dict:
+    """The records without their tensors, compact, as files list them: each weight grid once in
+    ``specs`` and each record as ``{"name", "kind", "weight": spec index, "input": [scale,
+    zero_point, bits, signed], "smoothed", "reason"}`` (absent fields are empty)."""
+    specs, rows = [], []
+    for r in records:
+        row = {"name": r.name, "kind": r.kind.value}
+        spec = getattr(r, "weight_spec", None)
+        if spec is not None:
+            d = spec.to_dict()
+            if d not in specs:
+                specs.append(d)
+            row["weight"] = specs.index(d)
+        grid = getattr(r, "input", None)
+        if isinstance(grid, Grid):
+            row["input"] = [grid.scale, grid.zero_point, grid.spec.bits, grid.spec.signed]
+        if getattr(r, "smooth_scale", None) is not None:
+            row["smoothed"] = True
+        if r.reason:
+            row["reason"] = r.reason
+        rows.append(row)
+    return {"specs": specs, "records": rows}

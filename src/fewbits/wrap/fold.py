@@ -7,7 +7,9 @@ In eval mode ``BN(conv(x)) = γ·(W*x + b − μ)/√(σ² + ε) + β``, which i
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import fx, nn
+
+from .trace import trace_one_level
 
 _FOLDABLE = {nn.Conv1d: nn.BatchNorm1d, nn.Conv2d: nn.BatchNorm2d, nn.Linear: nn.BatchNorm1d}
 
@@ -34,20 +36,58 @@ def fold_into(layer: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
 
 
 def batchnorm_pairs(model: nn.Module, types: dict = _FOLDABLE) -> list[tuple]:
-    """``(parent, parent_name, layer_key, layer, bn_key, bn)`` for every BatchNorm directly after a
-    layer of one of ``types`` (mapped to the BatchNorm type that may follow it, matched by base
-    class) inside an ``nn.Sequential``, with as many features as the layer has outputs."""
-    pairs = []
+    """``(parent, parent_name, layer_key, layer, bn_key, bn)`` for every BatchNorm that consumes the
+    output of a layer of one of ``types`` (mapped to the BatchNorm type that may follow it, matched
+    by base class) and nothing else reads that output, with as many features as the layer has
+    outputs: directly after it inside an ``nn.Sequential``, or called on its output in the forward
+    of the module holding both (``self.bn1(self.conv1(x))``, found by one-level torch.fx tracing).
+    Each of the two modules must be called once there."""
+    pairs, paired = [], set()
+
+    def take(parent, parent_name, key, layer, bn_key, bn):
+        bn_type = next((b for t, b in types.items() if isinstance(layer, t)), None)
+        if bn_type is None or type(bn) is not bn_type or bn.num_features != layer.weight.shape[0] or id(bn) in paired:
+            return
+        pairs.append((parent, parent_name, key, layer, bn_key, bn))
+        paired.add(id(bn))
+
     for parent_name, parent in model.named_modules():
-        if not isinstance(parent, nn.Sequential):
+        if isinstance(parent, nn.Sequential):
+            children = list(parent.named_children())
+            for (key, layer), (bn_key, bn) in zip(children, children[1:]):
+                take(parent, parent_name, key, layer, bn_key, bn)
+    owners = {name.rpartition(".")[0] for name, m in model.named_modules()
+              if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in paired}
+    for parent_name in sorted(owners):
+        parent = model.get_submodule(parent_name)
+        if isinstance(parent, nn.Sequential):
             continue
-        children = list(parent.named_children())
-        for (key, layer), (bn_key, bn) in zip(children, children[1:]):
-            bn_type = next((b for t, b in types.items() if isinstance(layer, t)), None)
-            if bn_type is None or type(bn) is not bn_type or bn.num_features != layer.weight.shape[0]:
-                continue
-            pairs.append((parent, parent_name, key, layer, bn_key, bn))
+        for key, bn_key in _traced_pairs(parent):
+            take(parent, parent_name, key, parent.get_submodule(key), bn_key, parent.get_submodule(bn_key))
     return pairs
+
+
+def _traced_pairs(parent: nn.Module) -> list[tuple[str, str]]:
+    """``(layer, batchnorm)`` child names where ``parent``'s forward calls the BatchNorm on the
+    layer's output alone, each called once (none when the forward cannot be traced)."""
+    try:
+        graph = trace_one_level(parent)
+    except Exception:  # noqa: BLE001 — an untraceable forward keeps its BatchNorms (prepare lists them)
+        return []
+    calls = [n.target for n in graph.nodes if n.op == "call_module"]
+    found = []
+    for node in graph.nodes:
+        if node.op != "call_module" or "." in node.target or calls.count(node.target) != 1:
+            continue
+        if not isinstance(parent.get_submodule(node.target), nn.modules.batchnorm._BatchNorm):
+            continue
+        if len(node.args) != 1 or node.kwargs or not isinstance(node.args[0], fx.Node):
+            continue
+        source = node.args[0]
+        if source.op == "call_module" and "." not in source.target and calls.count(source.target) == 1 \
+                and list(source.users) == [node]:
+            found.append((source.target, node.target))
+    return found
 
 
 def _name(parent_name: str, key: str) -> str:
@@ -55,7 +95,8 @@ def _name(parent_name: str, key: str) -> str:
 
 
 def fold_batchnorm(model: nn.Module, stats: dict | None = None) -> tuple[list[str], list[str]]:
-    """Fold every BatchNorm that directly follows a foldable layer inside an ``nn.Sequential``.
+    """Fold every BatchNorm that consumes a foldable layer's output alone (:func:`batchnorm_pairs`:
+    inside an ``nn.Sequential`` or called so in its parent's forward).
 
     Works in place (``prepare`` calls it on its own copy); folded BatchNorms become
     ``nn.Identity``. Returns the names of the folded BatchNorms and of those left as they were.

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 
 from ..recipe import TensorRecipe
 from .quantizer import TensorQuantizer
+from .trace import trace_one_level
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 _CATS = (torch.cat, torch.concat)
@@ -99,15 +100,6 @@ class QuantConcat(nn.Module):
 QUANT_OPS = (QuantAdd, QuantPool, QuantConcat)
 
 
-class _OneLevel(fx.Tracer):
-    def __init__(self, root: nn.Module) -> None:
-        super().__init__()
-        self.root_module = root
-
-    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return m is not self.root_module
-
-
 def _tensor_node(arg) -> bool:
     """A value torch.fx knows only as a tensor: a module output or a forward argument."""
     return isinstance(arg, fx.Node) and arg.op in ("placeholder", "call_module")
@@ -160,7 +152,7 @@ def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Op
         if name and any(name.startswith(u + ".") for u, _ in untouched if u):
             continue
         try:
-            graph = _OneLevel(module).trace(module)
+            graph = trace_one_level(module)
         except Exception as err:  # noqa: BLE001 — an untraceable forward keeps its float ops
             untouched.append((name, f"forward not traceable by torch.fx ({type(err).__name__}): "
                                     "its additions, pools and concatenations stay float"))
