@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import MiniLMHidden, MobileNetOutputs, print_table, save_json, set_threads  # noqa: E402
 
 import fewbits  # noqa: E402
+from fewbits.export.kernels import kernel_report  # noqa: E402
 from fewbits.export.onnx import NARROW_BITS, OnnxModel, _torch_onnx_bytes, export_onnx  # noqa: E402
 from fewbits.recipe import get_recipe, with_weight_bits_at_most  # noqa: E402
 from fewbits.files import write_atomic  # noqa: E402
@@ -202,6 +203,8 @@ def bench_task(case: dict, workdir: Path) -> dict:
             print(f"  {name}: metric of {label}", file=sys.stderr, flush=True)
             row["bytes"] = info["path"].stat().st_size
             row["metrics"] = task.evaluate(TaskView(info["path"], name))
+            k = kernel_report(info["path"])  # what ONNX Runtime's optimized graph runs, for every engine
+            row["kernels"] = {"integer": k.integer, "float": k.float, "share": round(k.share, 4)}
         rows.append(row)
 
     latency = {}
@@ -234,6 +237,9 @@ def table(results: list[dict]) -> list[dict]:
                 entry[f"b{n} ms"] = round(t * 1e3, 2)
                 entry[f"b{n} speed-up"] = f"{base[n] / t:.2f}x"
             entry["MB"] = round(row["bytes"] / 1e6, 2)
+            if "kernels" in row:
+                k = row["kernels"]
+                entry["int GEMMs"] = f"{k['integer']}/{k['integer'] + k['float']}"
             entry[r["metric"]] = round(m[r["metric"]], 2)
             for extra in ("feature_cosine", "cosine_mean", "cosine_min", "top10_overlap"):
                 if extra in m:

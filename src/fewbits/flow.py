@@ -22,11 +22,14 @@ from .wrap.fold import fold_batchnorm
 from .wrap.handle import LeftFloat, QuantizedModel, Status, as_call, batch_errors_named, replace_module
 from .wrap.modules import QUANT_MODULES, QuantEmbedding
 from .wrap.ops import quantize_ops
+from .wrap.standard import standardize_layers
+from .wrap.transformer import unfuse_transformers
 
 # Modules with parameters of their own that stay float on purpose, and the reason given.
 _FLOAT_BY_DESIGN = {
     nn.LayerNorm: "normalization stays float (transformer-aware default)",
     nn.GroupNorm: "normalization stays float",
+    nn.RMSNorm: "normalization stays float",
     nn.MultiheadAttention: "MultiheadAttention uses its projection weights functionally; swap not possible",
 }
 
@@ -44,6 +47,7 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Ta
         raise ValueError(f"prepare expects a torch.nn.Module, got {type(model).__name__}")
     recipe = get_recipe(recipe) if target is None else fitted_to(get_recipe(recipe), target)
     work = copy.deepcopy(model).eval()
+    standardize_layers(work)  # e.g. Hugging Face Conv1D → nn.Linear
     bn_stats: dict = {}
     if fold_bn:
         folded, unfolded = fold_batchnorm(work, bn_stats)
@@ -53,6 +57,7 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Ta
         folded, unfolded = [], [n for n, m in work.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
         why_bn = "BatchNorm folding disabled (fold_bn=False): kept float"
     left = [LeftFloat(n, type(work.get_submodule(n)).__name__, why_bn) for n in unfolded]
+    unfuse_transformers(work)  # the fp32 reference too: its layers must run for per-layer errors
     float_model = copy.deepcopy(work)
     handled = set(unfolded)
     for name, module in list(work.named_modules()):
@@ -90,10 +95,16 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Ta
     return qmodel
 
 
+_NORM_NAMES = ("RMSNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "ScaleNorm")
+
+
 def _float_reason(module: nn.Module) -> str:
     for cls, reason in _FLOAT_BY_DESIGN.items():
         if isinstance(module, cls):
             return reason
+    name = type(module).__name__
+    if any(name.endswith(n) or n in name for n in _NORM_NAMES):  # any library's (LlamaRMSNorm, T5LayerNorm, …)
+        return "normalization stays float"
     if any(True for _ in module.parameters(recurse=False)):
         return f"fewbits has no quantized {type(module).__name__}"
     return ""

@@ -1,0 +1,45 @@
+"""Layers other libraries write differently, rewritten as the standard torch layer they compute,
+so the ordinary swap quantizes them.
+
+* Hugging Face ``Conv1D`` (GPT-2's attention and MLP projections): ``y = x·W + b`` with ``W`` of
+  shape ``[in, out]`` — an ``nn.Linear`` with the transposed weight.
+
+Done on ``prepare``'s own copy of the model (and its fp32 reference), so module names stay and
+the user's model is untouched; a weight another module shares is left as it is (transposing
+it would untie it) and the layer is then listed as float.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _is_hf_conv1d(module: nn.Module) -> bool:
+    """Hugging Face's ``transformers.pytorch_utils.Conv1D``, recognized without importing transformers."""
+    return (type(module).__name__ == "Conv1D" and type(module).__module__.startswith("transformers")
+            and hasattr(module, "nf") and isinstance(getattr(module, "weight", None), torch.Tensor)
+            and tuple(module.weight.shape) == (module.nx, module.nf))
+
+
+def standardize_layers(model: nn.Module) -> list[str]:
+    """In place: every Hugging Face ``Conv1D`` of ``model`` whose weight is its own becomes the
+    equal ``nn.Linear``. Returns the names rewritten."""
+    owners: dict[int, int] = {}
+    for m in model.modules():
+        for p in m.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    rewritten = []
+    for name, module in list(model.named_modules()):
+        if not name or not _is_hf_conv1d(module) or owners.get(id(module.weight), 0) > 1:
+            continue
+        linear = nn.Linear(module.nx, module.nf, bias=module.bias is not None,
+                           device=module.weight.device, dtype=module.weight.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(module.weight.t())
+            if module.bias is not None:
+                linear.bias.copy_(module.bias)
+        linear.train(module.training)
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, linear)
+        rewritten.append(name)
+    return rewritten
