@@ -22,6 +22,7 @@ from .wrap.fold import fold_batchnorm
 from .wrap.handle import LeftFloat, QuantizedModel, Status, as_call, batch_errors_named, replace_module
 from .wrap.modules import QUANT_MODULES, QuantEmbedding
 from .wrap.ops import quantize_ops
+from .wrap.attention import unsupported as unsupported_attention
 from .wrap.standard import standardize_layers
 from .wrap.transformer import unfuse_transformers
 
@@ -30,7 +31,6 @@ _FLOAT_BY_DESIGN = {
     nn.LayerNorm: "normalization stays float (transformer-aware default)",
     nn.GroupNorm: "normalization stays float",
     nn.RMSNorm: "normalization stays float",
-    nn.MultiheadAttention: "MultiheadAttention uses its projection weights functionally; swap not possible",
 }
 
 
@@ -99,6 +99,9 @@ _NORM_NAMES = ("RMSNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "ScaleNorm")
 
 
 def _float_reason(module: nn.Module) -> str:
+    if isinstance(module, nn.MultiheadAttention):  # the ones standardize_layers could not rewrite
+        return unsupported_attention(module) or ("MultiheadAttention whose weights another module shares (or a "
+                                                 "subclass of it): its projections stay float")
     for cls, reason in _FLOAT_BY_DESIGN.items():
         if isinstance(module, cls):
             return reason

@@ -12,11 +12,13 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# ONNX Runtime's integer products (contrib ops included) and the float ones a GEMM can become
-INTEGER_GEMMS = frozenset({"QLinearConv", "QGemm", "QLinearMatMul", "MatMulInteger", "MatMulIntegerToFloat",
-                           "ConvInteger", "DynamicQuantizeMatMul", "MatMulNBits", "QAttention", "QLinearConvTranspose"})
-FLOAT_GEMMS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul",
-                         "NchwcConv", "TransposeMatMul"})
+# ONNX Runtime's products (contrib ops included), integer and float, and which of their inputs
+# is the second factor: a product is a weight GEMM when that factor is a constant
+INTEGER_GEMMS = {"QLinearConv": (3,), "QGemm": (3,), "QLinearMatMul": (3,), "MatMulInteger": (1,),
+                 "MatMulIntegerToFloat": (1,), "ConvInteger": (1,), "DynamicQuantizeMatMul": (1,), "MatMulNBits": (1,),
+                 "QAttention": (1,), "QLinearConvTranspose": (3,)}
+FLOAT_GEMMS = {"Conv": (1,), "ConvTranspose": (1,), "FusedConv": (1,), "NchwcConv": (1,), "Gemm": (0, 1),
+               "FusedGemm": (0, 1), "MatMul": (0, 1), "FusedMatMul": (0, 1), "TransposeMatMul": (0, 1)}
 
 
 @dataclass
@@ -62,8 +64,8 @@ def _constant_inputs(graph) -> set[str]:
 
 def kernel_report(path, watch: dict | None = None, threads: int = 1) -> KernelReport:
     """Open ``path`` in ONNX Runtime (all graph optimizations, as at inference), save the optimized
-    graph and count its weight GEMMs: a GEMM node counts when an operand after the first is a
-    constant (weights; a product of two activations, like attention scores, is not counted).
+    graph and count its weight GEMMs: a product counts when a factor is a constant (a weight; a
+    product of two activations, like attention scores, is not counted).
     ``watch``: node name → layer for the GEMMs written as integer layers; those still float in
     the optimized graph (ONNX Runtime keeps an unfused node's name) are ``unfused``."""
     import onnx
@@ -80,10 +82,9 @@ def kernel_report(path, watch: dict | None = None, threads: int = 1) -> KernelRe
     constant = _constant_inputs(graph)
     integer, floats = 0, []
     for node in graph.node:
-        if node.op_type not in INTEGER_GEMMS and node.op_type not in FLOAT_GEMMS:
-            continue
-        if not any(i in constant for i in node.input[1:] if i):
-            continue
+        factors = INTEGER_GEMMS.get(node.op_type) or FLOAT_GEMMS.get(node.op_type)
+        if factors is None or not any(i < len(node.input) and node.input[i] in constant for i in factors):
+            continue  # not a product, or a product of two activations (attention scores)
         if node.op_type in INTEGER_GEMMS:
             integer += 1
         else:

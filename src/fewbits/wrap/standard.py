@@ -2,7 +2,9 @@
 so the ordinary swap quantizes them.
 
 * Hugging Face ``Conv1D`` (GPT-2's attention and MLP projections): ``y = x·W + b`` with ``W`` of
-  shape ``[in, out]`` — an ``nn.Linear`` with the transposed weight.
+  shape ``[in, out]`` — an ``nn.Linear`` with the transposed weight;
+* ``nn.MultiheadAttention`` — :class:`~fewbits.wrap.attention.LinearMultiheadAttention`, its
+  four projections as ``nn.Linear`` children (one without extra key/value rows).
 
 Done on ``prepare``'s own copy of the model (and its fp32 reference), so module names stay and
 the user's model is untouched; a weight another module shares is left as it is (transposing
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+
+from .attention import LinearMultiheadAttention, unsupported
 
 
 def _is_hf_conv1d(module: nn.Module) -> bool:
@@ -23,14 +27,23 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
 
 def standardize_layers(model: nn.Module) -> list[str]:
     """In place: every Hugging Face ``Conv1D`` of ``model`` whose weight is its own becomes the
-    equal ``nn.Linear``. Returns the names rewritten."""
+    equal ``nn.Linear``, every ``nn.MultiheadAttention`` (exactly that type, its weights its own)
+    a :class:`LinearMultiheadAttention`. Returns the names rewritten."""
     owners: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
     rewritten = []
     for name, module in list(model.named_modules()):
-        if not name or not _is_hf_conv1d(module) or owners.get(id(module.weight), 0) > 1:
+        if not name:
+            continue
+        if type(module) is nn.MultiheadAttention and not unsupported(module) and \
+                all(owners.get(id(p), 0) == 1 for p in module.parameters()):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, LinearMultiheadAttention(module))
+            rewritten.append(name)
+            continue
+        if not _is_hf_conv1d(module) or owners.get(id(module.weight), 0) > 1:
             continue
         linear = nn.Linear(module.nx, module.nf, bias=module.bias is not None,
                            device=module.weight.device, dtype=module.weight.dtype)
