@@ -35,7 +35,7 @@ def test_gpt2_conv1d_projections_are_quantized_and_the_function_kept():
         assert torch.allclose(q.model(**batch).logits, model(**batch).logits, atol=1e-4)
     with torch.no_grad():
         ref, got = model(**batch).logits, q(**batch).logits
-    assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.99
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.99  # 8-bit weights and inputs: a small error, far from a broken layer (~0)
     assert type(model.transformer.h[0].attn.c_attn).__name__ == "Conv1D"  # the user's model is untouched
 
 
@@ -54,6 +54,6 @@ def test_llama_layers_are_quantized_and_rmsnorm_listed():
     batch = _ids(1)[0]
     with torch.no_grad():
         ref, got = model(**batch).logits, q(**batch).logits
-    assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.99
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.99  # 8-bit weights and inputs: a small error, far from a broken layer (~0)
     im = fewbits.convert(q)
     assert len(im.integer_layers()) == len([n for n in names if "embed" not in n])

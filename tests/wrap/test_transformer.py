@@ -34,7 +34,7 @@ def test_encoder_layers_run_their_quantized_linears():
             # the reference path of the same layer: the fused kernel sums in another order
             assert torch.allclose(q.model(x), model(x), atol=1e-5)
         with torch.no_grad():
-            assert torch.nn.functional.cosine_similarity(q(x).flatten(), model(x).flatten(), dim=0) > 0.99
+            assert torch.nn.functional.cosine_similarity(q(x).flatten(), model(x).flatten(), dim=0) > 0.99  # 8-bit: a small error
 
 
 def test_a_padding_mask_runs_without_nested_tensors():
@@ -69,7 +69,7 @@ def test_the_integer_model_and_the_packed_file_take_it(tmp_path):
     im = fewbits.convert(q)
     x = _batches()[1]
     with torch.no_grad():
-        assert torch.nn.functional.cosine_similarity(im(x).flatten(), q(x).flatten(), dim=0) > 0.999
+        assert torch.nn.functional.cosine_similarity(im(x).flatten(), q(x).flatten(), dim=0) > 0.999  # the integer model equals the simulation to rounding flips
     back = fewbits.load(fewbits.save(q, tmp_path / "t.fewbits"), model=_encoder())
     with torch.no_grad():
         assert torch.equal(back(x), q(x))
