@@ -45,13 +45,16 @@ def _cosine(outs_a: list, outs_b: list) -> float:
     return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
+FAILED = object()
+
+
 def _step(row: dict, stage: str, fn):
-    """Run one stage; a failure is recorded with its stage and message, not raised."""
+    """Run one stage: its result, or :data:`FAILED` with the stage and message recorded in ``row``."""
     try:
         return fn()
     except Exception as err:  # noqa: BLE001 — the benchmark reports what broke where
         row.setdefault("errors", []).append(f"{stage}: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
-        return None
+        return FAILED
 
 
 def bench(name: str, workdir: Path) -> dict:
@@ -62,29 +65,29 @@ def bench(name: str, workdir: Path) -> dict:
     with torch.no_grad():
         reference = [_call(model, b) for b in held]
     q = _step(row, "prepare", lambda: fewbits.prepare(model, RECIPE))
-    if q is None:
+    if q is FAILED:
         return row
     row["quantized layers"] = len(q.quantized_layers())
     row["left float"] = [{"name": lf.name, "type": lf.type, "reason": lf.reason} for lf in q.left_float]
-    if _step(row, "calibrate", lambda: fewbits.calibrate(q, calib)) is None:
+    if _step(row, "calibrate", lambda: fewbits.calibrate(q, calib)) is FAILED:
         return row
     with torch.no_grad():
         row["cosine simulated"] = _cosine(reference, [_call(q, b) for b in held])
     files = {}
     fp32 = workdir / f"{name}-fp32.onnx"
     args = ((), calib[0]) if isinstance(calib[0], dict) else ((calib[0],), {})
-    if _step(row, "fp32 export", lambda: write_atomic(fp32, _torch_onnx_bytes(model, *args))) is not None:
+    if _step(row, "fp32 export", lambda: write_atomic(fp32, _torch_onnx_bytes(model, *args))) is not FAILED:
         files["ORT fp32"] = fp32
     exported = _step(row, "fewbits export", lambda: export_onnx(q, calib[0], workdir / f"{name}-fewbits.onnx",
                                                                 batches=calib[:2]))
-    if exported is not None:
+    if exported is not FAILED:
         files["fewbits " + RECIPE] = Path(exported.path)
         row["verify"] = exported.verification.summary() if exported.verification else None
         row["unfused"] = exported.kernels.to_dict()["unfused_layers"]
     if "ORT fp32" in files:
         ort = workdir / f"{name}-ort.onnx"
         names = OnnxModel(fp32).inputs
-        if _step(row, "ORT quantize_static", lambda: ort_static(fp32, ort, calib, names, False) or ort) is not None:
+        if _step(row, "ORT quantize_static", lambda: ort_static(fp32, ort, calib, names, False)) is not FAILED:
             files["ORT quantize_static"] = ort
     engines = {}
     for label, path in files.items():

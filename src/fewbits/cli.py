@@ -17,12 +17,6 @@ def _write_json(data: dict, path: Path) -> None:
     write_json_atomic(path, data)
 
 
-def _mb(n: int) -> str:
-    from fewbits.report.summary import megabytes
-
-    return megabytes(n)
-
-
 # ---- user models -----------------------------------------------------------------------------
 def load_user_model(spec: str, checkpoint: str | None):
     """``path/to/file.py:factory`` → ``factory()`` (an nn.Module), with an optional state_dict."""
@@ -141,6 +135,7 @@ def cmd_quantize(args) -> dict:
 def export_for_cli(qmodel, calibration, args) -> dict:
     """``--onnx``: export, verify on the first calibration batches, print what was chosen."""
     from fewbits.export.onnx import export_onnx, onnx_available
+    from fewbits.report.summary import megabytes
     from fewbits.report.table import format_table
 
     missing = onnx_available()
@@ -155,12 +150,11 @@ def export_for_cli(qmodel, calibration, args) -> dict:
     for w in caught:  # the exporter's warnings (a layer that did not fuse, a parity miss) as one line each
         if str(w.message).startswith("export_onnx:"):
             print(f"fewbits: warning: {w.message}", file=sys.stderr)
-    v = exported.verification
+    v, k = exported.verification, exported.kernels
     modes = ", ".join(f"{n} {m}" for m, n in exported.counts().items())
     narrowed = sum(e.narrowed_from is not None for e in exported.layers)
-    print(format_table([{"onnx": Path(exported.path).name, "MB": _mb(exported.bytes), "layers": modes,
-                         "integer GEMMs in ORT": exported.kernels.describe().split(" weight")[0]
-                         + f" ({exported.kernels.share:.0%})",
+    print(format_table([{"onnx": Path(exported.path).name, "MB": megabytes(exported.bytes), "layers": modes,
+                         "integer GEMMs in ORT": f"{k.integer}/{k.integer + k.float} ({k.share:.0%})",
                          "weights narrowed": narrowed, "max level diff": v.max_levels,
                          "levels differing": f"{v.differing:.1e}", "ok": v.ok}],
                        title=f"ONNX export ({exported.profile.describe()})"))

@@ -26,14 +26,6 @@ from .wrap.attention import unsupported as unsupported_attention
 from .wrap.standard import standardize_layers
 from .wrap.transformer import unfuse_transformers
 
-# Modules with parameters of their own that stay float on purpose, and the reason given.
-_FLOAT_BY_DESIGN = {
-    nn.LayerNorm: "normalization stays float (transformer-aware default)",
-    nn.GroupNorm: "normalization stays float",
-    nn.RMSNorm: "normalization stays float",
-}
-
-
 def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Target | None = None) -> QuantizedModel:
     """A quantized copy of ``model`` following ``recipe`` (a name, a :class:`Recipe` or a JSON file).
 
@@ -99,14 +91,14 @@ _NORM_NAMES = ("RMSNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "ScaleNorm")
 
 
 def _float_reason(module: nn.Module) -> str:
+    """Why a module with parameters of its own and no quantized counterpart stays float."""
     if isinstance(module, nn.MultiheadAttention):  # the ones standardize_layers could not rewrite
         return unsupported_attention(module) or ("MultiheadAttention whose weights another module shares (or a "
                                                  "subclass of it): its projections stay float")
-    for cls, reason in _FLOAT_BY_DESIGN.items():
-        if isinstance(module, cls):
-            return reason
-    name = type(module).__name__
-    if any(name.endswith(n) or n in name for n in _NORM_NAMES):  # any library's (LlamaRMSNorm, T5LayerNorm, …)
+    if isinstance(module, nn.LayerNorm):
+        return "normalization stays float (transformer-aware default)"
+    leaf = not any(True for c in module.children() for _ in c.parameters())  # not a block holding layers
+    if leaf and any(n in type(module).__name__ for n in _NORM_NAMES):  # any library's: LlamaRMSNorm, nn.RMSNorm, …
         return "normalization stays float"
     if any(True for _ in module.parameters(recurse=False)):
         return f"fewbits has no quantized {type(module).__name__}"

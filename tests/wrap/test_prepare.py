@@ -173,3 +173,19 @@ def test_group_size_that_does_not_divide_leaves_the_layer_float():
     reasons = {lf.name: lf.reason for lf in q.left_float}
     assert "PerGroup.size=128 does not divide dim 1 of size 200" in reasons["0"]
     assert "PerGroup.size=128 does not divide dim 1 of size 4" in reasons["1"]
+
+
+def test_a_block_named_like_a_norm_still_has_its_layers_quantized():
+    class AdaLayerNorm(nn.Module):  # a norm modulated by a linear layer (diffusion models write these)
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8, elementwise_affine=False)
+            self.linear = nn.Linear(8, 16)
+
+        def forward(self, x):
+            scale, shift = self.linear(x).chunk(2, -1)
+            return self.norm(x) * (1 + scale) + shift
+
+    q = fewbits.prepare(nn.Sequential(AdaLayerNorm()), "w8")
+    assert "0.linear" in q.quantized_layers()
+    assert [lf.name for lf in q.left_float] == ["0.norm"]

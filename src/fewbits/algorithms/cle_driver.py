@@ -11,8 +11,9 @@ from ..progress import Progress
 from ..steps import CrossLayerEqualization
 from ..wrap.handle import AlgorithmResult, LeftFloat, QuantizedModel, replace_module
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantLinear
+from ..wrap.standard import shared_parameter_ids
 from . import bias_correction, cle
-from .hooks import add_to_bias, clear_activation_ranges, depthwise, layer_chains, shared_parameters
+from .hooks import add_to_bias, clear_activation_ranges, depthwise, layer_chains, run_batches
 
 
 _HOMOGENEOUS = (nn.ReLU, nn.Identity, nn.Dropout)  # f(s·x) = s·f(x) for s > 0 (dropout: in eval)
@@ -31,7 +32,7 @@ def _cle_pairs(qmodel: QuantizedModel, step: CrossLayerEqualization, result: Alg
     """Consecutive quantized layers joined only through ReLU / ReLU6 / identity / dropout, the
     first layer's output used by the second alone."""
     acts = (*_HOMOGENEOUS, nn.ReLU6) if step.relu6 == "relu" else _HOMOGENEOUS
-    shared = shared_parameters(qmodel.model)
+    shared = shared_parameter_ids(qmodel.model)
     pairs = []
     for first_name, second, through in layer_chains(qmodel, result, acts):
         if not (fnmatch.fnmatchcase(first_name, step.layers) and fnmatch.fnmatchcase(second, step.layers)):
@@ -46,7 +47,7 @@ def _cle_pairs(qmodel: QuantizedModel, step: CrossLayerEqualization, result: Alg
             why = "grouped (not depthwise) convolution as the second layer"
         elif getattr(first, "smooth_scale", None) is not None or getattr(m2, "smooth_scale", None) is not None:
             why = "already smoothed by SmoothQuant"
-        elif any(first.weight is p or m2.weight is p for p in shared):
+        elif id(first.weight) in shared or id(m2.weight) in shared:
             why = "a weight tied to another module: rescaling it would change that module too"
         if why:
             result.skipped.append(LeftFloat(f"{first_name} → {second}", "pair", why))
@@ -130,15 +131,8 @@ def _absorb_high_biases(qmodel: QuantizedModel, pairs: list, batches: list) -> d
         return grab
 
     model = qmodel.float_model
-    handles = [model.get_submodule(p.first).register_forward_hook(hook(p.first)) for p in pairs]
-    try:
-        with Progress("high-bias absorption statistics, batch", len(batches)) as progress:
-            for args, kwargs in batches:
-                model(*args, **kwargs)
-                progress.step()
-    finally:
-        for h in handles:
-            h.remove()
+    run_batches(model, batches, [model.get_submodule(p.first).register_forward_hook(hook(p.first)) for p in pairs],
+                "high-bias absorption statistics, batch")
     absorbed = {}
     for pair in pairs:
         if pair.first not in stats:

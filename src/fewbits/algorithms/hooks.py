@@ -13,6 +13,7 @@ from ..progress import Progress
 from ..spec import LevelSpec
 from ..wrap.handle import AlgorithmResult, LeftFloat, QuantizedModel, quantization_disabled
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantLinear
+from ..wrap.standard import shared_parameter_ids
 from . import bias_correction, smoothquant
 
 
@@ -22,7 +23,7 @@ def scalable_linears(qmodel: QuantizedModel, pattern: str, result: AlgorithmResu
     ``why_not(layer)`` is the algorithm's own reason to skip one (empty: none); on top, the layer
     must be linear, on a uniform weight grid, with a weight no other module shares. The others
     are listed in ``result`` with the reason."""
-    shared = {id(p) for p in shared_parameters(qmodel.model)}
+    shared = shared_parameter_ids(qmodel.model)
     chosen = {}
     for name, module in qmodel.quantized_layers().items():
         if not fnmatch.fnmatchcase(name, pattern):
@@ -66,14 +67,8 @@ def collect_inputs(qmodel: QuantizedModel, layers: dict, batches: list, samples:
         return grab
 
     handles = [m.register_forward_pre_hook(hook(n)) for n, m in layers.items()]
-    try:
-        with quantization_disabled(qmodel) as model, Progress(f"{label}, batch", len(batches)) as p:
-            for args, kwargs in batches:
-                model(*args, **kwargs)
-                p.step()
-    finally:
-        for h in handles:
-            h.remove()
+    with quantization_disabled(qmodel) as model:
+        run_batches(model, batches, handles, f"{label}, batch")
     return {n: smoothquant.LayerInputs(lo, hi, torch.cat(rows)[:samples], (mag / count).float())
             for n, (lo, hi, rows, mag, count) in seen.items()}
 
@@ -119,12 +114,7 @@ def channel_means(model, names: list[str], batches: list, stop_after: str | None
                 raise Stop
         return grab
 
-    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
-    try:
-        run_batches(model, batches)
-    finally:
-        for h in handles:
-            h.remove()
+    run_batches(model, batches, [model.get_submodule(n).register_forward_hook(hook(n)) for n in names])
     return {n: s / c for n, (s, c) in sums.items()}
 
 
@@ -135,13 +125,20 @@ def add_to_bias(layer: nn.Module, delta: torch.Tensor) -> None:
     layer.bias.add_(delta.to(layer.bias.dtype))
 
 
-def run_batches(model: nn.Module, batches: list) -> None:
-    """Every batch through ``model``; a hook raising :class:`Stop` ends that batch's forward."""
-    for args, kwargs in batches:
-        try:
-            model(*args, **kwargs)
-        except Stop:
-            pass
+def run_batches(model: nn.Module, batches: list, hooks=(), label: str | None = None) -> None:
+    """Every batch through ``model`` (progress shown under ``label``); a hook raising :class:`Stop`
+    ends that batch's forward. ``hooks``: handles removed at the end, whatever happens."""
+    try:
+        with Progress(label or "batch", len(batches), enabled=label is not None) as progress:
+            for args, kwargs in batches:
+                try:
+                    model(*args, **kwargs)
+                except Stop:
+                    pass
+                progress.step()
+    finally:
+        for h in hooks:
+            h.remove()
 
 
 LAYERS = (QuantLinear, QuantConv1d, QuantConv2d)
@@ -192,15 +189,6 @@ def layer_chains(qmodel: QuantizedModel, result: AlgorithmResult, through_types:
     return chains
 
 
-def shared_parameters(model: nn.Module) -> list:
-    """Parameters held by more than one module (tied weights)."""
-    owners: dict[int, list] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners.setdefault(id(p), []).append(p)
-    return [ps[0] for ps in owners.values() if len(ps) > 1]
-
-
 def rounding_layers(qmodel: QuantizedModel, pattern: str, result: AlgorithmResult) -> dict:
     chosen = {}
     for name, m in qmodel.quantized_layers().items():
@@ -227,13 +215,7 @@ def execution_order(model: nn.Module, names: list, batch) -> list:
                 order.append(name)
         return hook
 
-    handles = [model.get_submodule(n).register_forward_hook(seen(n)) for n in names]
-    try:
-        args, kwargs = batch
-        model(*args, **kwargs)
-    finally:
-        for h in handles:
-            h.remove()
+    run_batches(model, [batch], [model.get_submodule(n).register_forward_hook(seen(n)) for n in names])
     return order
 
 
@@ -244,11 +226,7 @@ def feed_until(model: nn.Module, name: str, batches: list, take) -> None:
         take(args[0].detach())
         raise Stop
 
-    handle = model.get_submodule(name).register_forward_pre_hook(grab)
-    try:
-        run_batches(model, batches)
-    finally:
-        handle.remove()
+    run_batches(model, batches, [model.get_submodule(name).register_forward_pre_hook(grab)])
 
 
 def layer_inputs(model: nn.Module, name: str, batches: list) -> torch.Tensor:

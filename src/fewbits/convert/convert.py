@@ -36,12 +36,14 @@ from torch import fx, nn
 from ..lower import Kind, lower
 from ..target import Target
 from ..wrap.handle import LeftFloat, QuantizedModel, Status, replace_module
+from ..wrap.ops import QuantAdd, QuantConcat, QuantPool
 from .layers import (IntegerAdd, IntegerAvgPool, IntegerConcat, IntegerConv, IntegerEmbedding, IntegerLinear,
                      IntegerMaxPool, OutputGrid)
 
 _GRID_PRESERVING = (nn.Flatten, nn.Identity, nn.Dropout)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d)
-_INTEGER_OPS = {"QuantAdd": IntegerAdd, "QuantPool": IntegerAvgPool, "QuantConcat": IntegerConcat}
+# OpRecord.type is the quantized op's class name
+_INTEGER_OPS = {QuantAdd.__name__: IntegerAdd, QuantPool.__name__: IntegerAvgPool, QuantConcat.__name__: IntegerConcat}
 _FIXED_GRID = tuple(_INTEGER_OPS.values())  # ops with their own output grid
 _RESHAPES = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous"}  # tensor methods keeping levels
 

@@ -137,8 +137,13 @@ def export_onnx(qmodel: QuantizedModel, example_inputs, path, *, batches=None, w
     meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "recipe": qmodel.recipe.to_dict(),
             "profile": asdict(profile), "weights": weights, "layers": [asdict(e) for e in plan],
             "lowered": record_summaries(lowering.records()),
-            "input_levels": _quantize_nodes(model, module)}
-    gemms = {node.name: layer for node, layer in _layer_nodes(model, module, ("Conv", "Gemm", "MatMul"))}
+            "input_levels": {}}
+    gemms = {}  # each integer layer's product node, to find it again in ONNX Runtime's optimized graph
+    for node, layer in _layer_nodes(model, module, ("QuantizeLinear", "Conv", "Gemm", "MatMul")):
+        if node.op_type == "QuantizeLinear":  # the tensor holding the layer's uint8 input levels
+            meta["input_levels"][node.output[0]] = layer
+        else:
+            gemms[node.name] = layer
     for node in model.graph.node:  # the exporter's per-node stack traces: ~1.5 MB on MiniLM
         del node.metadata_props[:]
     # intermediate shape annotations (optional in ONNX; ONNX Runtime infers shapes itself): ~48 kB on MiniLM
@@ -187,11 +192,6 @@ def _layer_nodes(model, module: nn.Module, op_types: tuple) -> list:
         if path in paths:
             found.append((node, paths[path]))
     return found
-
-
-def _quantize_nodes(model, module: nn.Module) -> dict[str, str]:
-    """ONNX tensor holding each integer layer's uint8 input levels → the layer's name."""
-    return {node.output[0]: layer for node, layer in _layer_nodes(model, module, ("QuantizeLinear",))}
 
 
 def _torch_onnx_bytes(module: nn.Module, args: tuple, kwargs: dict, dynamic_mode: str = "auto") -> bytes:

@@ -13,7 +13,7 @@ from ..wrap.handle import QuantizedModel
 
 EXPORT_FORMAT, EXPORT_VERSION = "fewbits.onnx", "1.1"  # 1.1: the lowered records beside the plan
 _MODES = {Kind.INTEGER: "int8", Kind.INTEGER_DYNAMIC: "int8-dynamic", Kind.WEIGHT_ONLY: "weight-only",
-          Kind.DECODED: "decoded", Kind.SIMULATED: "simulated", Kind.FLOAT: "simulated"}
+          Kind.DECODED: "decoded", Kind.SIMULATED: "simulated"}
 
 
 @dataclass

@@ -28,6 +28,7 @@ from torch.nn import functional as F
 from ..lower import Kind, Lowering, u8_shift
 from ..lower.records import Grid, LayerRecord
 from ..wrap.handle import QuantizedModel, replace_module
+from ..wrap.ops import QuantAdd, QuantConcat, QuantPool
 
 
 def _qd():
@@ -220,7 +221,7 @@ class QDQConcat(nn.Module):
         return _qdq(torch.cat([_qdq(x, g) for x, g in zip(xs, self.grids)], self.dim), self.out)
 
 
-_OP_EMITTERS = {"QuantAdd": QDQAdd, "QuantPool": QDQPool, "QuantConcat": QDQConcat}
+_OP_EMITTERS = {QuantAdd.__name__: QDQAdd, QuantPool.__name__: QDQPool, QuantConcat.__name__: QDQConcat}  # by OpRecord.type
 
 
 def export_module(qmodel: QuantizedModel, lowering: Lowering) -> nn.Module:

@@ -114,7 +114,7 @@ def lower_layer(name: str, layer: nn.Module, target: Target) -> LayerRecord:
             scale, zero_point = weight_qparams(view.detach(), spec, wq.recipe.method, wq.name)
             qweight = integer_weight(view, wq, spec, scale, zero_point)
     record = dict(kind=kind, reason=reason or note, weight_spec=spec, qweight=qweight, w_scale=scale.detach().clone(),
-                  w_zero_point=zero_point.detach().clone(), narrowed_from=narrowed_from, narrow_note=note, **common)
+                  w_zero_point=zero_point.detach().clone(), narrowed_from=narrowed_from, **common)
     if kind is Kind.INTEGER:
         xq = layer.input_quantizer
         acc = accumulator_scale(xq.scale, scale, qweight.shape[0])

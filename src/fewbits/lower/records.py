@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ..numerics.affine import dequantize, quantize
+from ..numerics.levels import decode
 from ..spec import LevelSpec, QuantSpec, TernarySpec
 from .kinds import Kind
 
@@ -77,7 +78,6 @@ class LayerRecord:
     smooth_scale: Optional[torch.Tensor] = None
     geometry: dict = field(default_factory=dict)
     narrowed_from: Optional[int] = None
-    narrow_note: str = ""
 
     @property
     def weight_bits(self) -> Optional[int]:
@@ -97,8 +97,6 @@ class LayerRecord:
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the simulation multiplies, rebuilt from the integers (layer shape)."""
         if isinstance(self.weight_spec, LevelSpec):
-            from ..numerics.levels import decode
-
             return decode(self.qweight, self.levels).reshape(self.weight_shape)
         return dequantize(self.qweight, self.w_scale, self.w_zero_point, self.weight_spec).reshape(self.weight_shape)
 
@@ -151,9 +149,6 @@ class Lowering:
 
     def records(self) -> list:
         return [*self.layers.values(), *self.ops.values(), *self.floats.values()]
-
-    def of_kind(self, *kinds: Kind) -> dict:
-        return {n: r for n, r in self.layers.items() if r.kind in kinds}
 
 
 def record_summaries(records) -> dict:

@@ -25,25 +25,31 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
             and tuple(module.weight.shape) == (module.nx, module.nf))
 
 
-def standardize_layers(model: nn.Module) -> list[str]:
-    """In place: every Hugging Face ``Conv1D`` of ``model`` whose weight is its own becomes the
-    equal ``nn.Linear``, every ``nn.MultiheadAttention`` (exactly that type, its weights its own)
-    a :class:`LinearMultiheadAttention`. Returns the names rewritten."""
+def shared_parameter_ids(model: nn.Module) -> set[int]:
+    """``id`` of every parameter held by more than one module (tied weights)."""
     owners: dict[int, int] = {}
     for m in model.modules():
         for p in m.parameters(recurse=False):
             owners[id(p)] = owners.get(id(p), 0) + 1
+    return {i for i, n in owners.items() if n > 1}
+
+
+def standardize_layers(model: nn.Module) -> list[str]:
+    """In place: every Hugging Face ``Conv1D`` of ``model`` whose weight is its own becomes the
+    equal ``nn.Linear``, every ``nn.MultiheadAttention`` (exactly that type, its weights its own)
+    a :class:`LinearMultiheadAttention`. Returns the names rewritten."""
+    tied = shared_parameter_ids(model)
     rewritten = []
     for name, module in list(model.named_modules()):
         if not name:
             continue
         if type(module) is nn.MultiheadAttention and not unsupported(module) and \
-                all(owners.get(id(p), 0) == 1 for p in module.parameters()):
+                not any(id(p) in tied for p in module.parameters()):
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent) if parent else model, child, LinearMultiheadAttention(module))
             rewritten.append(name)
             continue
-        if not _is_hf_conv1d(module) or owners.get(id(module.weight), 0) > 1:
+        if not _is_hf_conv1d(module) or id(module.weight) in tied:
             continue
         linear = nn.Linear(module.nx, module.nf, bias=module.bias is not None,
                            device=module.weight.device, dtype=module.weight.dtype)
