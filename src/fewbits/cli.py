@@ -60,15 +60,24 @@ def load_torch_file(path: str, option: str):
 
 
 def load_batches(path: str, batch_size: int) -> list:
-    """A ``.pt`` file holding a Tensor (split along dim 0) or a list of ready batches."""
+    """A ``.pt`` file holding a Tensor (split along dim 0; token ids too), a dict of tensors with
+    one first dimension (keyword inputs, e.g. ``input_ids`` and ``attention_mask``, split
+    together), or a list of ready batches (tensors, tuples or dicts)."""
     import torch
 
     data = load_torch_file(path, "--calib-data")
     if isinstance(data, torch.Tensor):
         return list(data.split(batch_size))
+    if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+        sizes = {k: v.shape[0] if v.dim() else None for k, v in data.items()}
+        if len(set(sizes.values())) != 1 or None in sizes.values():
+            raise ValueError(f"--calib-data: {path} holds a dict whose tensors differ in their first dimension: {sizes}")
+        n = next(iter(sizes.values()))
+        return [{k: v[i:i + batch_size] for k, v in data.items()} for i in range(0, n, batch_size)]
     if isinstance(data, (list, tuple)) and data:
         return list(data)
-    raise ValueError(f"{path}: expected a Tensor [N, ...] or a non-empty list of batches, got {type(data).__name__}")
+    raise ValueError(f"--calib-data: {path}: expected a Tensor [N, ...], a dict of Tensors [N, ...] or a non-empty "
+                     f"list of batches, got {type(data).__name__}")
 
 
 def accuracy_metric(path: str):
@@ -95,20 +104,31 @@ def cmd_quantize(args) -> dict:
     from fewbits.report.summary import result_json, summary_row
     from fewbits.report.table import format_table
 
-    if bool(args.task) == bool(args.model):
-        raise ValueError("give either --task or --model")
+    if sum(map(bool, (args.task, args.model, args.hf_model))) != 1:
+        raise ValueError("give one of --task, --model or --hf-model")
     if args.task:
         from fewbits.tasks import load_task
 
         task = load_task(args.task, small=args.small)
         name, model, calibration, metric_fn, metric = task.name, task.model, task.calibration, task.evaluate, task.metric
     else:
-        if not args.calib_data:
-            raise ValueError("--model needs --calib-data (a .pt file of calibration inputs)")
-        model = load_user_model(args.model, args.checkpoint)
-        calibration = load_batches(args.calib_data, args.batch_size)
+        if args.calib_text and not args.hf_model:
+            raise ValueError("--calib-text needs --hf-model (its tokenizer reads the text)")
+        if not (args.calib_data or args.calib_text):
+            raise ValueError(f"{'--hf-model' if args.hf_model else '--model'} needs --calib-data (a .pt file of "
+                             "calibration inputs)" + (" or --calib-text (a text file)" if args.hf_model else ""))
+        if args.hf_model:
+            from fewbits.hf import load_hf_model, tokenized_batches
+
+            model = load_hf_model(args.hf_model)
+            name = Path(args.hf_model).name
+        else:
+            model = load_user_model(args.model, args.checkpoint)
+            name = Path(args.model.rpartition(":")[0]).stem
+        calibration = load_batches(args.calib_data, args.batch_size) if args.calib_data else \
+            tokenized_batches(args.hf_model, args.calib_text, args.seq_len, args.batch_size)
         metric_fn = accuracy_metric(args.eval_data) if args.eval_data else None
-        name, metric = Path(args.model.rpartition(":")[0]).stem, ("accuracy" if args.eval_data else None)
+        metric = "accuracy" if args.eval_data else None
     qmodel, report, recipe = quantize_model(model, calibration, args.recipe, metric_fn=metric_fn, metric=metric,
                                             calib=args.calib, algo=args.algo, fit_cpu=args.fit_cpu)
     result = result_json(name, recipe, report)
@@ -329,8 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="prepare, calibrate and evaluate one model")
     q.add_argument("--task", help="a built-in task (see 'fewbits tasks')")
     q.add_argument("--model", help="your own model: path/to/file.py:factory (factory() returns an nn.Module)")
+    q.add_argument("--hf-model", help="a Hugging Face model directory (save_pretrained layout; read offline)")
     q.add_argument("--checkpoint", help="state_dict for --model (.pt)")
-    q.add_argument("--calib-data", help="for --model: .pt with a Tensor [N, ...] of inputs, or a list of batches")
+    q.add_argument("--calib-data", help="for --model / --hf-model: .pt with a Tensor [N, ...] of inputs (token ids "
+                                        "[N, length]), a dict of such Tensors (keyword inputs), or a list of batches")
+    q.add_argument("--calib-text", help="for --hf-model: a text file, tokenized by the model's tokenizer")
+    q.add_argument("--seq-len", type=int, default=128, help="tokens per --calib-text window (default 128)")
     q.add_argument("--eval-data", help="for --model: .pt with {'x': inputs, 'y': labels} for top-1 accuracy")
     q.add_argument("--batch-size", type=int, default=32)
     q.add_argument("--recipe", default="w8a8", help="built-in name or a .json recipe file")

@@ -19,11 +19,12 @@ from .progress import Progress
 from .recipe import fitted_to, get_recipe, with_calibration
 from .target import Target
 from .wrap.fold import fold_batchnorm
+from .wrap.functional import functional_linears
 from .wrap.handle import LeftFloat, QuantizedModel, Status, as_call, batch_errors_named, replace_module
 from .wrap.modules import QUANT_MODULES, QuantEmbedding
 from .wrap.ops import quantize_ops
-from .wrap.attention import unsupported as unsupported_attention
-from .wrap.standard import standardize_layers
+from .wrap.attention import LinearMultiheadAttention, unsupported as unsupported_attention
+from .wrap.standard import is_norm, standardize_layers
 from .wrap.transformer import unfuse_transformers
 
 def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Target | None = None) -> QuantizedModel:
@@ -40,6 +41,7 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Ta
     recipe = get_recipe(recipe) if target is None else fitted_to(get_recipe(recipe), target)
     work = copy.deepcopy(model).eval()
     standardize_layers(work)  # e.g. Hugging Face Conv1D → nn.Linear
+    work, _ = functional_linears(work)  # F.linear(x, self.w, self.b) → an nn.Linear child
     bn_stats: dict = {}
     if fold_bn:
         folded, unfolded = fold_batchnorm(work, bn_stats)
@@ -53,14 +55,20 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Ta
     float_model = copy.deepcopy(work)
     handled = set(unfolded)
     for name, module in list(work.named_modules()):
-        if not name or name in handled or any(name.startswith(h + ".") for h in handled):
+        if name in handled or any(name.startswith(h + ".") for h in handled if h):
             continue
         quant_cls = QUANT_MODULES.get(type(module))
         if quant_cls is None:
             reason = _float_reason(module)
-            if reason:
-                left.append(LeftFloat(name, type(module).__name__, reason))
+            if not reason:
+                continue
+            if type(module).__module__.startswith("torch.nn.") or not _holds_layers(module):
+                left.append(LeftFloat(name, type(module).__name__, reason))  # the whole module stays float
                 handled.add(name)
+            else:  # a block with parameters of its own: its layers still quantize
+                own = sorted(n for n, _ in module.named_parameters(recurse=False))
+                left.append(LeftFloat(name, type(module).__name__, f"its own parameters {own} are used directly "
+                                                                   "in its forward: they stay float"))
             continue
         layer_recipe, why = recipe.for_layer(name, type(module).__name__)
         if layer_recipe is None or not (layer_recipe.weight or layer_recipe.input or layer_recipe.output):
@@ -78,7 +86,7 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Ta
     ops = []
     if recipe.adds is not None or recipe.pools is not None or recipe.concats is not None:
         work, ops, untouched = quantize_ops(work, recipe.adds, recipe.pools, recipe.concats,
-                                            skip=tuple(QUANT_MODULES.values()))
+                                            skip=(*QUANT_MODULES.values(), LinearMultiheadAttention))
         left += [LeftFloat(n, type(work.get_submodule(n)).__name__, why) for n, why in untouched]
     qmodel = QuantizedModel(work, recipe, left, folded, float_model, fold_bn)
     qmodel.ops = ops
@@ -87,7 +95,8 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Ta
     return qmodel
 
 
-_NORM_NAMES = ("RMSNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "ScaleNorm")
+def _holds_layers(module: nn.Module) -> bool:
+    return any(True for c in module.children() for _ in c.parameters())
 
 
 def _float_reason(module: nn.Module) -> str:
@@ -97,8 +106,7 @@ def _float_reason(module: nn.Module) -> str:
                                                  "subclass of it): its projections stay float")
     if isinstance(module, nn.LayerNorm):
         return "normalization stays float (transformer-aware default)"
-    leaf = not any(True for c in module.children() for _ in c.parameters())  # not a block holding layers
-    if leaf and any(n in type(module).__name__ for n in _NORM_NAMES):  # any library's: LlamaRMSNorm, nn.RMSNorm, …
+    if is_norm(module):  # any library's: LlamaRMSNorm, nn.RMSNorm, nn.GroupNorm, …
         return "normalization stays float"
     if any(True for _ in module.parameters(recurse=False)):
         return f"fewbits has no quantized {type(module).__name__}"

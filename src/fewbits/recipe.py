@@ -27,12 +27,12 @@ from dataclasses import dataclass, field, replace
 from typing import Optional
 
 from .observe.methods import CalibrationMethod
-from .spec import (AnySpec, APoTSpec, BinarySpec, CodebookSpec, LevelSpec, PerChannel, PerGroup, PerTensor, Pow2Spec,
-                   QuantSpec, TernarySpec, spec_from_dict)
+from .spec import (AnySpec, APoTSpec, BinarySpec, CodebookSpec, LevelSpec, PerChannel, PerGroup, PerTensor, PerToken,
+                   Pow2Spec, QuantSpec, TernarySpec, spec_from_dict)
 from .steps import STEP_NAMES, STEPS, BiasCorrection, SmoothQuant, step_from_dict, step_to_dict
 
 RECIPE_VERSION = 1
-LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Embedding")
+LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "Embedding")
 
 
 @dataclass(frozen=True)
@@ -54,8 +54,11 @@ class TensorRecipe:
         if isinstance(self.spec, LevelSpec) and self.method != "minmax":
             raise ValueError(f"{self.spec.kind} grids choose their own levels: method {self.method!r} applies to "
                              "uniform grids (leave it at 'minmax')")
-        if self.dynamic and not isinstance(self.spec.granularity, PerTensor):
-            raise ValueError("dynamic activation quantization is per tensor: use granularity PerTensor()")
+        if self.dynamic and not isinstance(self.spec.granularity, (PerTensor, PerToken)):
+            raise ValueError("dynamic activation quantization is per tensor or per token: use granularity "
+                             "PerTensor() or PerToken()")
+        if isinstance(self.spec.granularity, PerToken) and not self.dynamic:
+            raise ValueError("per-token grids come from each batch's own rows: PerToken() needs dynamic=True")
 
     def to_dict(self) -> dict:
         return {"spec": self.spec.to_dict(), "method": self.method, "dynamic": self.dynamic}
@@ -202,6 +205,9 @@ def _weights(bits: int, granularity) -> TensorRecipe:
 
 _ACT_STATIC = TensorRecipe(QuantSpec(bits=8, signed=False, symmetric=False), "minmax")
 _ACT_DYNAMIC = TensorRecipe(QuantSpec(bits=8, signed=False, symmetric=False), "minmax", dynamic=True)
+# one grid per token (row), from each batch: a token with outlier features costs the others nothing
+_ACT_PER_TOKEN = TensorRecipe(QuantSpec(bits=8, signed=False, symmetric=False, granularity=PerToken()), "minmax",
+                              dynamic=True)
 # Embedding tables: one scale per row (token), so a rare token's large vector costs nobody else.
 _EMBED_W8 = LayerRecipe(weight=_weights(8, PerChannel(0)))
 # The position table (512 rows in MiniLM) is quantized like the word table: measured on
@@ -211,12 +217,24 @@ _KEEP_FLOAT_TABLES = (("*token_type_embeddings*", None),)
 
 def _conv_linear(weight: TensorRecipe, act: Optional[TensorRecipe]) -> tuple:
     layer = LayerRecipe(weight=weight, input=act)
-    return (("Linear", layer), ("Conv1d", layer), ("Conv2d", layer), ("Embedding", _EMBED_W8))
+    return (("Linear", layer), ("Conv1d", layer), ("Conv2d", layer), ("Conv3d", layer), ("ConvTranspose1d", layer),
+            ("ConvTranspose2d", layer), ("Embedding", _EMBED_W8))
 
 
 BUILTIN_RECIPES = {
-    "w8a8": Recipe("w8a8", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES),
+    # The default deploys whole: the residual additions, average pools and concatenations between
+    # the layers are quantized too, so each layer has a quantized output and ONNX Runtime fuses it
+    # (a transformer's residual stream, read by its float norms, stays float: fewbits.wrap.ops).
+    "w8a8": Recipe("w8a8", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES,
+                   adds=_ACT_STATIC, pools=_ACT_STATIC, concats=_ACT_STATIC),
+    # Layer inputs only (the default before the additions between layers were quantized): a
+    # layer whose output meets a float op dequantizes there.
+    "w8a8-inputs": Recipe("w8a8-inputs", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES),
     "w8a8-dynamic": Recipe("w8a8-dynamic", _conv_linear(_weights(8, PerChannel(0)), _ACT_DYNAMIC), _KEEP_FLOAT_TABLES),
+    # Sequence models: per-token dynamic inputs for the linear layers (convolutions per tensor).
+    "w8a8-per-token": Recipe("w8a8-per-token", (("Linear", LayerRecipe(weight=_weights(8, PerChannel(0)), input=_ACT_PER_TOKEN)),
+                                                *_conv_linear(_weights(8, PerChannel(0)), _ACT_DYNAMIC)[1:]),
+                             _KEEP_FLOAT_TABLES),
     "w8": Recipe("w8", _conv_linear(_weights(8, PerChannel(0)), None), _KEEP_FLOAT_TABLES),
     # Transformers: per-tensor activations lose the few outlier channels of LayerNorm and GELU
     # outputs; a per-layer SmoothQuant strength moves them into the per-channel weight scales.

@@ -53,8 +53,15 @@ class PerGroup:
             raise ValueError(f"PerGroup.size must be a positive integer, got {self.size}")
 
 
-Granularity = Union[PerTensor, PerChannel, PerGroup]
-_GRANULARITIES = {"per_tensor": PerTensor, "per_channel": PerChannel, "per_group": PerGroup}
+@dataclass(frozen=True)
+class PerToken:
+    """One scale and zero point per token: every index of the leading dimensions, over the last
+    (features) — an activation ``[batch, length, features]`` has ``[batch, length, 1]``. Computed
+    from each batch (dynamic activations only)."""
+
+
+Granularity = Union[PerTensor, PerChannel, PerGroup, PerToken]
+_GRANULARITIES = {"per_tensor": PerTensor, "per_channel": PerChannel, "per_group": PerGroup, "per_token": PerToken}
 
 
 class Rounding(str, enum.Enum):
@@ -94,9 +101,9 @@ class QuantSpec:
             raise ValueError(f"bits must be in {MIN_BITS}..{MAX_BITS}, got {self.bits}")
         for name in ("signed", "symmetric", "narrow_range"):
             _check_bool(name, getattr(self, name))
-        if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup)):
+        if not isinstance(self.granularity, (PerTensor, PerChannel, PerGroup, PerToken)):
             raise ValueError(
-                f"granularity must be PerTensor(), PerChannel(axis) or PerGroup(size, axis), "
+                f"granularity must be PerTensor(), PerChannel(axis), PerGroup(size, axis) or PerToken(), "
                 f"got {self.granularity!r}"
             )
         try:
@@ -170,6 +177,8 @@ def granularity_to_dict(g: Granularity) -> dict:
         return {"kind": "per_tensor"}
     if isinstance(g, PerChannel):
         return {"kind": "per_channel", "axis": g.axis}
+    if isinstance(g, PerToken):
+        return {"kind": "per_token"}
     return {"kind": "per_group", "size": g.size, "axis": g.axis}
 
 

@@ -285,13 +285,13 @@ def test_the_exporter_reads_back_which_gemms_ort_runs_on_integers(tmp_path):
     torch.manual_seed(0)
     model = _Residual().eval()
     batches = [torch.randn(4, 4, 8, 8) for _ in range(2)]
-    q = _calibrated(model, "w8a8", batches)
+    q = _calibrated(model, "w8a8-inputs", batches)
     # conv2's output meets a float addition: no quantized output, so ORT cannot fuse it
     with pytest.warns(UserWarning, match=r"1 integer layer\(s\) did not fuse .*\['conv2'\]"):
         plain = export_onnx(q, batches[0], tmp_path / "plain.onnx", batches=batches)
     assert (plain.kernels.integer, plain.kernels.float) == (2, 1) and plain.kernels.share == pytest.approx(2 / 3)
     assert plain.to_dict()["kernels"]["unfused_layers"] == ["conv2"]
-    adds = _calibrated(model, "w8a8-bc-adds", batches)  # the addition quantized: every product fuses
+    adds = _calibrated(model, "w8a8", batches)  # the default quantizes the addition: every product fuses
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # nothing to warn about
         result = export_onnx(adds, batches[0], tmp_path / "adds.onnx", batches=batches)

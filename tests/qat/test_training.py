@@ -1,6 +1,4 @@
 """Quantization-aware training end to end: an ordinary loop, fit, finish, deploy, data parallel."""
-import copy
-import os
 
 import pytest
 import torch

@@ -13,7 +13,7 @@ from ..progress import Progress
 from ..spec import PerChannel, PerGroup
 from ..steps import GPTQ
 from ..wrap.handle import AlgorithmResult, LeftFloat, QuantizedModel
-from ..wrap.modules import QuantConv1d, QuantConv2d, QuantLinear
+from ..wrap.modules import QuantConv2d, QuantLinear
 from . import gptq
 from .hooks import execution_order, feed_until, rounding_layers
 
@@ -44,7 +44,7 @@ def _layer_hessian(model: nn.Module, name: str, layer: nn.Module, batches: list)
 def run_gptq(qmodel: QuantizedModel, step: GPTQ, batches: list, result: AlgorithmResult) -> None:
     layers = {}
     for name, m in rounding_layers(qmodel, step.layers, result).items():
-        if isinstance(m, QuantConv1d) or (isinstance(m, QuantConv2d) and m.groups != 1):
+        if not (isinstance(m, QuantLinear) or (isinstance(m, QuantConv2d) and m.groups == 1)):
             result.skipped.append(LeftFloat(name, type(m).__name__, "GPTQ here handles linear layers and ungrouped "
                                                                     "2-d convolutions"))
         elif isinstance(m.weight_quantizer.spec.granularity, PerGroup) and \
@@ -84,7 +84,7 @@ def _gptq_layer(layer: nn.Module, h: torch.Tensor, n: int, step: GPTQ) -> dict:
     nearest = wq(view).detach().double()  # round-to-nearest with the qparams prepare fitted
     before = gptq.output_error(view.double() - nearest, h, n)
     after = gptq.output_error(view.double() - deq, h, n)
-    layer.weight.data.copy_(deq.reshape(layer.weight.shape).to(layer.weight.dtype))
+    layer.weight.data.copy_(layer.weight_from_view(deq).to(layer.weight.dtype))
     if group:
         wq.set_qparams(scale.reshape(wq.scale.shape).to(wq.scale.dtype),
                        zero.reshape(wq.zero_point.shape).to(wq.zero_point.dtype))

@@ -12,7 +12,7 @@ from torch import nn
 from ..progress import Progress
 from ..spec import LevelSpec
 from ..wrap.handle import AlgorithmResult, LeftFloat, QuantizedModel, quantization_disabled
-from ..wrap.modules import QuantConv1d, QuantConv2d, QuantLinear
+from ..wrap.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
 from ..wrap.standard import shared_parameter_ids
 from . import bias_correction, smoothquant
 
@@ -141,11 +141,11 @@ def run_batches(model: nn.Module, batches: list, hooks=(), label: str | None = N
             h.remove()
 
 
-LAYERS = (QuantLinear, QuantConv1d, QuantConv2d)
+LAYERS = (QuantLinear, QuantConv1d, QuantConv2d, QuantConv3d)
 
 
 def depthwise(m: nn.Module) -> bool:
-    return isinstance(m, (QuantConv1d, QuantConv2d)) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
+    return isinstance(m, (QuantConv1d, QuantConv2d, QuantConv3d)) and m.groups > 1 and m.groups == m.in_channels == m.out_channels
 
 
 def layer_chains(qmodel: QuantizedModel, result: AlgorithmResult, through_types: tuple) -> list[tuple]:

@@ -26,7 +26,7 @@ def _grid_of(layer: nn.Module) -> tuple:
 def _write_levels(layer: nn.Module, levels: torch.Tensor, z: torch.Tensor, s: torch.Tensor) -> None:
     """Put the weight on the chosen grid points: nearest rounding (the quantizer, its qparams
     unchanged) then gives exactly these levels."""
-    layer.weight.data.copy_(((levels - z) * s).reshape(layer.weight.shape).to(layer.weight.dtype))
+    layer.weight.data.copy_(layer.weight_from_view((levels - z) * s).to(layer.weight.dtype))
 
 
 @torch.no_grad()
@@ -65,7 +65,7 @@ def _adaround_layer(layer, x_q, target, bias, step: AdaRound, generator) -> dict
     channel = -1 if isinstance(layer, QuantLinear) else 1
 
     def weight_of(levels):
-        return ((levels - z) * s).reshape(layer.weight.shape)
+        return layer.weight_from_view((levels - z) * s)
 
     def error(levels) -> float:  # the reconstruction loss on (up to) 256 samples, in float64
         with torch.no_grad():

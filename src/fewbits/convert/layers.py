@@ -16,7 +16,7 @@ from torch import nn
 from ..lower.records import Grid, LayerRecord, OpRecord
 from ..numerics.affine import dequantize, quantize
 from ..numerics.fixed_point import fixed_point_multiplier, requantize, rounding_right_shift
-from ..runtime.reference import int_avg_pool_sums, int_conv, int_linear, int_max_pool
+from ..runtime.reference import int_avg_pool_sums, int_conv, int_conv_transpose, int_linear, int_max_pool
 from ..spec import PerChannel
 
 
@@ -50,7 +50,7 @@ class _IntegerLayer(nn.Module):
         self.in_spec = grid.spec
         self.register_buffer("x_scale", torch.tensor(grid.scale, dtype=torch.float32))
         self.register_buffer("x_zero_point", torch.tensor(grid.zero_point, dtype=torch.int32))
-        self.register_buffer("qweight", record.qweight.reshape(record.weight_shape).clone())
+        self.register_buffer("qweight", record.layer_layout(record.qweight).clone())
         w_scale, w_zero_point = record.channel_qparams()
         self.register_buffer("w_scale", w_scale)
         self.register_buffer("w_zero_point", w_zero_point.to(torch.int32))
@@ -101,8 +101,8 @@ class IntegerConv(_IntegerLayer):
         self.geometry = dict(record.geometry)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        acc = int_conv(self._input(x), int(self.x_zero_point), self.qweight, self.w_zero_point, self.bias_q,
-                       **self.geometry)
+        conv = int_conv_transpose if "output_padding" in self.geometry else int_conv
+        acc = conv(self._input(x), int(self.x_zero_point), self.qweight, self.w_zero_point, self.bias_q, **self.geometry)
         return self._finish(acc, 1)
 
 

@@ -42,7 +42,7 @@ from ..target import NARROW_BITS, WEIGHT_MODES, KernelProfile, Target, int8_kern
 from ..wrap.handle import QuantizedModel
 from .kernels import KernelReport, kernel_report
 from .plan import EXPORT_FORMAT, EXPORT_VERSION, LayerExport, plan_from, plan_layers
-from .qdq import QDQLayer, export_module, _onnx_dynamic_qdq_u8, _onnx_global_avg_pool, _qd
+from .qdq import QDQLayer, export_module, _onnx_dynamic_qdq_u8, _onnx_global_avg_pool, _onnx_per_token_linear, _qd
 from .verify import OnnxModel, Verification, as_call, verify_onnx
 
 OPSET = 18  # the torch.export based exporter's lowest; ONNX Runtime 1.17+ runs it
@@ -139,7 +139,7 @@ def export_onnx(qmodel: QuantizedModel, example_inputs, path, *, batches=None, w
             "lowered": record_summaries(lowering.records()),
             "input_levels": {}}
     gemms = {}  # each integer layer's product node, to find it again in ONNX Runtime's optimized graph
-    for node, layer in _layer_nodes(model, module, ("QuantizeLinear", "Conv", "Gemm", "MatMul")):
+    for node, layer in _layer_nodes(model, module, ("QuantizeLinear", "Conv", "ConvTranspose", "Gemm", "MatMul")):
         if node.op_type == "QuantizeLinear":  # the tensor holding the layer's uint8 input levels
             meta["input_levels"][node.output[0]] = layer
         else:
@@ -156,8 +156,9 @@ def export_onnx(qmodel: QuantizedModel, example_inputs, path, *, batches=None, w
                           [i.name for i in model.graph.input], [o.name for o in model.graph.output],
                           time.perf_counter() - t0)
     result.kernels = kernel_report(path, watch=gemms)
-    if result.kernels.unfused:
-        names = sorted(set(result.kernels.unfused.values()))
+    # layers the runtime has no integer kernel for (their records say so) are expected in float
+    names = sorted({n for n in result.kernels.unfused.values() if not lowering.layers[n].transposed})
+    if names:
         warnings.warn(f"export_onnx: {path.name}: {len(names)} integer layer(s) did not fuse into an integer kernel in "
                       f"ONNX Runtime and run in float ({result.kernels.describe()}): {names[:8]}"
                       f"{' …' if len(names) > 8 else ''} (ONNX Runtime fuses a QDQ layer only when it finds the whole "
@@ -213,6 +214,7 @@ def _torch_onnx_bytes(module: nn.Module, args: tuple, kwargs: dict, dynamic_mode
                                         dynamic_shapes=dynamic, external_data=False, verbose=False,
                                         custom_translation_table={
                                             torch.ops.fewbits.dynamic_qdq_u8.default: _onnx_dynamic_qdq_u8,
+                                            torch.ops.fewbits.per_token_linear.default: _onnx_per_token_linear,
                                             torch.ops.fewbits.global_avg_pool.default: _onnx_global_avg_pool})
     finally:
         for lg, level in zip(quiet, levels):

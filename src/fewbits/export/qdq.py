@@ -62,12 +62,55 @@ def _onnx_dynamic_qdq_u8(x):
     return op.DequantizeLinear(y, scale, zero_point)
 
 
+_EPS = float(torch.finfo(torch.float32).eps)  # choose_qparams' floor under every scale
+
+
+@torch.library.custom_op("fewbits::per_token_linear", mutates_args=())
+def per_token_linear(x: torch.Tensor, qweight_t: torch.Tensor, colsum: torch.Tensor, w_scale: torch.Tensor,
+                     bias: torch.Tensor) -> torch.Tensor:
+    """``x · Wᵀ + b`` with ``x`` quantized per token on the uint8 grid of each row's own range (a
+    per-token dynamic input quantizer) and ``W = qweight · w_scale`` (int8, per output channel).
+    Exported as the row ranges in float, QuantizeLinear's arithmetic per row, ``MatMulInteger``
+    (uint8 × int8 → int32, zero points 0) and ``y = s_row · s_w · (acc − z_row · Σ_k W_kn) + b``:
+    equal to the simulated layer up to float32 rounding. ``qweight_t``: ``[in, out]``; ``colsum``:
+    the integer weight summed over the inputs, per output (float)."""
+    lo, hi = torch.aminmax(x.float(), dim=-1, keepdim=True)
+    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
+    scale = torch.clamp((hi - lo) / 255.0, min=_EPS)
+    zero_point = torch.clamp(-torch.round(lo / scale), 0, 255)
+    q = torch.clamp(torch.round(x * torch.reciprocal(scale)) + zero_point, 0, 255)
+    acc = torch.matmul(q.double(), qweight_t.double()).float()  # exact integers, as MatMulInteger's int32
+    return (acc - zero_point * colsum) * (scale * w_scale) + bias
+
+
+@per_token_linear.register_fake
+def _(x, qweight_t, colsum, w_scale, bias):
+    return x.new_empty((*x.shape[:-1], qweight_t.shape[1]))
+
+
+def _onnx_per_token_linear(x, qweight_t, colsum, w_scale, bias):
+    from onnxscript import FLOAT, UINT8
+    from onnxscript import opset18 as op
+
+    last = op.Constant(value_ints=[-1])
+    zero = op.Constant(value_float=0.0)
+    lo = op.Min(op.ReduceMin(x, last, keepdims=1), zero)
+    hi = op.Max(op.ReduceMax(x, last, keepdims=1), zero)
+    scale = op.Max(op.Div(op.Sub(hi, lo), op.Constant(value_float=255.0)), op.Constant(value_float=_EPS))
+    top = op.Constant(value_float=255.0)
+    zero_point = op.Clip(op.Neg(op.Round(op.Div(lo, scale))), zero, top)
+    q = op.Clip(op.Add(op.Round(op.Mul(x, op.Reciprocal(scale))), zero_point), zero, top)
+    acc = op.MatMulInteger(op.Cast(q, to=UINT8.dtype), qweight_t)
+    shifted = op.Sub(op.Cast(acc, to=FLOAT.dtype), op.Mul(zero_point, colsum))
+    return op.Add(op.Mul(shifted, op.Mul(scale, w_scale)), bias)
+
+
 def _weight_buffers(module: nn.Module, record: LayerRecord) -> None:
     """Give ``module`` the record's integer weight and per-output-channel scales and zero points
     as buffers (the initializers behind DequantizeLinear)."""
     spec = record.weight_spec
-    module.register_buffer("qweight", record.qweight.reshape(record.weight_shape).to(
-        torch.int8 if spec.signed else torch.uint8))
+    module.register_buffer("qweight", record.layer_layout(record.qweight).to(torch.int8 if spec.signed else torch.uint8))
+    module.w_axis = record.channel_axis
     w_scale, w_zero_point = record.channel_qparams()
     module.register_buffer("w_scale", w_scale)
     module.register_buffer("w_zero_point", w_zero_point)
@@ -106,6 +149,7 @@ class QDQLayer(nn.Module):
         super().__init__()
         self.name = record.name
         self.dynamic = record.kind is Kind.INTEGER_DYNAMIC
+        self.per_token = record.per_token
         self.x_scale, self.x_zero_point, self.clip = (1.0, 0, None) if self.dynamic else u8_grid(record.input)
         _weight_buffers(self, record)  # zero points are all zero here (deployed_kind)
         self.register_buffer("bias", record.bias)  # dynamic: no input scale before the call, a float bias
@@ -114,19 +158,33 @@ class QDQLayer(nn.Module):
         self.register_buffer("smooth_scale", record.smooth_scale)
         self.kind = "linear" if record.op == "linear" else "conv"
         if self.kind == "conv":
-            self.conv = F.conv1d if record.op == "conv1d" else F.conv2d
             g = record.geometry
+            if record.transposed:
+                conv = {"conv_transpose1d": F.conv_transpose1d, "conv_transpose2d": F.conv_transpose2d}[record.op]
+                self.conv = lambda x, w, b, stride, padding, dilation, groups: conv(
+                    x, w, b, stride, padding, g["output_padding"], groups, dilation)
+            else:
+                self.conv = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[record.op]
             self.geometry = (g["stride"], g["padding"], g["dilation"], g["groups"])
+
+        if self.per_token:  # symmetric int8 weights (deployed_kind), [in, out] for MatMulInteger
+            self.register_buffer("qweight_t", self.qweight.t().contiguous())
+            self.register_buffer("colsum", self.qweight.sum(1, dtype=torch.int64).float())
+            if self.bias is None:
+                self.bias = torch.zeros(record.channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         qd = _qd()
         if self.smooth_scale is not None:
             x = x / self.smooth_scale
+        if self.per_token:
+            return torch.ops.fewbits.per_token_linear(x, self.qweight_t, self.colsum, self.w_scale, self.bias)
         if self.dynamic:
             x = torch.ops.fewbits.dynamic_qdq_u8(x)
         else:
             x = _qdq(x, (self.x_scale, self.x_zero_point, self.clip))
-        w = qd.dequantize_per_channel(self.qweight, self.w_scale, self.w_zero_point, 0, *self.w_range, torch.int8)
+        w = qd.dequantize_per_channel(self.qweight, self.w_scale, self.w_zero_point, self.w_axis, *self.w_range,
+                                      torch.int8)
         b = self.bias
         if self.bias_q is not None:
             b = qd.dequantize_per_channel(self.bias_q, self.bias_scale, torch.zeros_like(self.bias_q, dtype=torch.int64),
@@ -158,7 +216,7 @@ class WeightOnlyLayer(nn.Module):
             if self.w_zero_point is not None:
                 rows = rows - self.w_zero_point[x].unsqueeze(-1).to(torch.float32)
             return rows * self.w_scale[x].unsqueeze(-1)
-        w = qd.dequantize_per_channel(self.qweight, self.w_scale, self.w_zero_point, 0, *self.w_range, dtype)
+        w = qd.dequantize_per_channel(self.qweight, self.w_scale, self.w_zero_point, self.w_axis, *self.w_range, dtype)
         if self.smooth_scale is not None:
             x = x / self.smooth_scale
         return self.layer.compute(x, w, self.bias)

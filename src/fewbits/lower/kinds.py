@@ -12,7 +12,7 @@ import enum
 from torch import nn
 
 from ..numerics.accumulator import accumulator_blocker
-from ..spec import LevelSpec, PerChannel, PerGroup, PerTensor
+from ..spec import LevelSpec, PerChannel, PerGroup, PerTensor, PerToken
 from ..target import Target
 
 
@@ -36,6 +36,13 @@ def dynamic_u8(quantizer) -> bool:
     spec = quantizer.spec
     return (quantizer.recipe.dynamic and spec.bits == 8 and not spec.symmetric and not spec.narrow_range
             and isinstance(spec.granularity, PerTensor))
+
+
+def per_token_u8(quantizer) -> bool:
+    """A per-token grid on uint8 levels: 256 levels, asymmetric, one range per row."""
+    spec = quantizer.spec
+    return (quantizer.recipe.dynamic and spec.bits == 8 and not spec.symmetric and not spec.signed
+            and not spec.narrow_range and isinstance(spec.granularity, PerToken))
 
 
 def _per_output_channel(spec) -> bool:
@@ -77,6 +84,9 @@ def deployed_kind(layer: nn.Module, target: Target) -> tuple[Kind, str]:
                               "holding the decoded levels")
     if isinstance(layer, nn.Embedding):
         return _embedding_kind(layer, onnx)
+    transposed = isinstance(layer, nn.modules.conv._ConvTransposeNd)
+    if transposed and (layer.groups != 1 or len(layer.kernel_size) > 2):
+        return Kind.SIMULATED, "grouped or 3-d transposed convolution: runs simulated"
     if xq is None and oq is None:
         why = _dequantizable(wq.spec) if onnx else ""
         if why:
@@ -86,6 +96,12 @@ def deployed_kind(layer: nn.Module, target: Target) -> tuple[Kind, str]:
         return Kind.SIMULATED, "output quantizers are not converted: runs simulated"
     if getattr(layer, "padding_mode", "zeros") != "zeros":
         return Kind.SIMULATED, f"padding_mode={layer.padding_mode!r}: integer convolution pads with the zero point only"
+    if onnx and xq.recipe.dynamic and per_token_u8(xq):
+        if not isinstance(layer, nn.Linear):
+            return Kind.SIMULATED, "per-token inputs deploy for linear layers: runs simulated"
+        if not _per_output_channel(wq.spec) or wq.spec.bits > 8 or bool((wq.zero_point != 0).any()):
+            return Kind.SIMULATED, "per-token inputs: symmetric per-output-channel weights of at most 8 bits"
+        return Kind.INTEGER_DYNAMIC, "per-token uint8 inputs (row ranges in float) × int8 weights: MatMulInteger"
     if onnx and xq.recipe.dynamic and dynamic_u8(xq):
         if not _per_output_channel(wq.spec):
             return Kind.SIMULATED, "dynamic inputs need per-tensor or per-output-channel weights"
@@ -105,6 +121,9 @@ def deployed_kind(layer: nn.Module, target: Target) -> tuple[Kind, str]:
             return Kind.SIMULATED, f"{ws.bits}-bit weights do not fit int8"
         if bool((wq.zero_point != 0).any()):
             return Kind.SIMULATED, "asymmetric weights: ONNX Runtime's per-channel kernels need zero weight zero points"
+        if transposed:
+            return Kind.INTEGER, ("ONNX Runtime's CPU provider has no integer ConvTranspose: it dequantizes the "
+                                  "weights and runs this product in float")
     return Kind.INTEGER, ""
 
 

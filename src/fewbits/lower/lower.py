@@ -21,10 +21,11 @@ from ..spec import LevelSpec
 from ..target import INT16_MAX, INT16_MIN, NARROW_BITS, Target, pair_sum_bound
 from ..wrap.handle import QuantizedModel
 from ..wrap.ops import QuantAdd, QuantConcat, QuantPool
-from .kinds import INTEGER_KINDS, Kind, deployed_kind, dynamic_u8, op_kind
+from .kinds import INTEGER_KINDS, Kind, deployed_kind, dynamic_u8, op_kind, per_token_u8
 from .records import FloatRecord, Grid, LayerRecord, Lowering, OpRecord
 
-_OPS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Embedding: "embedding"}
+_OPS = {nn.Linear: "linear", nn.Conv1d: "conv1d", nn.Conv2d: "conv2d", nn.Conv3d: "conv3d",
+        nn.ConvTranspose1d: "conv_transpose1d", nn.ConvTranspose2d: "conv_transpose2d", nn.Embedding: "embedding"}
 
 
 def integer_weight(view: torch.Tensor, quantizer, spec=None, scale=None, zero_point=None) -> torch.Tensor:
@@ -47,7 +48,7 @@ def u8_shift(spec) -> int:
 def _depthwise(layer: nn.Module) -> bool:
     """ONNX Runtime runs these with its depthwise kernel, which sums in int32 (measured here:
     full-range weights leave the levels after depthwise layers exact; tested)."""
-    return isinstance(layer, (nn.Conv1d, nn.Conv2d)) and layer.groups == layer.in_channels == layer.out_channels
+    return isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and layer.groups == layer.in_channels == layer.out_channels
 
 
 def _narrowing(name: str, layer: nn.Module, qweight: torch.Tensor, target: Target) -> tuple[Optional[int], str]:
@@ -76,9 +77,9 @@ def _check_dynamic(name: str, layer: nn.Module, target: Target) -> None:
         return
     for slot in ("input", "output"):
         q = getattr(layer, f"{slot}_quantizer", None)
-        if q is not None and q.recipe.dynamic and not (slot == "input" and dynamic_u8(q)):
-            raise ValueError(f"export_onnx: layer '{name}' quantizes its {slot} dynamically on a grid ONNX's "
-                             "DynamicQuantizeLinear does not compute (8-bit asymmetric per tensor inputs only)")
+        if q is not None and q.recipe.dynamic and not (slot == "input" and (dynamic_u8(q) or per_token_u8(q))):
+            raise ValueError(f"export_onnx: layer '{name}' quantizes its {slot} dynamically on a grid the export "
+                             "does not compute (8-bit asymmetric inputs, per tensor or per token, only)")
 
 
 @torch.no_grad()
@@ -90,6 +91,8 @@ def lower_layer(name: str, layer: nn.Module, target: Target) -> LayerRecord:
     geometry = {}
     if op.startswith("conv"):
         geometry = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+        if op.startswith("conv_transpose"):
+            geometry["output_padding"] = layer.output_padding
     bias = None if getattr(layer, "bias", None) is None else layer.bias.detach().clone()
     smooth = getattr(layer, "smooth_scale", None)
     common = dict(name=name, type=type(layer).__name__, op=op, weight_shape=tuple(layer.weight.shape),
@@ -113,7 +116,8 @@ def lower_layer(name: str, layer: nn.Module, target: Target) -> LayerRecord:
             narrowed_from, spec = spec.bits, replace(spec, bits=bits)
             scale, zero_point = weight_qparams(view.detach(), spec, wq.recipe.method, wq.name)
             qweight = integer_weight(view, wq, spec, scale, zero_point)
-    record = dict(kind=kind, reason=reason or note, weight_spec=spec, qweight=qweight, w_scale=scale.detach().clone(),
+    per_token = kind is Kind.INTEGER_DYNAMIC and per_token_u8(layer.input_quantizer)
+    record = dict(kind=kind, reason=reason or note, per_token=per_token, weight_spec=spec, qweight=qweight, w_scale=scale.detach().clone(),
                   w_zero_point=zero_point.detach().clone(), narrowed_from=narrowed_from, **common)
     if kind is Kind.INTEGER:
         xq = layer.input_quantizer

@@ -61,7 +61,7 @@ class LayerRecord:
 
     name: str
     type: str
-    op: str  # "linear" | "conv1d" | "conv2d" | "embedding"
+    op: str  # "linear" | "conv1d" | "conv2d" | "conv3d" | "conv_transpose1d" | "conv_transpose2d" | "embedding"
     kind: Kind
     reason: str
     weight_shape: tuple
@@ -78,14 +78,35 @@ class LayerRecord:
     smooth_scale: Optional[torch.Tensor] = None
     geometry: dict = field(default_factory=dict)
     narrowed_from: Optional[int] = None
+    per_token: bool = False  # integer-dynamic with one input grid per token
 
     @property
     def weight_bits(self) -> Optional[int]:
         return None if self.weight_spec is None else self.weight_spec.bits
 
     @property
+    def transposed(self) -> bool:
+        """A transposed convolution: its weight is ``[in, out/groups, *kernel]``."""
+        return self.op.startswith("conv_transpose")
+
+    @property
     def channels(self) -> int:
+        """Output channels (rows of the quantizer's view)."""
+        if self.transposed:
+            return self.weight_shape[1] * self.geometry["groups"]
         return self.weight_shape[0]
+
+    @property
+    def channel_axis(self) -> int:
+        """The output-channel axis of the weight in the layer's layout."""
+        return 1 if self.transposed else 0
+
+    def layer_layout(self, view: torch.Tensor) -> torch.Tensor:
+        """A tensor in the quantizer's view layout (``qweight``'s) in the layer's weight layout."""
+        if not self.transposed:
+            return view.reshape(self.weight_shape)
+        g, (cin, cout_g) = self.geometry["groups"], self.weight_shape[:2]
+        return view.reshape(g, cout_g, cin // g, -1).permute(0, 2, 1, 3).reshape(self.weight_shape)
 
     def channel_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight scale (float32) and zero point (int64) per output channel (per-tensor or
@@ -97,8 +118,8 @@ class LayerRecord:
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the simulation multiplies, rebuilt from the integers (layer shape)."""
         if isinstance(self.weight_spec, LevelSpec):
-            return decode(self.qweight, self.levels).reshape(self.weight_shape)
-        return dequantize(self.qweight, self.w_scale, self.w_zero_point, self.weight_spec).reshape(self.weight_shape)
+            return self.layer_layout(decode(self.qweight, self.levels))
+        return self.layer_layout(dequantize(self.qweight, self.w_scale, self.w_zero_point, self.weight_spec))
 
     def weight_bytes(self) -> int:
         """Deployed bytes of the weight: its levels at their packed width, plus the scales

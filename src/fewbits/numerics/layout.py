@@ -10,6 +10,7 @@ granularity      qparam shape (x: [O, I])   rows
 PerTensor()      ()                         [1, O*I]
 PerChannel(0)    (O,)                       [O, I]
 PerGroup(g, -1)  (O, I // g)                [O * I // g, g]
+PerToken()       (O, 1)                     [O, I]
 ===============  =========================  ===================================
 """
 from __future__ import annotations
@@ -18,7 +19,7 @@ import math
 
 import torch
 
-from ..spec import Granularity, PerChannel, PerGroup, PerTensor
+from ..spec import Granularity, PerChannel, PerGroup, PerTensor, PerToken
 
 
 def resolve_axis(axis: int, ndim: int, field: str) -> int:
@@ -47,6 +48,8 @@ def qparam_shape(shape: tuple[int, ...], g: Granularity) -> tuple[int, ...]:
     check_granularity(shape, g)
     if isinstance(g, PerTensor):
         return ()
+    if isinstance(g, PerToken):
+        return (*shape[:-1], 1)
     if isinstance(g, PerChannel):
         return (shape[g.axis % len(shape)],)
     axis = g.axis % len(shape)
@@ -58,6 +61,8 @@ def to_rows(x: torch.Tensor, g: Granularity) -> torch.Tensor:
     check_granularity(tuple(x.shape), g)
     if isinstance(g, PerTensor):
         return x.reshape(1, -1)
+    if isinstance(g, PerToken):
+        return x.reshape(-1, x.shape[-1])
     if isinstance(g, PerChannel):
         return x.movedim(g.axis, 0).reshape(x.shape[g.axis], -1)
     moved = x.movedim(g.axis, -1)
@@ -85,6 +90,8 @@ def expand(p: torch.Tensor, shape: tuple[int, ...], g: Granularity) -> torch.Ten
         )
     if isinstance(g, PerTensor):
         return p.reshape(())
+    if isinstance(g, PerToken):
+        return p
     axis = g.axis % len(shape)
     if isinstance(g, PerChannel):
         return p.reshape([n if d == axis else 1 for d, n in enumerate(shape)])

@@ -140,7 +140,7 @@ def finish(qmodel: QuantizedModel) -> QuantizedModel:
             shared = wq.stop_training(layer.weight_view())
             if shared is not None:
                 with torch.no_grad():
-                    layer.weight.copy_(shared.reshape(layer.weight.shape))
+                    layer.weight.copy_(layer.weight_from_view(shared))
     _swap_quantizers(qmodel.model, lambda q: q.frozen() if isinstance(q, QATQuantizer) else None)
     qmodel.mark_calibrated()
     return qmodel

@@ -29,16 +29,29 @@ def int_linear(qx: torch.Tensor, zx: int, qw: torch.Tensor, zw: torch.Tensor, bi
 
 def int_conv(qx: torch.Tensor, zx: int, qw: torch.Tensor, zw: torch.Tensor, bias_q=None, *, stride=1, padding=0,
              dilation=1, groups=1) -> torch.Tensor:
-    """A 1-d or 2-d convolution on integers (``qw`` is ``[out, in/groups, *kernel]``).
+    """A 1-d, 2-d or 3-d convolution on integers (``qw`` is ``[out, in/groups, *kernel]``).
 
     Zero padding pads ``qx − zx`` with 0, i.e. ``qx`` with its zero point: the real value 0, as
     the simulated model pads its (fake-quantized) float input.
     """
-    conv = {3: F.conv1d, 4: F.conv2d}[qw.dim()]
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[qw.dim()]
     x = qx.to(torch.float64) - float(zx)
     w = qw.to(torch.float64) - zw.to(torch.float64).reshape(-1, *([1] * (qw.dim() - 1)))
     b = None if bias_q is None else bias_q.to(torch.float64)
     return _to_int32(conv(x, w, b, stride, padding, dilation, groups), "int_conv")
+
+
+def int_conv_transpose(qx: torch.Tensor, zx: int, qw: torch.Tensor, zw: torch.Tensor, bias_q=None, *, stride=1,
+                       padding=0, output_padding=0, dilation=1, groups=1) -> torch.Tensor:
+    """A 1-d or 2-d transposed convolution on integers (``qw`` is ``[in, out/groups, *kernel]``,
+    ``zw`` per output channel); exact in float64 as :func:`int_conv`."""
+    conv = {3: F.conv_transpose1d, 4: F.conv_transpose2d}[qw.dim()]
+    x = qx.to(torch.float64) - float(zx)
+    cout_g = qw.shape[1]
+    zw = zw.to(torch.float64).reshape(groups, 1, cout_g, *([1] * (qw.dim() - 2)))
+    w = (qw.to(torch.float64).reshape(groups, -1, cout_g, *qw.shape[2:]) - zw).reshape(qw.shape)
+    b = None if bias_q is None else bias_q.to(torch.float64)
+    return _to_int32(conv(x, w, b, stride, padding, output_padding, groups, dilation), "int_conv_transpose")
 
 
 def int_max_pool(qx: torch.Tensor, pool) -> torch.Tensor:

@@ -43,6 +43,10 @@ class _QuantSlots:
         """The weight as its quantizer sees it (convolutions: ``[out_channels, in·kh·kw]``)."""
         return self.weight
 
+    def weight_from_view(self, view: torch.Tensor) -> torch.Tensor:
+        """A tensor laid out as :meth:`weight_view` back in the weight's own layout."""
+        return view.reshape(self.weight.shape)
+
     def refit_weight(self) -> None:
         """Fit the weight quantizer to the current weight again (after an algorithm changed it)."""
         if self.weight_quantizer is not None:
@@ -51,7 +55,7 @@ class _QuantSlots:
     def quantized_weight(self) -> torch.Tensor:
         if self.weight_quantizer is None:
             return self.weight
-        return self.weight_quantizer(self.weight_view()).reshape(self.weight.shape)
+        return self.weight_from_view(self.weight_quantizer(self.weight_view()))
 
     def accumulator_scale(self):
         """``s_x·s_w`` per output channel (float64) when the input and the weights meet in an int32
@@ -59,7 +63,7 @@ class _QuantSlots:
         xq, wq = self.input_quantizer, self.weight_quantizer
         if wq is None or xq is None or accumulator_blocker(xq.spec, xq.recipe.dynamic, wq.spec) or xq.scale is None:
             return None
-        return accumulator_scale(xq.scale, wq.scale, self.weight.shape[0])
+        return accumulator_scale(xq.scale, wq.scale, self.weight_view().shape[0])
 
     def quantized_bias(self, bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The bias as the integer model adds it: ``round(b / (s_x·s_w))`` in the int32
@@ -146,6 +150,44 @@ class QuantConv2d(_QuantConv, nn.Conv2d):
     pass
 
 
+class QuantConv3d(_QuantConv, nn.Conv3d):
+    pass
+
+
+class _QuantConvTranspose(_QuantSlots):
+    """A transposed convolution: its weight is ``[in, out/groups, *kernel]``; the quantizer sees
+    it as ``[out_channels, in/groups·k…]`` (one row per output channel, as for a convolution)."""
+
+    def weight_view(self) -> torch.Tensor:
+        w, g = self.weight, self.groups
+        cin, cout_g = w.shape[0], w.shape[1]
+        return w.reshape(g, cin // g, cout_g, -1).permute(0, 2, 1, 3).reshape(g * cout_g, -1)
+
+    def weight_from_view(self, view: torch.Tensor) -> torch.Tensor:
+        w, g = self.weight, self.groups
+        cin, cout_g = w.shape[0], w.shape[1]
+        return view.reshape(g, cout_g, cin // g, -1).permute(0, 2, 1, 3).reshape(w.shape)
+
+    def compute(self, x: torch.Tensor, weight: torch.Tensor, bias, output_padding=None) -> torch.Tensor:
+        conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[len(self.kernel_size)]
+        padding = self.output_padding if output_padding is None else output_padding
+        return conv(x, weight, bias, self.stride, self.padding, padding, self.groups, self.dilation)
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        padding = None if output_size is None else self._output_padding(
+            x, output_size, self.stride, self.padding, self.kernel_size, len(self.kernel_size), self.dilation)
+        return self.quantize_output(self.compute(self.quantize_input(x), self.quantized_weight(),
+                                                 self.quantized_bias(), padding))
+
+
+class QuantConvTranspose1d(_QuantConvTranspose, nn.ConvTranspose1d):
+    pass
+
+
+class QuantConvTranspose2d(_QuantConvTranspose, nn.ConvTranspose2d):
+    pass
+
+
 class QuantEmbedding(_QuantSlots, nn.Embedding):
     """Weights only: the input is integer indices."""
 
@@ -158,4 +200,6 @@ class QuantEmbedding(_QuantSlots, nn.Embedding):
 
 
 # Dispatch by exact type: a subclass of nn.Linear may use its weight in ways the swap cannot see.
-QUANT_MODULES = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Embedding: QuantEmbedding}
+QUANT_MODULES = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d,
+                 nn.ConvTranspose1d: QuantConvTranspose1d, nn.ConvTranspose2d: QuantConvTranspose2d,
+                 nn.Embedding: QuantEmbedding}

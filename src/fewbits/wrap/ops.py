@@ -28,7 +28,8 @@ from torch.nn import functional as F
 
 from ..recipe import TensorRecipe
 from .quantizer import TensorQuantizer
-from .trace import trace_one_level
+from .standard import is_norm
+from .trace import install_graph, trace_one_level
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 _CATS = (torch.cat, torch.concat)
@@ -36,10 +37,16 @@ _POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAv
 # functional pooling → the module computing the same thing (same argument order after the input)
 _POOL_FUNCTIONS = {F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d,
                    F.adaptive_avg_pool1d: nn.AdaptiveAvgPool1d, F.adaptive_avg_pool2d: nn.AdaptiveAvgPool2d}
-# modules whose forward calls none of these ops itself: containers, activations, pools, norms
-_LEAVES = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ReLU, nn.ReLU6, nn.GELU, nn.Identity, nn.Dropout,
-           nn.Flatten, nn.MaxPool1d, nn.MaxPool2d, *_POOL_MODULES, nn.LayerNorm, nn.modules.batchnorm._BatchNorm,
-           nn.Embedding, nn.Linear, nn.Conv1d, nn.Conv2d)
+# values of these calls are Python numbers or shapes, never tensors to quantize
+_SHAPE_CALLS = {"size", "dim", "numel", "shape", "item", "tolist", "__len__", "nelement", "stride"}
+_SHAPE_FUNCTIONS = (getattr, len, operator.floordiv, operator.mod)
+
+
+def _leaf(module: nn.Module) -> bool:
+    """A module whose own forward holds none of the ops quantized here: torch.nn's own modules
+    (containers, activations, convolutions, recurrent layers, norms; the transformer layers are
+    rewritten before this pass), not a user's or a library's blocks."""
+    return type(module).__module__.startswith("torch.nn.")
 
 
 class QuantAdd(nn.Module):
@@ -101,8 +108,27 @@ QUANT_OPS = (QuantAdd, QuantPool, QuantConcat)
 
 
 def _tensor_node(arg) -> bool:
-    """A value torch.fx knows only as a tensor: a module output or a forward argument."""
-    return isinstance(arg, fx.Node) and arg.op in ("placeholder", "call_module")
+    """A value torch.fx knows only as a tensor: a module output, a forward argument, or a tensor op
+    on one (not a shape, a size or arithmetic on those)."""
+    if not isinstance(arg, fx.Node):
+        return False
+    if arg.op in ("placeholder", "call_module", "get_attr"):
+        return True
+    if arg.op == "call_method" and arg.target in _SHAPE_CALLS:
+        return False
+    if arg.op == "call_function" and arg.target in _SHAPE_FUNCTIONS:
+        return False
+    if arg.op in ("call_method", "call_function"):
+        return bool(arg.args) and _tensor_node(arg.args[0]) or any(_tensor_node(a) for a in arg.args[1:2])
+    return False
+
+
+def _parameter_path(node: fx.Node) -> bool:
+    """A value computed from a parameter rather than from the input (``self.cls.expand(n, -1, -1)``):
+    a learned token concatenated with activations would share their grid and lose its precision."""
+    while node.op in ("call_method", "call_function") and node.args and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node.op == "get_attr"
 
 
 def _match(node: fx.Node, adds, pools, concats) -> Optional[tuple[str, tuple, callable]]:
@@ -121,10 +147,28 @@ def _match(node: fx.Node, adds, pools, concats) -> Optional[tuple[str, tuple, ca
     if concats is not None and node.target in _CATS and node.args and isinstance(node.args[0], (list, tuple)):
         xs = node.args[0]
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
-        if len(xs) >= 2 and all(_tensor_node(x) for x in xs) and isinstance(dim, int) \
+        if len(xs) >= 2 and all(isinstance(x, fx.Node) for x in xs) and not any(_parameter_path(x) for x in xs) \
+                and isinstance(dim, int) \
                 and set(node.kwargs) <= {"dim"}:
             return "cat", tuple(xs), lambda name: QuantConcat(concats, name, len(xs), dim)
     return None
+
+
+def _norm_stream(module: nn.Module, graph: fx.Graph, adds: list) -> set:
+    """The additions of a transformer's residual stream: those a normalization layer reads, and
+    the additions chained to them. The stream feeds a float norm (nothing integer follows) and
+    carries the outlier channels a per-tensor grid loses; these additions stay float."""
+    def norm_reads(node: fx.Node) -> bool:
+        return any(u.op == "call_module" and is_norm(module.get_submodule(u.target)) for u in node.users)
+
+    stream = {n for n in adds if norm_reads(n)}
+    grown = True
+    while grown:
+        linked = {n for n in adds if n not in stream and
+                  (any(a in stream for a in n.args) or any(u in stream for u in n.users))}
+        stream |= linked
+        grown = bool(linked)
+    return stream
 
 
 def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Optional[TensorRecipe] = None,
@@ -147,9 +191,7 @@ def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Op
     modules = list(work.named_modules())
     modules = modules[1:] + modules[:1]  # the model itself last: its rewrite takes the rewritten children
     for name, module in modules:
-        if isinstance(module, (fx.GraphModule, *QUANT_OPS, TensorQuantizer, *_LEAVES, *skip)):
-            continue
-        if name and any(name.startswith(u + ".") for u, _ in untouched if u):
+        if isinstance(module, (fx.GraphModule, *QUANT_OPS, TensorQuantizer, *skip)) or _leaf(module):
             continue
         try:
             graph = trace_one_level(module)
@@ -158,10 +200,16 @@ def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Op
                                     "its additions, pools and concatenations stay float"))
             continue
         found = [(node, m) for node in graph.nodes if (m := _match(node, adds, pools, concats))]
+        stream = _norm_stream(module, graph, [node for node, m in found if m[0] == "add"])
+        if stream:
+            untouched.append((name, f"{len(stream)} residual addition(s) read by a normalization layer stay float "
+                                    "(a transformer's residual stream: a float norm follows)"))
+            found = [(node, m) for node, m in found if node not in stream]
         if not found:
             continue
         stems = [m[0] for _, m in found]
-        for k, (node, (stem, args, make)) in enumerate(found):
+        for k, (node, _) in enumerate(found):
+            stem, args, make = _match(node, adds, pools, concats)  # again: earlier rewrites changed its arguments
             child = stem if stems.count(stem) == 1 else f"{stem}{stems[:k].count(stem)}"
             while hasattr(module, child):
                 child += "_"
@@ -172,16 +220,6 @@ def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Op
             node.replace_all_uses_with(new)
             graph.erase_node(node)
             added.append(full)
-        graph.lint()
-        rewritten = fx.GraphModule(module, graph, class_name=type(module).__name__)
-        if not name:
-            for key, value in vars(module).items():  # plain attributes (a config, flags) the graph does not use
-                if not key.startswith("_") and key != "training" and not hasattr(rewritten, key):
-                    setattr(rewritten, key, value)
-            rewritten.train(module.training)
-            work = rewritten
-            continue
-        parent, _, leaf = name.rpartition(".")
-        setattr(work.get_submodule(parent) if parent else work, leaf, rewritten)
+        work = install_graph(work, name, module, graph)
     return work, added, untouched
 

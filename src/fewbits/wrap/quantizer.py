@@ -10,6 +10,7 @@ from ..numerics.affine import choose_qparams, fake_quantize
 from ..observe.methods import calibrate_qparams, make_observer, weight_qparams
 from ..observe.observers import Observer
 from ..recipe import TensorRecipe
+from ..spec import PerToken
 
 
 class TensorQuantizer(nn.Module):
@@ -25,6 +26,8 @@ class TensorQuantizer(nn.Module):
         super().__init__()
         if role not in ("weight", "input", "output"):
             raise ValueError(f"quantizer role must be weight, input or output, got {role!r}")
+        if role == "weight" and isinstance(recipe.spec.granularity, PerToken):
+            raise ValueError(f"'{name}': per-token grids quantize activations, not weights")
         self.recipe = recipe
         self.name = name
         self.role = role
@@ -54,7 +57,10 @@ class TensorQuantizer(nn.Module):
             return x
         if self.recipe.dynamic:
             with torch.no_grad():
-                lo, hi = torch.aminmax(x.detach().float())
+                if isinstance(self.spec.granularity, PerToken):
+                    lo, hi = torch.aminmax(x.detach().float(), dim=-1, keepdim=True)
+                else:
+                    lo, hi = torch.aminmax(x.detach().float())
                 scale, zero_point = choose_qparams(lo, hi, self.spec)
             return fake_quantize(x, scale, zero_point, self.spec)
         if self.scale is None:

@@ -25,6 +25,18 @@ def _is_hf_conv1d(module: nn.Module) -> bool:
             and tuple(module.weight.shape) == (module.nx, module.nf))
 
 
+_NORM_NAMES = ("RMSNorm", "LayerNorm", "GroupNorm", "InstanceNorm", "ScaleNorm")
+
+
+def is_norm(module: nn.Module) -> bool:
+    """A normalization layer of any library (``nn.LayerNorm``, ``LlamaRMSNorm``, ``nn.GroupNorm``,
+    …; not BatchNorm, which folds): a leaf module whose class name says so."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
+        return True
+    leaf = not any(True for c in module.children() for _ in c.parameters())  # not a block holding layers
+    return leaf and any(n in type(module).__name__ for n in _NORM_NAMES)
+
+
 def shared_parameter_ids(model: nn.Module) -> set[int]:
     """``id`` of every parameter held by more than one module (tied weights)."""
     owners: dict[int, int] = {}

@@ -22,3 +22,20 @@ def trace_one_level(module: nn.Module) -> fx.Graph:
     """The graph of ``module``'s forward, its submodules as leaves; raises what torch.fx raises
     for a forward it cannot trace."""
     return OneLevelTracer(module).trace(module)
+
+
+def install_graph(work: nn.Module, name: str, module: nn.Module, graph: fx.Graph) -> nn.Module:
+    """Put ``module`` (called ``name`` in ``work``) back as a ``torch.fx.GraphModule`` of the
+    rewritten ``graph``, with the same children; returns ``work`` (the new module when ``name``
+    is the model itself, which then keeps its plain attributes: a config, flags)."""
+    graph.lint()
+    rewritten = fx.GraphModule(module, graph, class_name=type(module).__name__)
+    if name:
+        parent, _, leaf = name.rpartition(".")
+        setattr(work.get_submodule(parent) if parent else work, leaf, rewritten)
+        return work
+    for key, value in vars(module).items():  # attributes the graph does not use
+        if not key.startswith("_") and key != "training" and not hasattr(rewritten, key):
+            setattr(rewritten, key, value)
+    rewritten.train(module.training)
+    return rewritten

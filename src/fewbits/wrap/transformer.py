@@ -13,8 +13,23 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+
+def canonical_masks(src_mask: Optional[Tensor], src_key_padding_mask: Optional[Tensor], dtype) -> tuple:
+    """The masks as ``nn.TransformerEncoderLayer`` takes them (boolean or float, made float);
+    one call in a torch.fx graph (``torch.fx.wrap``), so the layer's forward traces and its
+    residual additions can be quantized."""
+    padding = F._canonical_mask(mask=src_key_padding_mask, mask_name="src_key_padding_mask",
+                                other_type=F._none_or_dtype(src_mask), other_name="src_mask", target_type=dtype)
+    mask = F._canonical_mask(mask=src_mask, mask_name="src_mask", other_type=None, other_name="",
+                             target_type=dtype, check_other=False)
+    return mask, padding
+
+
+torch.fx.wrap("canonical_masks")
 
 
 class UnfusedTransformerEncoderLayer(nn.TransformerEncoderLayer):
@@ -30,12 +45,8 @@ class UnfusedTransformerEncoderLayer(nn.TransformerEncoderLayer):
 
     def forward(self, src: Tensor, src_mask: Optional[Tensor] = None, src_key_padding_mask: Optional[Tensor] = None,
                 is_causal: bool = False) -> Tensor:
-        # the masks as the parent class takes them (boolean or float, converted to float)
-        src_key_padding_mask = F._canonical_mask(mask=src_key_padding_mask, mask_name="src_key_padding_mask",
-                                                 other_type=F._none_or_dtype(src_mask), other_name="src_mask",
-                                                 target_type=src.dtype)
-        src_mask = F._canonical_mask(mask=src_mask, mask_name="src_mask", other_type=None, other_name="",
-                                     target_type=src.dtype, check_other=False)
+        masks = canonical_masks(src_mask, src_key_padding_mask, src.dtype)
+        src_mask, src_key_padding_mask = masks[0], masks[1]
         x = src
         if self.norm_first:  # pre-norm (Xiong et al., 2020)
             x = x + self._sa_block(self.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)

@@ -1,0 +1,73 @@
+"""Weights a forward uses functionally, made layers: ``F.linear(x, self.w, self.b)`` in a
+module's own forward becomes a call of a new ``nn.Linear`` child holding those very parameters,
+so the ordinary swap quantizes it (found with a one-level torch.fx trace, like the other graph
+rewrites). A parameter read anywhere else in that forward stays where it is (and float: prepare
+lists a module's own parameters it could not quantize).
+"""
+from __future__ import annotations
+
+from torch import fx, nn
+from torch.nn import functional as F
+
+from .trace import install_graph, trace_one_level
+
+
+def _own_parameter(module: nn.Module, node) -> str:
+    """The name of ``module``'s own parameter that ``node`` reads, else ``""``."""
+    if isinstance(node, fx.Node) and node.op == "get_attr" and "." not in node.target and \
+            isinstance(module._parameters.get(node.target), nn.Parameter):
+        return node.target
+    return ""
+
+
+def functional_linears(work: nn.Module) -> tuple[nn.Module, list[str]]:
+    """Rewrite every ``F.linear`` whose weight (and bias) are parameters of the calling module,
+    read by that call alone, into a call of an ``nn.Linear`` child. Returns the model (a new
+    ``GraphModule`` when its own forward had one) and the new layers' names."""
+    added = []
+    modules = list(work.named_modules())
+    for name, module in modules[1:] + modules[:1]:  # the model itself last
+        if type(module).__module__.startswith("torch.nn.") or isinstance(module, fx.GraphModule) or \
+                not module._parameters:
+            continue
+        try:
+            graph = trace_one_level(module)
+        except Exception:  # noqa: BLE001 — untraceable: its parameters stay float (and are listed)
+            continue
+        reads = {}
+        for node in graph.nodes:
+            if node.op == "get_attr":
+                reads[node.target] = len(node.users)
+        found = []
+        for node in graph.nodes:
+            if node.op != "call_function" or node.target is not F.linear or set(node.kwargs) - {"weight", "bias"}:
+                continue
+            args = [*node.args, *[None] * 3]
+            x, w = args[0], node.kwargs.get("weight", args[1])
+            b = node.kwargs.get("bias", args[2])
+            w_name, b_name = _own_parameter(module, w), _own_parameter(module, b)
+            if not w_name or reads.get(w_name) != 1 or module._parameters[w_name].dim() != 2 or \
+                    (b is not None and (not b_name or reads.get(b_name) != 1)):
+                continue
+            found.append((node, x, w, b, w_name, b_name))
+        for node, x, w, b, w_name, b_name in found:
+            weight = module._parameters[w_name]
+            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=b is not None, device="meta")
+            linear.weight = weight
+            if b is not None:
+                linear.bias = module._parameters[b_name]
+            child = f"{w_name}_linear"
+            while hasattr(module, child):
+                child += "_"
+            module.add_module(child, linear)
+            with graph.inserting_after(node):
+                new = graph.call_module(child, (x,))
+            node.replace_all_uses_with(new)
+            graph.erase_node(node)
+            for attr in (w, b):
+                if attr is not None and not attr.users:
+                    graph.erase_node(attr)
+            added.append(f"{name}.{child}" if name else child)
+        if found:
+            work = install_graph(work, name, module, graph)
+    return work, added
