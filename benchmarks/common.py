@@ -21,7 +21,19 @@ def environment() -> dict:
     import numpy
 
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
-            "machine": platform.machine(), "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+            "machine": platform.machine(), "cpu": cpu_name(), "cpus": os.cpu_count(),
+            "threads": torch.get_num_threads()}
+
+
+def cpu_name() -> str:
+    """The CPU model (/proc/cpuinfo), recorded with every result: the kind varies between machines."""
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
 
 
 def print_table(rows: list[dict], title: str = "") -> None:

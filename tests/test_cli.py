@@ -214,3 +214,71 @@ def test_train_an_unlabelled_image_task_by_feature_distillation(tmp_path):
                  "--train-size", "128", "--lr", "1e-4", "--json", str(path)]) == 0
     training = json.loads(path.read_text())["training"]
     assert training["train_size"] == 128 and training["distill"] == "cosine" and len(training["history"]) == 1
+
+
+def _tiny_gpt2(directory):
+    import pytest
+
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=120, n_positions=32, n_embd=32, n_layer=2, n_head=2,
+                                     bos_token_id=0, eos_token_id=0)
+    transformers.GPT2LMHeadModel(config).eval().save_pretrained(directory)
+    return transformers
+
+
+def test_quantize_a_hugging_face_directory_with_dict_inputs(tmp_path, capsys):
+    _tiny_gpt2(tmp_path / "gpt2")
+    ids = torch.randint(0, 120, (8, 16), generator=torch.Generator().manual_seed(1))
+    torch.save({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, tmp_path / "calib.pt")
+    path = tmp_path / "r.json"
+    assert main(["quantize", "--hf-model", str(tmp_path / "gpt2"), "--calib-data", str(tmp_path / "calib.pt"),
+                 "--batch-size", "4", "--json", str(path), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    data = json.loads(path.read_text())
+    assert data["task"] == "gpt2" and REQUIRED <= set(data)
+    assert data["onnx"]["verification"]["ok"]
+    # every projection (Conv1D → Linear) and the head on integer kernels
+    assert data["onnx"]["kernels"]["share"] == 1.0 and data["onnx"]["kernels"]["integer"] == 9
+    out = capsys.readouterr().out
+    assert "left float" in out and "normalization stays float" in out
+
+
+def test_hugging_face_calibration_text_and_errors(tmp_path, capsys):
+    import pytest
+
+    _tiny_gpt2(tmp_path / "gpt2")
+    tokenizers = pytest.importorskip("tokenizers")
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["[UNK]", *"the a cat dog sat ran on mat".split()])}
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]").save_pretrained(tmp_path / "gpt2")
+    (tmp_path / "text.txt").write_text("the cat sat on the mat " * 20)
+    from fewbits.hf import tokenized_batches
+
+    batches = tokenized_batches(tmp_path / "gpt2", tmp_path / "text.txt", length=8, batch_size=4)
+    assert [tuple(b.shape) for b in batches] == [(4, 8), (4, 8), (4, 8), (3, 8)]  # 120 tokens in windows of 8
+    assert main(["quantize", "--hf-model", str(tmp_path / "gpt2"), "--calib-text", str(tmp_path / "text.txt"),
+                 "--seq-len", "8"]) == 0
+    capsys.readouterr()
+    for argv, message in (
+            (["--hf-model", str(tmp_path)], "is not a Hugging Face model directory (no config.json)"),
+            (["--hf-model", str(tmp_path / "gpt2")], "--hf-model needs --calib-data"),
+            (["--model", "m.py:f", "--calib-text", "t.txt"], "--calib-text needs --hf-model"),
+            (["--task", "digits", "--hf-model", str(tmp_path / "gpt2")], "give one of --task, --model or --hf-model")):
+        assert main(["quantize", *argv, *(["--calib-data", "x.pt"] if "no config" in message else [])]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_calibration_dicts_split_together_and_bad_ones_are_named(tmp_path):
+    import pytest
+
+    from fewbits.cli import load_batches
+
+    torch.save({"input_ids": torch.zeros(5, 3, dtype=torch.long), "attention_mask": torch.ones(5, 3)}, tmp_path / "d.pt")
+    batches = load_batches(str(tmp_path / "d.pt"), 2)
+    assert [b["input_ids"].shape[0] for b in batches] == [2, 2, 1] and set(batches[0]) == {"input_ids", "attention_mask"}
+    torch.save({"input_ids": torch.zeros(5, 3), "attention_mask": torch.ones(4, 3)}, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="differ in their first dimension"):
+        load_batches(str(tmp_path / "bad.pt"), 2)

@@ -135,6 +135,13 @@ def cmd_quantize(args) -> dict:
     print(format_table([summary_row(result)], title=f"fewbits quantize: {name}"))
     if report.left_float:
         print(format_table([{"left float": x.name, "type": x.type, "reason": x.reason} for x in report.left_float]))
+    if result["float_ops"]:  # modules whose additions / pools / concatenations stay float, by reason
+        groups: dict = {}
+        for x in result["float_ops"]:
+            groups.setdefault(x["reason"].split(":")[0].split(" (")[0], []).append(x["name"] or "(model)")
+        print(format_table([{"ops kept float in": f"{len(names)} module(s): {', '.join(names[:3])}"
+                                                  f"{' …' if len(names) > 3 else ''}", "why": why}
+                            for why, names in groups.items()]))
     if args.save:
         import fewbits
 

@@ -83,13 +83,13 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Ta
             left.append(LeftFloat(name, type(module).__name__, str(err)))
             continue
         replace_module(work, name, swapped)
-    ops = []
-    if recipe.adds is not None or recipe.pools is not None or recipe.concats is not None:
-        work, ops, untouched = quantize_ops(work, recipe.adds, recipe.pools, recipe.concats,
+    ops, untouched = [], []
+    if any(t is not None for t in recipe.ops().values()):
+        work, ops, untouched = quantize_ops(work, recipe.adds, recipe.pools, recipe.concats, recipe.matmuls,
                                             skip=(*QUANT_MODULES.values(), LinearMultiheadAttention))
-        left += [LeftFloat(n, type(work.get_submodule(n)).__name__, why) for n, why in untouched]
     qmodel = QuantizedModel(work, recipe, left, folded, float_model, fold_bn)
     qmodel.ops = ops
+    qmodel.float_ops = [LeftFloat(n, type(work.get_submodule(n)).__name__, why) for n, why in untouched]
     qmodel.bn_stats = bn_stats
     qmodel.additions = [n for n in ops if type(work.get_submodule(n)).__name__ == "QuantAdd"]
     return qmodel

@@ -86,7 +86,8 @@ def test_untraceable_modules_keep_float_additions_and_are_listed():
     model = nn.Sequential(Untraceable(), nn.Linear(4, 2)).eval()
     q = fewbits.prepare(model, "w8a8-bc-adds")
     assert q.additions == []
-    assert [(x.name, "not traceable" in x.reason) for x in q.left_float] == [("0", True)]
+    assert [(x.name, "not traceable" in x.reason) for x in q.float_ops] == [("0", True)]
+    assert q.left_float == []  # its layer is quantized; only its additions stay float
 
 
 def test_recipe_round_trips_adds():

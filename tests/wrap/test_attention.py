@@ -59,8 +59,9 @@ def test_prepare_quantizes_the_projections_of_a_vit_style_block():
     model = Block().eval()
     q = fewbits.prepare(model, "w8a8")
     assert {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.out_proj"} <= set(q.quantized_layers())
-    assert [lf.name for lf in q.left_float] == ["norm", ""]
-    assert "2 residual addition(s) read by a normalization layer stay float" in q.left_float[1].reason
+    assert [lf.name for lf in q.left_float] == ["norm"]
+    assert [lf.name for lf in q.float_ops] == [""]  # the ops, apart from the layers
+    assert "2 residual addition(s) read by a normalization layer stay float" in q.float_ops[0].reason
     batches = [torch.randn(2, 7, 16) for _ in range(2)]
     fewbits.calibrate(q, batches)
     with torch.no_grad():

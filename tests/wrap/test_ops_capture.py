@@ -19,15 +19,15 @@ def test_resnet_additions_and_pool_are_quantized():
 def test_transformer_residual_stream_and_class_token_stay_float():
     q = fewbits.prepare(ZOO["vit"]().model, "w8a8")
     assert q.ops == []  # the blocks' residual additions feed norms; the cat joins a learned token
-    streams = [lf for lf in q.left_float if "residual addition" in lf.reason]
+    streams = [lf for lf in q.float_ops if "residual addition" in lf.reason]
     assert [lf.name for lf in streams] == [f"blocks.{i}" for i in range(4)]
     assert all("2 residual addition(s)" in lf.reason for lf in streams)
 
 
 def test_post_norm_encoder_layers_are_traced_and_their_stream_kept_float():
     q = fewbits.prepare(ZOO["transformer-encoder"]().model, "w8a8")
-    assert not [lf for lf in q.left_float if "not traceable" in lf.reason]
-    assert sum("residual addition" in lf.reason for lf in q.left_float) == 4
+    assert not [lf for lf in q.float_ops if "not traceable" in lf.reason]
+    assert sum("residual addition" in lf.reason for lf in q.float_ops) == 4
 
 
 def test_attention_mask_additions_are_never_quantized():
@@ -54,3 +54,39 @@ def test_unet_skip_concatenation_is_quantized():
     q = fewbits.prepare(ZOO["unet"]().model, "w8a8")
     assert [type(q.model.get_submodule(n)).__name__ for n in q.ops] == ["QuantConcat"]
     assert "up" in q.quantized_layers() and q.left_float == []
+
+
+def test_attention_products_quantized_as_an_option(tmp_path):
+    import pytest
+
+    from fewbits.convert.layers import IntegerMatMul
+    from fewbits.wrap.ops import QuantMatMul
+
+    case = ZOO["transformer-encoder"]()
+    batches = case.batches(2, 0)
+    q = fewbits.calibrate(fewbits.prepare(case.model, "w8a8-matmul"), batches)
+    products = [n for n in q.ops if isinstance(q.model.get_submodule(n), QuantMatMul)]
+    assert len(products) == 8  # scores and weights × values in each of the 4 layers
+    assert fewbits.prepare(case.model, "w8a8").ops == []  # not in the default
+    with torch.no_grad():
+        ref, got = case.model(batches[0]), q(batches[0])
+    # 8-bit scores and attention weights on top of w8a8: cosine still above 0.999
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.999
+    # the integer product is the exact sum of level products, times the two scales
+    (record,) = [r for n, r in fewbits.lower(q).ops.items() if n == products[0]]
+    layer = IntegerMatMul(record)
+    a, b = torch.randn(2, 4, 5, 8), torch.randn(2, 4, 8, 3)
+    qa, qb = (g.quantize(t).double() - g.zero_point for g, t in zip(record.inputs, (a, b)))
+    expected = torch.einsum("nhik,nhkj->nhij", qa, qb) * record.inputs[0].scale * record.inputs[1].scale
+    assert torch.equal(layer(a, b), expected.float())
+    pytest.importorskip("onnxruntime")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        result = fewbits.export_onnx(q, batches[0], tmp_path / "m.onnx", batches=batches)
+    assert result.verification.max_steps <= 1.0, result.verification.summary()
+    ops = result.kernels.ops
+    # every product on an integer kernel: 25 weight GEMMs and the 8 attention products
+    assert result.kernels.share == 1.0 and "MatMul" not in ops and "FusedMatMul" not in ops
+    assert ops.get("QLinearMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) + ops.get("QGemm", 0) == 25 + 8

@@ -28,7 +28,7 @@ def test_json_round_trip(name, tmp_path):
 
 
 def test_bad_recipes_are_named_errors(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown recipe 'w9a9'; built-ins: \['w1-binary', 'w2-ternary', 'w3-pow2', 'w4-apot', 'w4-g128', 'w4-kmeans', 'w4a8', 'w8', 'w8a8', 'w8a8-bc', 'w8a8-bc-adds', 'w8a8-bc-int', 'w8a8-dynamic', 'w8a8-inputs', 'w8a8-per-token', 'w8a8-smoothquant'\]"):
+    with pytest.raises(ValueError, match=r"unknown recipe 'w9a9'; built-ins: \['w1-binary', 'w2-ternary', 'w3-pow2', 'w4-apot', 'w4-g128', 'w4-kmeans', 'w4a8', 'w8', 'w8a8', 'w8a8-bc', 'w8a8-bc-adds', 'w8a8-bc-int', 'w8a8-dynamic', 'w8a8-inputs', 'w8a8-matmul', 'w8a8-per-token', 'w8a8-smoothquant'\]"):
         get_recipe("w9a9")
     data = json.loads(BUILTIN_RECIPES["w8a8"].to_json())
     with pytest.raises(ValueError, match=r"unknown recipe keys \['layers'\]"):

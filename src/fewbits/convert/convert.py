@@ -36,15 +36,16 @@ from torch import fx, nn
 from ..lower import Kind, lower
 from ..target import Target
 from ..wrap.handle import LeftFloat, QuantizedModel, Status, replace_module
-from ..wrap.ops import QuantAdd, QuantConcat, QuantPool
-from .layers import (IntegerAdd, IntegerAvgPool, IntegerConcat, IntegerConv, IntegerEmbedding, IntegerLinear,
+from ..wrap.ops import QuantAdd, QuantConcat, QuantMatMul, QuantPool
+from .layers import (IntegerAdd, IntegerAvgPool, IntegerConcat, IntegerConv, IntegerEmbedding, IntegerLinear, IntegerMatMul,
                      IntegerMaxPool, OutputGrid)
 
 _GRID_PRESERVING = (nn.Flatten, nn.Identity, nn.Dropout)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d)
 # OpRecord.type is the quantized op's class name
-_INTEGER_OPS = {QuantAdd.__name__: IntegerAdd, QuantPool.__name__: IntegerAvgPool, QuantConcat.__name__: IntegerConcat}
-_FIXED_GRID = tuple(_INTEGER_OPS.values())  # ops with their own output grid
+_FIXED_GRID = (IntegerAdd, IntegerAvgPool, IntegerConcat)  # ops with their own output grid
+_INTEGER_OPS = {QuantAdd.__name__: IntegerAdd, QuantPool.__name__: IntegerAvgPool, QuantConcat.__name__: IntegerConcat,
+                QuantMatMul.__name__: IntegerMatMul}
 _RESHAPES = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous"}  # tensor methods keeping levels
 
 

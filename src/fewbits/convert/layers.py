@@ -181,6 +181,25 @@ class IntegerAdd(_IntegerOp):
         return f"{self.name}: m_a={self.m_a}, m_b={self.m_b}, shift={self.shift}, output {'integers' if self.emit_integers else 'float'}"
 
 
+class IntegerMatMul(nn.Module):
+    """``Q_a(a) @ Q_b(b)`` of two activations on integers: ``(q_a − z_a)·(q_b − z_b)`` summed exactly
+    (int64 range, computed in float64: |sum| < 2^53 for any length below 2^37), times ``s_a·s_b``;
+    the product leaves as float (a softmax or a layer's input quantizer follows)."""
+
+    def __init__(self, record: OpRecord) -> None:
+        super().__init__()
+        self.name = record.name
+        self.a, self.b = record.inputs
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        qa = (self.a.quantize(a).to(torch.float64) - self.a.zero_point)
+        qb = (self.b.quantize(b).to(torch.float64) - self.b.zero_point)
+        return (torch.matmul(qa, qb) * (self.a.scale * self.b.scale)).to(torch.float32)
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: s_a={self.a.scale:.4g}, s_b={self.b.scale:.4g}, float product"
+
+
 class IntegerAvgPool(_IntegerOp):
     """Average pooling on integers: exact window sums of ``q − z_in`` requantized with
     ``M = s_in / (n · s_out)`` (one fixed-point multiplier per window size ``n``), rounded once,

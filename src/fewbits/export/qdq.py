@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from ..lower import Kind, Lowering, u8_shift
 from ..lower.records import Grid, LayerRecord
 from ..wrap.handle import QuantizedModel, replace_module
-from ..wrap.ops import QuantAdd, QuantConcat, QuantPool
+from ..wrap.ops import QuantAdd, QuantConcat, QuantMatMul, QuantPool
 
 
 def _qd():
@@ -279,7 +279,21 @@ class QDQConcat(nn.Module):
         return _qdq(torch.cat([_qdq(x, g) for x, g in zip(xs, self.grids)], self.dim), self.out)
 
 
-_OP_EMITTERS = {QuantAdd.__name__: QDQAdd, QuantPool.__name__: QDQPool, QuantConcat.__name__: QDQConcat}  # by OpRecord.type
+class QDQMatMul(nn.Module):
+    """Both operands QuantizeLinear → DequantizeLinear, then MatMul: ONNX Runtime runs it on its
+    integer kernel (QLinearMatMul / MatMulIntegerToFloat)."""
+
+    def __init__(self, record) -> None:
+        super().__init__()
+        self.grids = [u8_grid(g) for g in record.inputs]
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ga, gb = self.grids
+        return torch.matmul(_qdq(a, ga), _qdq(b, gb))
+
+
+_OP_EMITTERS = {QuantAdd.__name__: QDQAdd, QuantPool.__name__: QDQPool, QuantConcat.__name__: QDQConcat,
+                QuantMatMul.__name__: QDQMatMul}  # by OpRecord.type
 
 
 def export_module(qmodel: QuantizedModel, lowering: Lowering) -> nn.Module:

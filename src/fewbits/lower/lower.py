@@ -20,7 +20,7 @@ from ..observe.methods import weight_qparams
 from ..spec import LevelSpec
 from ..target import INT16_MAX, INT16_MIN, NARROW_BITS, Target, pair_sum_bound
 from ..wrap.handle import QuantizedModel
-from ..wrap.ops import QuantAdd, QuantConcat, QuantPool
+from ..wrap.ops import QUANT_OPS, QuantAdd, QuantConcat, QuantMatMul, QuantPool
 from .kinds import INTEGER_KINDS, Kind, deployed_kind, dynamic_u8, op_kind, per_token_u8
 from .records import FloatRecord, Grid, LayerRecord, Lowering, OpRecord
 
@@ -128,15 +128,16 @@ def lower_layer(name: str, layer: nn.Module, target: Target) -> LayerRecord:
 
 
 def lower_op(name: str, op: nn.Module, target: Target) -> OpRecord:
-    """The record of one quantized addition, pool or concatenation on ``target``."""
-    if isinstance(op, QuantAdd):
+    """The record of one quantized addition, pool, concatenation or activation product on ``target``."""
+    if isinstance(op, (QuantAdd, QuantMatMul)):
         inputs = [op.a_quantizer, op.b_quantizer]
     elif isinstance(op, QuantPool):
         inputs = [op.input_quantizer]
     else:
         inputs = list(op.input_quantizers)
-    kind, reason = op_kind([*inputs, op.output_quantizer], target)
-    grids = dict(inputs=tuple(Grid.of(q) for q in inputs), output=Grid.of(op.output_quantizer)) \
+    output = getattr(op, "output_quantizer", None)  # a product's result stays float
+    kind, reason = op_kind([*inputs, *([output] if output is not None else [])], target)
+    grids = dict(inputs=tuple(Grid.of(q) for q in inputs), output=None if output is None else Grid.of(output)) \
         if kind is Kind.INTEGER else {}
     extra = {}
     if isinstance(op, QuantPool):
@@ -158,7 +159,7 @@ def lower(qmodel: QuantizedModel, target: Optional[Target] = None, *, calibrated
     target = target or Target.reference()
     layers = {name: lower_layer(name, layer, target) for name, layer in qmodel.quantized_layers().items()}
     ops = {name: lower_op(name, m, target) for name, m in qmodel.model.named_modules()
-           if isinstance(m, (QuantAdd, QuantPool, QuantConcat))}
+           if isinstance(m, QUANT_OPS)}
     floats = {lf.name: FloatRecord(lf.name, lf.type, lf.reason) for lf in qmodel.left_float}
     return Lowering(target, layers, ops, floats)
 

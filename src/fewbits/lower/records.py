@@ -139,7 +139,7 @@ class OpRecord:
     its output grid (integer kinds only), ``pool`` / ``dim`` for the op itself."""
 
     name: str
-    type: str  # "QuantAdd" | "QuantPool" | "QuantConcat"
+    type: str  # "QuantAdd" | "QuantPool" | "QuantConcat" | "QuantMatMul" (no output grid: its product is float)
     kind: Kind
     reason: str
     inputs: tuple = ()

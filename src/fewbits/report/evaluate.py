@@ -181,4 +181,6 @@ def evaluate(qmodel: QuantizedModel, model, *, metric_fn: Optional[Callable[[nn.
         for row in layers:
             row.output_sqnr_db, row.isolated_sqnr_db = out.get(row.name), own.get(row.name)
     sizes = {"fp32": model_bytes(model), "quantized": quantized_bytes(qmodel)}
-    return Report(metric, fp32, quantized, sizes, layers, list(qmodel.left_float), seconds)
+    report = Report(metric, fp32, quantized, sizes, layers, list(qmodel.left_float), seconds)
+    report.extra["float_ops"] = [asdict(x) for x in qmodel.float_ops]
+    return report

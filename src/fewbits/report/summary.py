@@ -26,6 +26,7 @@ def result_json(name: str, recipe, report) -> dict:
         "size_bytes": report.size_bytes, "seconds": report.seconds,
         "left_float": [{"name": x.name, "type": x.type, "reason": x.reason} for x in report.left_float],
         "layers": report.to_dict()["layers"], "algorithms": report.extra.get("algorithms", []),
+        "float_ops": report.extra.get("float_ops", []),
     }
 
 

@@ -61,6 +61,8 @@ class LinearMultiheadAttention(nn.Module):
             self.out_proj.weight.copy_(out.weight)
             if out.bias is not None:
                 self.out_proj.bias.copy_(out.bias)
+        self.scores_matmul: Optional[nn.Module] = None  # quantized products (prepare, recipe ``matmuls``)
+        self.values_matmul: Optional[nn.Module] = None
         self.train(mha.training)
 
     def _heads(self, x: Tensor) -> Tensor:  # [N, L, E] → [N, H, L, d]
@@ -84,7 +86,8 @@ class LinearMultiheadAttention(nn.Module):
                                       target_type=query.dtype, check_other=False)
         n, length, source = query.shape[0], query.shape[1], key.shape[1]
         q, k, v = self._heads(self.q_proj(query)), self._heads(self.k_proj(key)), self._heads(self.v_proj(value))
-        scores = q @ k.transpose(-2, -1) / math.sqrt(self.head_dim)
+        scores = (torch.matmul if self.scores_matmul is None else self.scores_matmul)(q, k.transpose(-2, -1))
+        scores = scores / math.sqrt(self.head_dim)
         if attn_mask is None and is_causal:
             attn_mask = torch.full((length, source), float("-inf"), dtype=query.dtype, device=query.device).triu(1)
         if attn_mask is not None:  # [L, S] or [N·H, L, S]
@@ -94,7 +97,8 @@ class LinearMultiheadAttention(nn.Module):
         weights = torch.softmax(scores, dim=-1)
         if self.training and self.dropout > 0:
             weights = F.dropout(weights, p=self.dropout)
-        out = (weights @ v).transpose(1, 2).reshape(n, length, self.embed_dim)
+        out = (torch.matmul if self.values_matmul is None else self.values_matmul)(weights, v)
+        out = out.transpose(1, 2).reshape(n, length, self.embed_dim)
         out = self.out_proj(out)
         if not self.batch_first or not batched:
             out = out.transpose(0, 1)

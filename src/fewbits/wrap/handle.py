@@ -76,7 +76,10 @@ class QuantizedModel(nn.Module):
         self._status = Status.PREPARED if recipe.needs_calibration else Status.CALIBRATED
         self.applied: list[AlgorithmResult] = []  # results of fewbits.apply, in order
         self.additions: list[str] = []  # QuantAdd modules (recipe.adds), by name
-        self.ops: list[str] = []  # every quantized op between layers (adds, pools, concats), by name
+        self.ops: list[str] = []  # every quantized op between layers (adds, pools, concats, matmuls), by name
+        # modules whose ops between layers stay float although the recipe quantizes such ops, and why
+        # (a forward torch.fx cannot trace, a transformer's residual stream); not layers: see left_float
+        self.float_ops: list[LeftFloat] = []
         # per layer with a folded BatchNorm: its output's (mean, std) per channel by design, (β, |γ|)
         self.bn_stats: dict = {}
         self.qat: dict | None = None  # quantization-aware training: method and options (fewbits.qat)

@@ -32,6 +32,7 @@ from .standard import is_norm
 from .trace import install_graph, trace_one_level
 
 _ADDS = (operator.add, operator.iadd, torch.add)
+_MATMULS = (operator.matmul, torch.matmul, torch.bmm)
 _CATS = (torch.cat, torch.concat)
 _POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 # functional pooling → the module computing the same thing (same argument order after the input)
@@ -104,7 +105,21 @@ class QuantConcat(nn.Module):
         return self.output_quantizer(torch.cat([q(x) for q, x in zip(self.input_quantizers, xs)], self.dim))
 
 
-QUANT_OPS = (QuantAdd, QuantPool, QuantConcat)
+class QuantMatMul(nn.Module):
+    """``a @ b`` of two activations (attention scores ``Q·Kᵀ``, weights × values) with both
+    operands quantized; the product stays float (int32 accumulator × ``s_a·s_b``)."""
+
+    def __init__(self, recipe: TensorRecipe, name: str) -> None:
+        super().__init__()
+        self.name = name
+        self.a_quantizer = TensorQuantizer(recipe, f"{name}.a", "input")
+        self.b_quantizer = TensorQuantizer(recipe, f"{name}.b", "input")
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.a_quantizer(a), self.b_quantizer(b))
+
+
+QUANT_OPS = (QuantAdd, QuantPool, QuantConcat, QuantMatMul)
 
 
 def _tensor_node(arg) -> bool:
@@ -131,10 +146,13 @@ def _parameter_path(node: fx.Node) -> bool:
     return node.op == "get_attr"
 
 
-def _match(node: fx.Node, adds, pools, concats) -> Optional[tuple[str, tuple, callable]]:
+def _match(node: fx.Node, adds, pools, concats, matmuls=None) -> Optional[tuple[str, tuple, callable]]:
     """(child name stem, the new call's arguments, a factory of the module) for an op to quantize."""
     if node.op != "call_function":
         return None
+    if matmuls is not None and node.target in _MATMULS and len(node.args) == 2 and not node.kwargs \
+            and all(_tensor_node(a) and not _parameter_path(a) for a in node.args):
+        return "matmul", tuple(node.args), lambda name: QuantMatMul(matmuls, name)
     if adds is not None and node.target in _ADDS and len(node.args) == 2 and not node.kwargs \
             and all(_tensor_node(a) for a in node.args):
         return "add", tuple(node.args), lambda name: QuantAdd(adds, name)
@@ -172,9 +190,12 @@ def _norm_stream(module: nn.Module, graph: fx.Graph, adds: list) -> set:
 
 
 def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Optional[TensorRecipe] = None,
-                 concats: Optional[TensorRecipe] = None, skip: tuple = ()) -> tuple[nn.Module, list[str], list[tuple]]:
-    """Give every addition (``adds``), average pooling (``pools``) and concatenation (``concats``)
-    in ``work`` a quantized module on that grid (``None``: that kind stays float).
+                 concats: Optional[TensorRecipe] = None, matmuls: Optional[TensorRecipe] = None,
+                 skip: tuple = ()) -> tuple[nn.Module, list[str], list[tuple]]:
+    """Give every addition (``adds``), average pooling (``pools``), concatenation (``concats``) and
+    product of two activations (``matmuls``; also the two of each
+    :class:`~fewbits.wrap.attention.LinearMultiheadAttention`) in ``work`` a quantized module on
+    that grid (``None``: that kind stays float).
 
     Returns the model (a new ``GraphModule`` when its own forward had such an op), the new
     modules' names, and ``(module name, reason)`` for modules whose ops stay float.
@@ -186,12 +207,20 @@ def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Op
                 parent, _, leaf = name.rpartition(".")
                 setattr(work.get_submodule(parent), leaf, QuantPool(pools, name, module))
                 added.append(name)
-    if adds is None and concats is None and pools is None:
+    if matmuls is not None:
+        from .attention import LinearMultiheadAttention
+
+        for name, module in list(work.named_modules()):
+            if isinstance(module, LinearMultiheadAttention):
+                for slot in ("scores_matmul", "values_matmul"):
+                    setattr(module, slot, QuantMatMul(matmuls, f"{name}.{slot}"))
+                    added.append(f"{name}.{slot}")
+    if adds is None and concats is None and pools is None and matmuls is None:
         return work, added, untouched
     modules = list(work.named_modules())
     modules = modules[1:] + modules[:1]  # the model itself last: its rewrite takes the rewritten children
     for name, module in modules:
-        if isinstance(module, (fx.GraphModule, *QUANT_OPS, TensorQuantizer, *skip)) or _leaf(module):
+        if isinstance(module, (*QUANT_OPS, TensorQuantizer, *skip)) or _leaf(module):
             continue
         try:
             graph = trace_one_level(module)
@@ -199,7 +228,7 @@ def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Op
             untouched.append((name, f"forward not traceable by torch.fx ({type(err).__name__}): "
                                     "its additions, pools and concatenations stay float"))
             continue
-        found = [(node, m) for node in graph.nodes if (m := _match(node, adds, pools, concats))]
+        found = [(node, m) for node in graph.nodes if (m := _match(node, adds, pools, concats, matmuls))]
         stream = _norm_stream(module, graph, [node for node, m in found if m[0] == "add"])
         if stream:
             untouched.append((name, f"{len(stream)} residual addition(s) read by a normalization layer stay float "
@@ -209,7 +238,7 @@ def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Op
             continue
         stems = [m[0] for _, m in found]
         for k, (node, _) in enumerate(found):
-            stem, args, make = _match(node, adds, pools, concats)  # again: earlier rewrites changed its arguments
+            stem, args, make = _match(node, adds, pools, concats, matmuls)  # again: earlier rewrites changed its arguments
             child = stem if stems.count(stem) == 1 else f"{stem}{stems[:k].count(stem)}"
             while hasattr(module, child):
                 child += "_"
