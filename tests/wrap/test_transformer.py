@@ -73,3 +73,30 @@ def test_the_integer_model_and_the_packed_file_take_it(tmp_path):
     back = fewbits.load(fewbits.save(q, tmp_path / "t.fewbits"), model=_encoder())
     with torch.no_grad():
         assert torch.equal(back(x), q(x))
+
+
+def test_decoder_layers_quantize_both_attentions_and_the_feed_forward():
+    torch.manual_seed(0)
+    layer = nn.TransformerDecoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    decoder = nn.TransformerDecoder(layer, 2).eval()
+
+    class Seq2Seq(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder = decoder
+
+        def forward(self, tgt, memory):
+            mask = nn.Transformer.generate_square_subsequent_mask(tgt.shape[1])
+            return self.decoder(tgt, memory, tgt_mask=mask)
+
+    model = Seq2Seq().eval()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(3, 5, 16, generator=g), torch.randn(3, 7, 16, generator=g)) for _ in range(2)]
+    q = fewbits.calibrate(fewbits.prepare(model, "w8a8"), batches)  # every swapped layer ran
+    names = set(q.quantized_layers())
+    assert {"decoder.layers.0.self_attn.q_proj", "decoder.layers.0.multihead_attn.k_proj",
+            "decoder.layers.1.linear1", "decoder.layers.1.linear2"} <= names
+    assert len(names) == 2 * (4 + 4 + 2)
+    with torch.no_grad():
+        ref, got = model(*batches[0]), q(*batches[0])
+    assert torch.nn.functional.cosine_similarity(ref.flatten(), got.flatten(), dim=0) > 0.99  # 8-bit: a small error

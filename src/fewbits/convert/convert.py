@@ -36,16 +36,16 @@ from torch import fx, nn
 from ..lower import Kind, lower
 from ..target import Target
 from ..wrap.handle import LeftFloat, QuantizedModel, Status, replace_module
-from ..wrap.ops import QuantAdd, QuantConcat, QuantMatMul, QuantPool
-from .layers import (IntegerAdd, IntegerAvgPool, IntegerConcat, IntegerConv, IntegerEmbedding, IntegerLinear, IntegerMatMul,
+from ..wrap.ops import QuantAdd, QuantConcat, QuantMatMul, QuantMul, QuantPool
+from .layers import (IntegerAdd, IntegerAvgPool, IntegerConcat, IntegerConv, IntegerEmbedding, IntegerLinear, IntegerMatMul, IntegerMul,
                      IntegerMaxPool, OutputGrid)
 
 _GRID_PRESERVING = (nn.Flatten, nn.Identity, nn.Dropout)
 _POOLS = (nn.MaxPool1d, nn.MaxPool2d)
 # OpRecord.type is the quantized op's class name
-_FIXED_GRID = (IntegerAdd, IntegerAvgPool, IntegerConcat)  # ops with their own output grid
-_INTEGER_OPS = {QuantAdd.__name__: IntegerAdd, QuantPool.__name__: IntegerAvgPool, QuantConcat.__name__: IntegerConcat,
-                QuantMatMul.__name__: IntegerMatMul}
+_FIXED_GRID = (IntegerAdd, IntegerMul, IntegerAvgPool, IntegerConcat)  # ops with their own output grid
+_INTEGER_OPS = {QuantAdd.__name__: IntegerAdd, QuantMul.__name__: IntegerMul, QuantPool.__name__: IntegerAvgPool,
+                QuantConcat.__name__: IntegerConcat, QuantMatMul.__name__: IntegerMatMul}
 _RESHAPES = {"flatten", "reshape", "view", "squeeze", "unsqueeze", "contiguous"}  # tensor methods keeping levels
 
 
@@ -131,7 +131,7 @@ def _consumer_grid(work: nn.Module, integer: dict, node, value) -> OutputGrid | 
         return None
     if isinstance(module, IntegerAvgPool):
         grids = [module.a] if len(node.args) == 1 else []
-    elif isinstance(module, IntegerAdd):
+    elif isinstance(module, (IntegerAdd, IntegerMul)):
         grids = [module.a, module.b] if len(node.args) == 2 else []
     elif isinstance(module, IntegerConcat):
         grids = module.grids if len(node.args) == len(module.grids) else []

@@ -181,6 +181,27 @@ class IntegerAdd(_IntegerOp):
         return f"{self.name}: m_a={self.m_a}, m_b={self.m_b}, shift={self.shift}, output {'integers' if self.emit_integers else 'float'}"
 
 
+class IntegerMul(_IntegerOp):
+    """``Q_out(Q_a(a) · Q_b(b))`` on integers: ``(q_a − z_a)·(q_b − z_b)`` exactly in int64, times the
+    fixed-point ``M = s_a·s_b/s_out``, rounded once (an exact half to the even level), plus
+    ``z_out``, clamped. Operands arrive as float (quantized here) or as integers on their grid."""
+
+    def __init__(self, record: OpRecord) -> None:
+        super().__init__()
+        self.name = record.name
+        (self.a, self.b), self.out = record.inputs, record.output
+        self.m0, self.shift = fixed_point_multiplier(self.a.scale * self.b.scale / self.out.scale)
+        self.emit_integers = False
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        t = self._centered(a, self.a) * self._centered(b, self.b) * self.m0  # |levels| ≤ 2^16 each: below 2^63
+        levels = rounding_right_shift(t, self.shift, "even") + self.out.zero_point
+        return self._finish(levels.clamp(self.out.spec.qmin, self.out.spec.qmax))
+
+    def extra_repr(self) -> str:
+        return f"{self.name}: m0={self.m0}, shift={self.shift}, output {'integers' if self.emit_integers else 'float'}"
+
+
 class IntegerMatMul(nn.Module):
     """``Q_a(a) @ Q_b(b)`` of two activations on integers: ``(q_a − z_a)·(q_b − z_b)`` summed exactly
     (int64 range, computed in float64: |sum| < 2^53 for any length below 2^37), times ``s_a·s_b``;

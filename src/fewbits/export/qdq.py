@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from ..lower import Kind, Lowering, u8_shift
 from ..lower.records import Grid, LayerRecord
 from ..wrap.handle import QuantizedModel, replace_module
-from ..wrap.ops import QuantAdd, QuantConcat, QuantMatMul, QuantPool
+from ..wrap.ops import QuantAdd, QuantConcat, QuantMatMul, QuantMul, QuantPool
 
 
 def _qd():
@@ -279,6 +279,14 @@ class QDQConcat(nn.Module):
         return _qdq(torch.cat([_qdq(x, g) for x, g in zip(xs, self.grids)], self.dim), self.out)
 
 
+class QDQMul(QDQAdd):
+    """QDQ operands → Mul → QDQ: ONNX Runtime's QLinearMul."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        ga, gb, go = self.grids
+        return _qdq(_qdq(a, ga) * _qdq(b, gb), go)
+
+
 class QDQMatMul(nn.Module):
     """Both operands QuantizeLinear → DequantizeLinear, then MatMul: ONNX Runtime runs it on its
     integer kernel (QLinearMatMul / MatMulIntegerToFloat)."""
@@ -292,8 +300,8 @@ class QDQMatMul(nn.Module):
         return torch.matmul(_qdq(a, ga), _qdq(b, gb))
 
 
-_OP_EMITTERS = {QuantAdd.__name__: QDQAdd, QuantPool.__name__: QDQPool, QuantConcat.__name__: QDQConcat,
-                QuantMatMul.__name__: QDQMatMul}  # by OpRecord.type
+_OP_EMITTERS = {QuantAdd.__name__: QDQAdd, QuantMul.__name__: QDQMul, QuantPool.__name__: QDQPool,
+                QuantConcat.__name__: QDQConcat, QuantMatMul.__name__: QDQMatMul}  # by OpRecord.type
 
 
 def export_module(qmodel: QuantizedModel, lowering: Lowering) -> nn.Module:

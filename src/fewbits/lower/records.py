@@ -139,7 +139,7 @@ class OpRecord:
     its output grid (integer kinds only), ``pool`` / ``dim`` for the op itself."""
 
     name: str
-    type: str  # "QuantAdd" | "QuantPool" | "QuantConcat" | "QuantMatMul" (no output grid: its product is float)
+    type: str  # "QuantAdd" | "QuantMul" | "QuantPool" | "QuantConcat" | "QuantMatMul" (no output grid: float product)
     kind: Kind
     reason: str
     inputs: tuple = ()

@@ -33,6 +33,7 @@ from .trace import install_graph, trace_one_level
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 _MATMULS = (operator.matmul, torch.matmul, torch.bmm)
+_MULS = (operator.mul, operator.imul, torch.mul)
 _CATS = (torch.cat, torch.concat)
 _POOL_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
 # functional pooling → the module computing the same thing (same argument order after the input)
@@ -62,6 +63,14 @@ class QuantAdd(nn.Module):
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return self.output_quantizer(self.a_quantizer(a) + self.b_quantizer(b))
+
+
+class QuantMul(QuantAdd):
+    """``a * b`` (elementwise, broadcasting) with quantized operands and a quantized result:
+    gates (``x * sigmoid(…)`` of squeeze-excitation, SwiGLU), a learned per-channel scale."""
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.output_quantizer(self.a_quantizer(a) * self.b_quantizer(b))
 
 
 class QuantPool(nn.Module):
@@ -119,7 +128,7 @@ class QuantMatMul(nn.Module):
         return torch.matmul(self.a_quantizer(a), self.b_quantizer(b))
 
 
-QUANT_OPS = (QuantAdd, QuantPool, QuantConcat, QuantMatMul)
+QUANT_OPS = (QuantAdd, QuantMul, QuantPool, QuantConcat, QuantMatMul)
 
 
 def _tensor_node(arg) -> bool:
@@ -146,7 +155,7 @@ def _parameter_path(node: fx.Node) -> bool:
     return node.op == "get_attr"
 
 
-def _match(node: fx.Node, adds, pools, concats, matmuls=None) -> Optional[tuple[str, tuple, callable]]:
+def _match(node: fx.Node, adds, pools, concats, matmuls=None, muls=None) -> Optional[tuple[str, tuple, callable]]:
     """(child name stem, the new call's arguments, a factory of the module) for an op to quantize."""
     if node.op != "call_function":
         return None
@@ -156,6 +165,9 @@ def _match(node: fx.Node, adds, pools, concats, matmuls=None) -> Optional[tuple[
     if adds is not None and node.target in _ADDS and len(node.args) == 2 and not node.kwargs \
             and all(_tensor_node(a) for a in node.args):
         return "add", tuple(node.args), lambda name: QuantAdd(adds, name)
+    if muls is not None and node.target in _MULS and len(node.args) == 2 and not node.kwargs \
+            and all(_tensor_node(a) for a in node.args):
+        return "mul", tuple(node.args), lambda name: QuantMul(muls, name)
     if pools is not None and node.target in _POOL_FUNCTIONS and node.args and _tensor_node(node.args[0]):
         cls = _POOL_FUNCTIONS[node.target]
         if any(isinstance(a, fx.Node) for a in (*node.args[1:], *node.kwargs.values())):
@@ -191,9 +203,9 @@ def _norm_stream(module: nn.Module, graph: fx.Graph, adds: list) -> set:
 
 def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Optional[TensorRecipe] = None,
                  concats: Optional[TensorRecipe] = None, matmuls: Optional[TensorRecipe] = None,
-                 skip: tuple = ()) -> tuple[nn.Module, list[str], list[tuple]]:
+                 muls: Optional[TensorRecipe] = None, skip: tuple = ()) -> tuple[nn.Module, list[str], list[tuple]]:
     """Give every addition (``adds``), average pooling (``pools``), concatenation (``concats``) and
-    product of two activations (``matmuls``; also the two of each
+    elementwise product (``muls``), product of two activations (``matmuls``; also the two of each
     :class:`~fewbits.wrap.attention.LinearMultiheadAttention`) in ``work`` a quantized module on
     that grid (``None``: that kind stays float).
 
@@ -215,7 +227,7 @@ def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Op
                 for slot in ("scores_matmul", "values_matmul"):
                     setattr(module, slot, QuantMatMul(matmuls, f"{name}.{slot}"))
                     added.append(f"{name}.{slot}")
-    if adds is None and concats is None and pools is None and matmuls is None:
+    if adds is None and concats is None and pools is None and matmuls is None and muls is None:
         return work, added, untouched
     modules = list(work.named_modules())
     modules = modules[1:] + modules[:1]  # the model itself last: its rewrite takes the rewritten children
@@ -228,7 +240,7 @@ def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Op
             untouched.append((name, f"forward not traceable by torch.fx ({type(err).__name__}): "
                                     "its additions, pools and concatenations stay float"))
             continue
-        found = [(node, m) for node in graph.nodes if (m := _match(node, adds, pools, concats, matmuls))]
+        found = [(node, m) for node in graph.nodes if (m := _match(node, adds, pools, concats, matmuls, muls))]
         stream = _norm_stream(module, graph, [node for node, m in found if m[0] == "add"])
         if stream:
             untouched.append((name, f"{len(stream)} residual addition(s) read by a normalization layer stay float "
@@ -238,7 +250,7 @@ def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Op
             continue
         stems = [m[0] for _, m in found]
         for k, (node, _) in enumerate(found):
-            stem, args, make = _match(node, adds, pools, concats, matmuls)  # again: earlier rewrites changed its arguments
+            stem, args, make = _match(node, adds, pools, concats, matmuls, muls)  # again: rewrites changed its arguments
             child = stem if stems.count(stem) == 1 else f"{stem}{stems[:k].count(stem)}"
             while hasattr(module, child):
                 child += "_"
