@@ -86,7 +86,8 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Ta
     ops, untouched = [], []
     if any(t is not None for t in recipe.ops().values()):
         work, ops, untouched = quantize_ops(work, recipe.adds, recipe.pools, recipe.concats, recipe.matmuls,
-                                            recipe.muls, skip=(*QUANT_MODULES.values(), LinearMultiheadAttention))
+                                            recipe.muls, recipe.conv_outputs,
+                                            skip=(*QUANT_MODULES.values(), LinearMultiheadAttention))
     qmodel = QuantizedModel(work, recipe, left, folded, float_model, fold_bn)
     qmodel.ops = ops
     qmodel.float_ops = [LeftFloat(n, type(work.get_submodule(n)).__name__, why) for n, why in untouched]

@@ -120,6 +120,9 @@ class Recipe:
     concats: Optional[TensorRecipe] = None  # quantize concatenations' operands and result on this grid
     matmuls: Optional[TensorRecipe] = None  # quantize both operands of activation × activation products
     muls: Optional[TensorRecipe] = None  # quantize elementwise products (gates, squeeze-excitation) on this grid
+    # quantize a convolution's output where a float op reads it (a norm, a sigmoid): the runtime's
+    # integer convolution needs a quantized output
+    conv_outputs: Optional[TensorRecipe] = None
 
     def __post_init__(self) -> None:
         # by_type is a mapping: keep it in one canonical order so equal recipes compare equal
@@ -159,7 +162,7 @@ class Recipe:
     def ops(self) -> dict[str, Optional[TensorRecipe]]:
         """The grids of the quantized ops between layers, by recipe key."""
         return {"adds": self.adds, "pools": self.pools, "concats": self.concats, "matmuls": self.matmuls,
-                "muls": self.muls}
+                "muls": self.muls, "conv_outputs": self.conv_outputs}
 
     def to_dict(self) -> dict:
         return {
@@ -174,7 +177,7 @@ class Recipe:
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
         _reject_unknown("recipe", data, {"version", "name", "by_type", "by_name", "include", "exclude", "steps", "adds",
-                                         "pools", "concats", "matmuls", "muls"})
+                                         "pools", "concats", "matmuls", "muls", "conv_outputs"})
         return cls(
             name=data.get("name", "custom"),
             by_type=tuple((t, LayerRecipe.from_dict(lr)) for t, lr in data.get("by_type", {}).items()),
@@ -183,7 +186,7 @@ class Recipe:
             version=data.get("version", None),
             steps=tuple(step_from_dict(s) for s in data.get("steps", ())),
             **{k: TensorRecipe.from_dict(data[k]) if data.get(k) else None
-               for k in ("adds", "pools", "concats", "matmuls", "muls")},
+               for k in ("adds", "pools", "concats", "matmuls", "muls", "conv_outputs")},
         )
 
     def to_json(self) -> str:
@@ -230,13 +233,14 @@ BUILTIN_RECIPES = {
     # the layers are quantized too, so each layer has a quantized output and ONNX Runtime fuses it
     # (a transformer's residual stream, read by its float norms, stays float: fewbits.wrap.ops).
     "w8a8": Recipe("w8a8", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES,
-                   adds=_ACT_STATIC, pools=_ACT_STATIC, concats=_ACT_STATIC, muls=_ACT_STATIC),
+                   adds=_ACT_STATIC, pools=_ACT_STATIC, concats=_ACT_STATIC, muls=_ACT_STATIC, conv_outputs=_ACT_STATIC),
     # Layer inputs only (the default before the additions between layers were quantized): a
     # layer whose output meets a float op dequantizes there.
     "w8a8-inputs": Recipe("w8a8-inputs", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES),
     # ... and the attention products (scores Q·Kᵀ, weights × values: both operands activations)
     "w8a8-matmul": Recipe("w8a8-matmul", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES,
-                          adds=_ACT_STATIC, pools=_ACT_STATIC, concats=_ACT_STATIC, matmuls=_ACT_STATIC, muls=_ACT_STATIC),
+                          adds=_ACT_STATIC, pools=_ACT_STATIC, concats=_ACT_STATIC, matmuls=_ACT_STATIC, muls=_ACT_STATIC,
+                          conv_outputs=_ACT_STATIC),
     "w8a8-dynamic": Recipe("w8a8-dynamic", _conv_linear(_weights(8, PerChannel(0)), _ACT_DYNAMIC), _KEEP_FLOAT_TABLES),
     # Sequence models: per-token dynamic inputs for the linear layers (convolutions per tensor).
     "w8a8-per-token": Recipe("w8a8-per-token", (("Linear", LayerRecipe(weight=_weights(8, PerChannel(0)), input=_ACT_PER_TOKEN)),

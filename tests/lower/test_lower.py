@@ -49,7 +49,9 @@ def _layer(layer_recipe, module=None):
     (LayerRecipe(weight=W8), None, Kind.WEIGHT_ONLY, Kind.WEIGHT_ONLY),
     (LayerRecipe(weight=TensorRecipe(QuantSpec(bits=4, granularity=PerGroup(4)))), None, Kind.WEIGHT_ONLY,
      Kind.SIMULATED),  # per-group scales need opset 21
-    (LayerRecipe(weight=W8, input=A8, output=A8), None, Kind.SIMULATED, Kind.SIMULATED),
+    (LayerRecipe(weight=W8, input=A8, output=A8), None, Kind.INTEGER, Kind.INTEGER),  # requantized into its grid
+    (LayerRecipe(weight=W8, input=A8, output=DYN), None, Kind.SIMULATED, Kind.SIMULATED),  # no dynamic output grid
+    (LayerRecipe(weight=W8, output=A8), None, Kind.SIMULATED, Kind.SIMULATED),  # float inputs: no accumulator
     (LayerRecipe(weight=TensorRecipe(Pow2Spec(bits=4, granularity=PerChannel(0)))), None, Kind.DECODED, Kind.DECODED),
     (LayerRecipe(weight=W8, input=TensorRecipe(QuantSpec(bits=8, signed=False, symmetric=False,
                                                          granularity=PerChannel(1)), "minmax")),

@@ -90,3 +90,61 @@ def test_attention_products_quantized_as_an_option(tmp_path):
     # every product on an integer kernel: 25 weight GEMMs and the 8 attention products
     assert result.kernels.share == 1.0 and "MatMul" not in ops and "FusedMatMul" not in ops
     assert ops.get("QLinearMatMul", 0) + ops.get("MatMulIntegerToFloat", 0) + ops.get("QGemm", 0) == 25 + 8
+
+
+class ConvNeXtBlock(nn.Module):
+    """A depthwise convolution read by a LayerNorm (channels last), a layer scale, a residual."""
+
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = nn.LayerNorm(c)
+        self.pw1, self.pw2 = nn.Linear(c, 4 * c), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(torch.full((c,), 0.5))
+
+    def forward(self, x):
+        h = self.dw(x).permute(0, 2, 3, 1)
+        return x + (self.pw2(torch.nn.functional.gelu(self.pw1(self.norm(h)))) * self.gamma).permute(0, 3, 1, 2)
+
+
+class SE(nn.Module):
+    def __init__(self, c: int = 16) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+        self.fc1, self.fc2 = nn.Conv2d(c, 4, 1), nn.Conv2d(4, c, 1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        gate = torch.sigmoid(self.fc2(torch.relu(self.fc1(torch.nn.functional.adaptive_avg_pool2d(y, 1)))))
+        return x + y * gate
+
+
+def test_convolutions_read_by_float_ops_get_an_output_grid_and_deploy(tmp_path):
+    import pytest
+
+    torch.manual_seed(0)
+    for block, named in ((ConvNeXtBlock(), "dw"), (SE(), "fc2")):
+        model = nn.Sequential(nn.Conv2d(3, 16, 1), block, nn.Conv2d(16, 4, 1)).eval()
+        g = torch.Generator().manual_seed(1)
+        batches = [torch.randn(2, 3, 12, 12, generator=g) for _ in range(2)]
+        q = fewbits.calibrate(fewbits.prepare(model, "w8a8"), batches)
+        with_output = [n for n, m in q.quantized_layers().items() if m.output_quantizer is not None]
+        assert with_output == [f"1.{named}"]  # the one a float op (norm, sigmoid) reads
+        assert not [n for n, m in q.quantized_layers().items()
+                    if fewbits.prepare(model, "w8a8-inputs").model.get_submodule(n).output_quantizer is not None]
+        record = fewbits.lower(q).layers[f"1.{named}"]
+        assert record.kind.value == "integer" and record.output is not None
+        integer = fewbits.convert(q)
+        with torch.no_grad():
+            sim, out = q(batches[1]), integer.model(batches[1])
+        # the integer model requantizes into the same grid: equal but for rare 1-level roundings
+        assert (sim - out).abs().max() <= 2 * record.output.scale
+        pytest.importorskip("onnxruntime")
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            result = fewbits.export_onnx(q, batches[0], tmp_path / "m.onnx", batches=batches)
+        assert result.verification.max_steps <= 1.0, result.verification.summary()
+        # every convolution but the last (the model's float output) fuses now
+        assert result.kernels.float == 1 and f"1.{named}" not in result.kernels.to_dict()["unfused_layers"]

@@ -159,7 +159,7 @@ def _fuse_chains(work: nn.Module, integer: dict) -> tuple[list[Chain], str]:
         if node.op != "call_module" or calls.count(node.target) != 1:
             continue
         producer = work.get_submodule(node.target)
-        if node.target not in integer and not isinstance(producer, _FIXED_GRID):
+        if node.target not in integer and not _fixed(producer):
             continue
         # several consumers: all must take integers on one grid, straight from the producer
         if len(node.users) > 1:
@@ -185,7 +185,7 @@ def _fuse_chains(work: nn.Module, integer: dict) -> tuple[list[Chain], str]:
                 break
             module = work.get_submodule(user.target)
             # an op with its own grid hands it on unchanged only: no clamps in between
-            allowed = (*_POOLS, *_GRID_PRESERVING) if isinstance(producer, _FIXED_GRID) else \
+            allowed = (*_POOLS, *_GRID_PRESERVING) if _fixed(producer) else \
                 (nn.ReLU, nn.ReLU6, *_POOLS, *_GRID_PRESERVING)
             if not isinstance(module, allowed):
                 break
@@ -209,9 +209,14 @@ def _fuse_chains(work: nn.Module, integer: dict) -> tuple[list[Chain], str]:
     return chains, f"{len(chains)} integer chains found by torch.fx"
 
 
+def _fixed(producer: nn.Module) -> bool:
+    """An op or a layer with its own output grid: it hands integers on only on that grid."""
+    return isinstance(producer, _FIXED_GRID) or getattr(producer, "out", None) is not None
+
+
 def _emit(producer: nn.Module, grid: OutputGrid) -> bool:
     """Make ``producer`` hand integers on ``grid`` to its consumers; False when it cannot."""
-    if isinstance(producer, _FIXED_GRID):
+    if _fixed(producer):
         out = producer.out
         if not _same(OutputGrid(out.scale, out.zero_point, out.spec.qmin, out.spec.qmax), grid):
             return False  # a second rounding onto another grid: leave it to the consumer, in float

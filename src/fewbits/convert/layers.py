@@ -60,6 +60,13 @@ class _IntegerLayer(nn.Module):
         self.output: Optional[OutputGrid] = None
         self.register_buffer("m0", None)
         self.register_buffer("shift", None)
+        # a layer with its own output grid (record.output) requantizes into it, and hands integers
+        # on when the converter found its consumers take that grid (emit_integers), else float
+        self.out: Optional[Grid] = record.output
+        self.emit_integers = False
+        if record.output is not None:
+            g = record.output
+            self.requantize_into(OutputGrid(g.scale, g.zero_point, g.qmin, g.qmax))
 
     def requantize_into(self, grid: OutputGrid) -> None:
         """Emit integers on ``grid`` instead of float: per-channel ``M = s_x·s_w / s_y = m0·2^-shift``."""
@@ -81,8 +88,11 @@ class _IntegerLayer(nn.Module):
         if self.output is None:
             return (acc.to(torch.float64) * self.acc_scale.reshape(shape)).to(torch.float32)
         g = self.output
-        return requantize(acc, self.m0.reshape(shape), self.shift.reshape(shape), g.zero_point, g.qmin, g.qmax,
-                          single_rounding=True)
+        levels = requantize(acc, self.m0.reshape(shape), self.shift.reshape(shape), g.zero_point, g.qmin, g.qmax,
+                            single_rounding=True)
+        if self.out is not None and not self.emit_integers:
+            return self.out.dequantize(levels)
+        return levels
 
     def extra_repr(self) -> str:
         out = "float" if self.output is None else repr(self.output)
@@ -265,7 +275,7 @@ class IntegerConcat(_IntegerOp):
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         o = self.out
         parts = [requantize(self._centered(x, g), m0, shift, o.zero_point, o.spec.qmin, o.spec.qmax,
-                            single_rounding=True, ties="even")
+                            single_rounding=True)
                  for x, g, (m0, shift) in zip(xs, self.grids, self.multipliers)]
         return self._finish(torch.cat(parts, self.dim))
 

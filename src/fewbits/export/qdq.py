@@ -156,6 +156,7 @@ class QDQLayer(nn.Module):
         self.register_buffer("bias_q", record.bias_q)
         self.register_buffer("bias_scale", None if record.bias_q is None else record.acc_scale.float())
         self.register_buffer("smooth_scale", record.smooth_scale)
+        self.out = None if record.output is None else u8_grid(record.output)  # its own output grid
         self.kind = "linear" if record.op == "linear" else "conv"
         if self.kind == "conv":
             g = record.geometry
@@ -190,9 +191,11 @@ class QDQLayer(nn.Module):
             b = qd.dequantize_per_channel(self.bias_q, self.bias_scale, torch.zeros_like(self.bias_q, dtype=torch.int64),
                                           0, -(2**31), 2**31 - 1, torch.int32)
         if self.kind == "linear":
-            return F.linear(x, w, b)
-        stride, padding, dilation, groups = self.geometry
-        return self.conv(x, w, b, stride, padding, dilation, groups)
+            y = F.linear(x, w, b)
+        else:
+            stride, padding, dilation, groups = self.geometry
+            y = self.conv(x, w, b, stride, padding, dilation, groups)
+        return y if self.out is None else _qdq(y, self.out)
 
 
 class WeightOnlyLayer(nn.Module):

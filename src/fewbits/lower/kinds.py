@@ -12,7 +12,7 @@ import enum
 from torch import nn
 
 from ..numerics.accumulator import accumulator_blocker
-from ..spec import LevelSpec, PerChannel, PerGroup, PerTensor, PerToken
+from ..spec import LevelSpec, PerChannel, PerGroup, PerTensor, PerToken, QuantSpec
 from ..target import Target
 
 
@@ -43,6 +43,13 @@ def per_token_u8(quantizer) -> bool:
     spec = quantizer.spec
     return (quantizer.recipe.dynamic and spec.bits == 8 and not spec.symmetric and not spec.signed
             and not spec.narrow_range and isinstance(spec.granularity, PerToken))
+
+
+def _output_grid_ok(quantizer, onnx: bool) -> bool:
+    """A layer's own output grid the integer kinds requantize into: static, per tensor, uniform."""
+    spec = quantizer.spec
+    return (not quantizer.recipe.dynamic and isinstance(spec, QuantSpec) and isinstance(spec.granularity, PerTensor)
+            and quantizer.scale is not None and (not onnx or spec.qmax - spec.qmin <= 255))
 
 
 def _per_output_channel(spec) -> bool:
@@ -92,8 +99,11 @@ def deployed_kind(layer: nn.Module, target: Target) -> tuple[Kind, str]:
         if why:
             return Kind.SIMULATED, f"weight-only, {why}: traced as the simulated layer"
         return Kind.WEIGHT_ONLY, "weight-only: computes in float with the dequantized weights"
-    if oq is not None:
-        return Kind.SIMULATED, "output quantizers are not converted: runs simulated"
+    if oq is not None and not _output_grid_ok(oq, onnx):
+        return Kind.SIMULATED, "output quantizer other than a static per-tensor grid (of at most 256 levels for " \
+                               "ONNX Runtime): runs simulated"
+    if oq is not None and (xq is None or xq.recipe.dynamic):
+        return Kind.SIMULATED, "an output grid after float or dynamic inputs: runs simulated"
     if getattr(layer, "padding_mode", "zeros") != "zeros":
         return Kind.SIMULATED, f"padding_mode={layer.padding_mode!r}: integer convolution pads with the zero point only"
     if onnx and xq.recipe.dynamic and per_token_u8(xq):

@@ -123,7 +123,8 @@ def lower_layer(name: str, layer: nn.Module, target: Target) -> LayerRecord:
         xq = layer.input_quantizer
         acc = accumulator_scale(xq.scale, scale, qweight.shape[0])
         bias_q = None if bias is None else to_int32(int32_bias(bias, acc), f"layer '{name}'")
-        return LayerRecord(input=Grid.of(xq), acc_scale=acc, bias_q=bias_q, bias=None, **record)
+        out = None if layer.output_quantizer is None else Grid.of(layer.output_quantizer)
+        return LayerRecord(input=Grid.of(xq), output=out, acc_scale=acc, bias_q=bias_q, bias=None, **record)
     return LayerRecord(bias=bias, **record)
 
 

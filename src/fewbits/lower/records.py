@@ -72,6 +72,7 @@ class LayerRecord:
     levels: Optional[torch.Tensor] = None  # non-uniform grids: the level table
     boundaries: Optional[torch.Tensor] = None
     input: Optional[Grid] = None
+    output: Optional[Grid] = None  # integer layers with their own output grid (requantized into it)
     acc_scale: Optional[torch.Tensor] = None
     bias_q: Optional[torch.Tensor] = None
     bias: Optional[torch.Tensor] = None

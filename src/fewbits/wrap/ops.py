@@ -184,6 +184,67 @@ def _match(node: fx.Node, adds, pools, concats, matmuls=None, muls=None) -> Opti
     return None
 
 
+# what reads a tensor in float: activations and norms with no integer kernel in ONNX Runtime
+_FLOAT_MODULES = (nn.Sigmoid, nn.Tanh, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Softmax, nn.Mish, nn.ELU)
+_FLOAT_FUNCTIONS = {torch.sigmoid, torch.tanh, torch.softmax, F.sigmoid, F.silu, F.gelu, F.hardswish, F.hardsigmoid,
+                    F.softmax, F.mish, F.elu, F.layer_norm, F.group_norm}
+_FLOAT_METHODS = {"sigmoid", "tanh", "softmax"}
+_RESHAPES = {"permute", "transpose", "reshape", "view", "flatten", "contiguous", "squeeze", "unsqueeze"}
+
+
+def _float_reader(module: nn.Module, node: fx.Node) -> bool:
+    """``node`` reads its input in float (through reshapes): a norm, a sigmoid, a softmax, …"""
+    if node.op == "call_module":
+        m = module.get_submodule(node.target)
+        return is_norm(m) or isinstance(m, _FLOAT_MODULES)
+    if node.op == "call_function":
+        return node.target in _FLOAT_FUNCTIONS or (node.target in (torch.flatten, torch.permute, torch.transpose)
+                                                   and all(_float_reader(module, u) for u in node.users))
+    if node.op == "call_method":
+        return node.target in _FLOAT_METHODS or (node.target in _RESHAPES and bool(node.users)
+                                                 and all(_float_reader(module, u) for u in node.users))
+    return False
+
+
+def _wants_output(layer: nn.Module) -> bool:
+    from .modules import QuantConv1d, QuantConv2d, QuantConv3d
+
+    xq = getattr(layer, "input_quantizer", None)
+    return isinstance(layer, (QuantConv1d, QuantConv2d, QuantConv3d)) and layer.output_quantizer is None \
+        and xq is not None and not xq.recipe.dynamic and layer.weight_quantizer is not None
+
+
+def _quantize_conv_outputs(work: nn.Module, recipe: TensorRecipe) -> list[str]:
+    """Give a quantized convolution an output grid where a float op reads its output: in an
+    ``nn.Sequential`` (the next child) or in its parent's one-level traced forward."""
+    named = []
+
+    def give(name: str, layer: nn.Module) -> None:
+        layer.output_quantizer = TensorQuantizer(recipe, f"{name}.output", "output")
+        named.append(name)
+
+    for name, module in list(work.named_modules()):
+        prefix = f"{name}." if name else ""
+        if isinstance(module, nn.Sequential):
+            children = list(module.named_children())
+            for (a, first), (_, second) in zip(children, children[1:]):
+                if _wants_output(first) and (is_norm(second) or isinstance(second, _FLOAT_MODULES)):
+                    give(prefix + a, first)
+            continue
+        if _leaf(module) or not any(_wants_output(c) for c in module.children()):
+            continue
+        try:
+            graph = trace_one_level(module)
+        except Exception:  # noqa: BLE001 — untraceable: its convolutions keep float outputs
+            continue
+        for node in graph.nodes:
+            if node.op == "call_module" and "." not in node.target:
+                child = module.get_submodule(node.target)
+                if _wants_output(child) and node.users and all(_float_reader(module, u) for u in node.users):
+                    give(prefix + node.target, child)
+    return named
+
+
 def _norm_stream(module: nn.Module, graph: fx.Graph, adds: list) -> set:
     """The additions of a transformer's residual stream: those a normalization layer reads, and
     the additions chained to them. The stream feeds a float norm (nothing integer follows) and
@@ -203,7 +264,8 @@ def _norm_stream(module: nn.Module, graph: fx.Graph, adds: list) -> set:
 
 def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Optional[TensorRecipe] = None,
                  concats: Optional[TensorRecipe] = None, matmuls: Optional[TensorRecipe] = None,
-                 muls: Optional[TensorRecipe] = None, skip: tuple = ()) -> tuple[nn.Module, list[str], list[tuple]]:
+                 muls: Optional[TensorRecipe] = None, conv_outputs: Optional[TensorRecipe] = None,
+                 skip: tuple = ()) -> tuple[nn.Module, list[str], list[tuple]]:
     """Give every addition (``adds``), average pooling (``pools``), concatenation (``concats``) and
     elementwise product (``muls``), product of two activations (``matmuls``; also the two of each
     :class:`~fewbits.wrap.attention.LinearMultiheadAttention`) in ``work`` a quantized module on
@@ -227,6 +289,8 @@ def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Op
                 for slot in ("scores_matmul", "values_matmul"):
                     setattr(module, slot, QuantMatMul(matmuls, f"{name}.{slot}"))
                     added.append(f"{name}.{slot}")
+    if conv_outputs is not None:
+        _quantize_conv_outputs(work, conv_outputs)
     if adds is None and concats is None and pools is None and matmuls is None and muls is None:
         return work, added, untouched
     modules = list(work.named_modules())
