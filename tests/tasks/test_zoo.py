@@ -21,11 +21,11 @@ def test_each_zoo_model_runs_and_prepares(name):
 
 
 # weight GEMMs ONNX Runtime runs on integer kernels / all it runs, under the default recipe; the
-# float ones: the ViT's patch convolution (its output joins the learned class token in a float
-# cat), the U-Net's ConvTranspose2d (no integer kernel in ONNX Runtime) and its last convolution
-# (the model's float output: QLinearConv needs a quantized one)
-INTEGER_GEMMS = {"resnet18": (21, 21), "vit": (25, 26), "transformer-encoder": (25, 25), "gpt2": (17, 17),
-                 "llama": (29, 29), "unet": (4, 6), "functional": (2, 2), "lstm": (1, 1)}
+# float one: the U-Net's ConvTranspose2d (no integer kernel in ONNX Runtime). Convolutions read
+# by a float op (the ViT's patch convolution, joining a learned token's float cat; the U-Net's
+# last, the model's output) get an output grid and fuse.
+INTEGER_GEMMS = {"resnet18": (21, 21), "vit": (26, 26), "transformer-encoder": (25, 25), "gpt2": (17, 17),
+                 "llama": (29, 29), "unet": (5, 6), "functional": (2, 2), "lstm": (1, 1)}
 
 
 @pytest.mark.parametrize("name", sorted(ZOO))
@@ -44,10 +44,11 @@ def test_each_zoo_model_deploys_on_integer_kernels(name, tmp_path):
         warnings.simplefilter("ignore")  # the float GEMMs above are warned about; counted here
         result = fewbits.export_onnx(q, batches[0], tmp_path / f"{name}.onnx", batches=batches)
     v = result.verification
-    # ONNX Runtime equals the integer model: outputs within one output step, at most 1e-3 of the
+    # ONNX Runtime equals the integer model: outputs within one output step (a quantized model
+    # output, the U-Net's: a one-level flip is one step, plus float32 rounding), at most 1e-3 of the
     # layer-input levels differing (float attention / norms between the layers round differently
     # in ORT) and by at most 3 levels (ResNet-18: ORT's QLinearAdd rounds its float rescale; a
     # 1-level operand difference grows by the operand/output scale ratio, on 9e-6 of the levels)
-    assert v.max_steps <= 1.0 and v.differing <= 1e-3 and v.max_levels <= 3, v.summary()
+    assert v.max_steps <= 1.01 and v.differing <= 1e-3 and v.max_levels <= 3, v.summary()
     k = result.kernels
     assert (k.integer, k.integer + k.float) == INTEGER_GEMMS[name]

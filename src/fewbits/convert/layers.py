@@ -177,6 +177,8 @@ class IntegerAdd(_IntegerOp):
         (ma, sa), (mb, sb) = (fixed_point_multiplier(g.scale / self.out.scale) for g in (self.a, self.b))
         self.shift = max(sa, sb)
         self.m_a, self.m_b = ma << (self.shift - sa), mb << (self.shift - sb)
+        # a ReLU taken in: nothing below the level of 0 (the zero point)
+        self.floor = max(self.out.spec.qmin, self.out.zero_point) if record.relu else self.out.spec.qmin
         if max(self.m_a, self.m_b) >= 2**40:  # |q − z| ≤ 2^16: the int64 sum stays below 2^57
             raise ValueError(f"addition '{self.name}': operand scales differ by more than 2^9; "
                              "no shared fixed-point shift in 64 bits")
@@ -185,7 +187,7 @@ class IntegerAdd(_IntegerOp):
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         t = self._centered(a, self.a) * self.m_a + self._centered(b, self.b) * self.m_b
         levels = rounding_right_shift(t, self.shift, "even") + self.out.zero_point
-        return self._finish(levels.clamp(self.out.spec.qmin, self.out.spec.qmax))
+        return self._finish(levels.clamp(self.floor, self.out.spec.qmax))
 
     def extra_repr(self) -> str:
         return f"{self.name}: m_a={self.m_a}, m_b={self.m_b}, shift={self.shift}, output {'integers' if self.emit_integers else 'float'}"

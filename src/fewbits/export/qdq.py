@@ -231,10 +231,12 @@ class QDQAdd(nn.Module):
     def __init__(self, record) -> None:
         super().__init__()
         self.grids = [u8_grid(g) for g in (*record.inputs, record.output)]
+        self.relu = record.relu
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         ga, gb, go = self.grids
-        return _qdq(_qdq(a, ga) + _qdq(b, gb), go)
+        s = _qdq(a, ga) + _qdq(b, gb)
+        return _qdq(torch.relu(s) if self.relu else s, go)
 
 
 @torch.library.custom_op("fewbits::global_avg_pool", mutates_args=())

@@ -145,6 +145,8 @@ def lower_op(name: str, op: nn.Module, target: Target) -> OpRecord:
         extra = dict(pool=op.pool, is_global=op.is_global)
     elif isinstance(op, QuantConcat):
         extra = dict(dim=op.dim)
+    elif getattr(op, "relu", False):
+        extra = dict(relu=True)
     return OpRecord(name, type(op).__name__, kind, reason, **grids, **extra)
 
 

@@ -148,6 +148,7 @@ class OpRecord:
     pool: Optional[torch.nn.Module] = None
     is_global: bool = False
     dim: int = 0
+    relu: bool = False  # an addition with the ReLU after it taken in
 
 
 @dataclass(frozen=True)

@@ -52,17 +52,21 @@ def _leaf(module: nn.Module) -> bool:
 
 
 class QuantAdd(nn.Module):
-    """``a + b`` with quantized operands and a quantized result."""
+    """``a + b`` with quantized operands and a quantized result; ``relu``: a ReLU that only read
+    the sum, taken in (``Q_out(relu(a + b))``: the output grid starts at zero, as ONNX Runtime's
+    QLinearAdd with the ReLU folded into its output)."""
 
     def __init__(self, recipe: TensorRecipe, name: str) -> None:
         super().__init__()
         self.name = name
+        self.relu = False
         self.a_quantizer = TensorQuantizer(recipe, f"{name}.a", "input")
         self.b_quantizer = TensorQuantizer(recipe, f"{name}.b", "input")
         self.output_quantizer = TensorQuantizer(recipe, f"{name}.output", "output")
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        return self.output_quantizer(self.a_quantizer(a) + self.b_quantizer(b))
+        s = self.a_quantizer(a) + self.b_quantizer(b)
+        return self.output_quantizer(torch.relu(s) if self.relu else s)
 
 
 class QuantMul(QuantAdd):
@@ -192,17 +196,27 @@ _FLOAT_METHODS = {"sigmoid", "tanh", "softmax"}
 _RESHAPES = {"permute", "transpose", "reshape", "view", "flatten", "contiguous", "squeeze", "unsqueeze"}
 
 
+def _value_readers(node: fx.Node) -> list:
+    """The users of ``node`` that read its values (not only its shape)."""
+    return [u for u in node.users if not ((u.op == "call_method" and u.target in _SHAPE_CALLS) or
+                                          (u.op == "call_function" and u.target in _SHAPE_FUNCTIONS))]
+
+
 def _float_reader(module: nn.Module, node: fx.Node) -> bool:
     """``node`` reads its input in float (through reshapes): a norm, a sigmoid, a softmax, …"""
     if node.op == "call_module":
         m = module.get_submodule(node.target)
         return is_norm(m) or isinstance(m, _FLOAT_MODULES)
     if node.op == "call_function":
+        if node.target in _CATS and node.args and isinstance(node.args[0], (list, tuple)):
+            return any(isinstance(x, fx.Node) and _parameter_path(x) for x in node.args[0])  # stays float (_match)
+        readers = _value_readers(node)
         return node.target in _FLOAT_FUNCTIONS or (node.target in (torch.flatten, torch.permute, torch.transpose)
-                                                   and all(_float_reader(module, u) for u in node.users))
+                                                   and bool(readers) and all(_float_reader(module, u) for u in readers))
     if node.op == "call_method":
-        return node.target in _FLOAT_METHODS or (node.target in _RESHAPES and bool(node.users)
-                                                 and all(_float_reader(module, u) for u in node.users))
+        readers = _value_readers(node)
+        return node.target in _FLOAT_METHODS or (node.target in _RESHAPES and bool(readers)
+                                                 and all(_float_reader(module, u) for u in readers))
     return False
 
 
@@ -223,6 +237,13 @@ def _quantize_conv_outputs(work: nn.Module, recipe: TensorRecipe) -> list[str]:
         layer.output_quantizer = TensorQuantizer(recipe, f"{name}.output", "output")
         named.append(name)
 
+    def last_conv(name: str, module: nn.Module):
+        """The convolution whose output ``module``'s output is (itself, or an nn.Sequential's last)."""
+        while isinstance(module, nn.Sequential) and len(module):
+            key = list(module._modules)[-1]
+            name, module = f"{name}.{key}" if name else key, module[-1]
+        return (name, module) if _wants_output(module) else (None, None)
+
     for name, module in list(work.named_modules()):
         prefix = f"{name}." if name else ""
         if isinstance(module, nn.Sequential):
@@ -230,19 +251,44 @@ def _quantize_conv_outputs(work: nn.Module, recipe: TensorRecipe) -> list[str]:
             for (a, first), (_, second) in zip(children, children[1:]):
                 if _wants_output(first) and (is_norm(second) or isinstance(second, _FLOAT_MODULES)):
                     give(prefix + a, first)
+            if name or not children:
+                continue
+            last, layer = last_conv("", module)  # a Sequential model: its output is the model's, float
+            if layer is not None:
+                give(last, layer)
             continue
-        if _leaf(module) or not any(_wants_output(c) for c in module.children()):
+        if _leaf(module):
             continue
         try:
             graph = trace_one_level(module)
         except Exception:  # noqa: BLE001 — untraceable: its convolutions keep float outputs
             continue
         for node in graph.nodes:
-            if node.op == "call_module" and "." not in node.target:
-                child = module.get_submodule(node.target)
-                if _wants_output(child) and node.users and all(_float_reader(module, u) for u in node.users):
-                    give(prefix + node.target, child)
+            readers = _value_readers(node)
+            if node.op != "call_module" or "." in node.target or not readers:
+                continue
+            # the model's own output is read in float by whoever called it
+            returned = not name and all(u.op == "output" for u in readers)
+            if returned or all(_float_reader(module, u) for u in readers):
+                child, layer = last_conv(prefix + node.target, module.get_submodule(node.target))
+                if layer is not None and layer.output_quantizer is None:
+                    give(child, layer)
     return named
+
+
+def _take_relu(module: nn.Module, node: fx.Node) -> bool:
+    """Fold the ReLU that alone reads ``node`` into it (rewires the graph); True when it did."""
+    if len(node.users) != 1:
+        return False
+    (user,) = node.users
+    relu = (user.op == "call_module" and type(module.get_submodule(user.target)) is nn.ReLU) or \
+        (user.op == "call_function" and user.target in (torch.relu, F.relu) and set(user.kwargs) <= {"inplace"}) or \
+        (user.op == "call_method" and user.target in ("relu", "relu_"))
+    if not relu or len(user.args) != 1:
+        return False
+    user.replace_all_uses_with(node)
+    user.graph.erase_node(user)
+    return True
 
 
 def _norm_stream(module: nn.Module, graph: fx.Graph, adds: list) -> set:
@@ -324,6 +370,8 @@ def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Op
                 new = graph.call_module(child, args)
             node.replace_all_uses_with(new)
             graph.erase_node(node)
+            if stem == "add" and _take_relu(module, new):
+                getattr(module, child).relu = True
             added.append(full)
         work = install_graph(work, name, module, graph)
     return work, added, untouched
