@@ -73,8 +73,11 @@ def test_integer_model_and_onnx_match_the_simulation(model, shape, tmp_path):
     integer = fewbits.convert(q)
     with torch.no_grad():
         sim, out = q(batches[2]), integer.model(batches[2])
-    # the same integers: only float32 rounding of the last dequantization differs
-    assert torch.allclose(sim, out, atol=1e-5, rtol=0)
+    # the same integers; the last layer's output is on its own grid (the model's output), where
+    # float32 rounding of the simulation and the integer requantization can differ by one level
+    step = records[list(records)[-1]].output.scale
+    differ = (sim - out).abs() > 1e-5
+    assert (sim - out).abs().max() <= 1.01 * step and differ.float().mean() <= 1e-3
     pytest.importorskip("onnxruntime")
     import warnings
 
@@ -103,3 +106,16 @@ def test_transposed_convolution_reference_is_exact():
     w = qw.double() - zw.double().reshape(2, 1, 3, 1, 1).expand(2, 2, 3, 1, 1).reshape(4, 3, 1, 1)
     expected = F.conv_transpose2d(qx.double() - 7, w, None, 2, 1, 1, 2)
     assert torch.equal(acc.double(), expected)
+
+
+def test_transposed_weights_round_trip_through_the_packed_file(tmp_path):
+    torch.manual_seed(0)
+    model = UpNet().eval()
+    batches = _batches((2, 3, 16, 16))
+    q = fewbits.calibrate(fewbits.prepare(model, "w8a8"), batches)
+    fewbits.save(q, tmp_path / "m.fewbits")
+    loaded = fewbits.load(tmp_path / "m.fewbits", model)
+    # the packed levels come back in the layer's [in, out, k, k] layout: the same model exactly
+    assert torch.equal(loaded.model.up.quantized_weight(), q.model.up.quantized_weight())
+    with torch.no_grad():
+        assert torch.equal(loaded(batches[2]), q(batches[2]))

@@ -225,12 +225,12 @@ def _assign_weight(qmodel: QuantizedModel, layer: str, entry: dict, data, zero_i
         q = unpack(data, spec.bits, entry["view"]).long()
         if wq.levels is None or (q.numel() and int(q.max()) >= wq.levels.shape[1]):
             raise ValueError(f"{path}: packed weight '{layer}' has level indices beyond its {spec.kind} levels")
-        _assign(qmodel.model, f"{layer}.weight", decode(q, wq.levels).reshape(entry["shape"]), path)
+        _assign(qmodel.model, f"{layer}.weight", module.weight_from_view(decode(q, wq.levels)), path)
         return
     if not zero_in_file:
         wq.set_qparams(wq.scale, torch.zeros_like(wq.scale, dtype=torch.int32))
     q = unpack(data, spec.bits, entry["view"], signed=spec.signed) if spec.bits <= 8 else data
-    weight = dequantize(q, wq.scale, wq.zero_point, spec).reshape(entry["shape"])
+    weight = module.weight_from_view(dequantize(q, wq.scale, wq.zero_point, spec))  # the view → the layer's layout
     _assign(qmodel.model, f"{layer}.weight", weight, path)
 
 
