@@ -63,3 +63,26 @@ def test_a_block_with_its_own_parameter_still_quantizes_its_layers():
     q = fewbits.prepare(nn.Sequential(Scaled(), nn.Linear(8, 2)), "w8a8")
     assert sorted(q.quantized_layers()) == ["0.fc", "1"]
     assert [lf.name for lf in q.left_float] == ["0"] and "layer_scale" in q.left_float[0].reason
+
+
+def test_f_conv_with_own_parameters_becomes_a_quantized_convolution():
+    class FunctionalConv(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(8, 2, 3, 3) / 4)  # groups=2: 4 input channels
+            self.b = nn.Parameter(torch.randn(8))
+            self.k = nn.Parameter(torch.randn(4, 8, 1) / 3)
+
+        def forward(self, x):
+            h = F.relu(F.conv2d(x, self.w, self.b, stride=2, padding=1, groups=2))
+            return F.conv1d(h.flatten(2), self.k)
+
+    torch.manual_seed(0)
+    model = FunctionalConv().eval()
+    x = torch.randn(2, 4, 8, 8)
+    q = fewbits.prepare(model, "w8")
+    assert sorted(q.quantized_layers()) == ["k_conv", "w_conv"] and q.left_float == []
+    conv = q.model.w_conv
+    assert (conv.stride, conv.padding, conv.groups, conv.in_channels) == ((2, 2), (1, 1), 2, 4)
+    with quantization_disabled(q), torch.no_grad():
+        assert torch.equal(q(x), model(x))  # the same function before quantization
