@@ -296,3 +296,17 @@ def test_the_exporter_reads_back_which_gemms_ort_runs_on_integers(tmp_path):
         warnings.simplefilter("error")  # nothing to warn about
         result = export_onnx(adds, batches[0], tmp_path / "adds.onnx", batches=batches)
     assert (result.kernels.integer, result.kernels.float) == (3, 0) and result.kernels.share == 1.0
+
+
+def test_verification_accepts_compounded_rounding_but_not_saturation():
+    from fewbits.export.verify import Verification
+
+    def v(max_levels, differing, max_steps):
+        return Verification(max_levels, differing, "l", 18, max_steps, 0.0, 0.0, 2, 1.0, 1e-3)
+
+    assert v(1, 5e-4, 0.5).ok  # one-level flips on a few values
+    assert v(3, 8e-7, 1e-5).ok  # ResNet-18: flips grown along the residual chain, outputs equal
+    assert not v(3, 5e-4, 1e-5).ok  # multi-level differences on too many values
+    assert not v(3, 8e-7, 2.0).ok  # ... or outputs apart
+    assert not v(70, 8e-7, 0.5).ok  # saturation: many levels
+    assert not v(1, 2e-3, 0.5).ok  # too many values differ

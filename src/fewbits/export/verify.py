@@ -69,6 +69,9 @@ class OnnxModel:
         return outs[0] if len(outs) == 1 else tuple(outs)
 
 
+COMPOUNDED = 0.01  # share of max_differing where compounded rounding (a few levels) is accepted
+
+
 @dataclass
 class Verification:
     """ONNX Runtime vs the integer model on the same batches.
@@ -79,9 +82,13 @@ class Verification:
     engines differ by a rare one-level flip where a requantized value lands within float
     rounding of a half level (ONNX Runtime rescales in float32, fewbits with a 31-bit
     fixed-point multiplier), and a flip moves later layers' inputs a little; a saturating
-    kernel or a wrong grid shows as many levels. At the outputs: ``max_steps`` the largest
-    difference in steps of an 8-bit grid spanning the reference output ((max − min) / 255),
-    ``max_abs`` in output units.
+    kernel or a wrong grid shows as many levels. Along a residual chain such a flip grows by the
+    ratio of an operand's scale to the sum's (ONNX Runtime's QLinearAdd rescales in float too):
+    ResNet-18 shows 2–3 levels on ~1e-6 of its levels with outputs 1e-5 steps apart. ``ok``
+    therefore also accepts up to ``4·tolerance`` levels on at most 1% of ``max_differing``
+    (:data:`COMPOUNDED`) when the outputs stay within ``tolerance`` steps. At the outputs:
+    ``max_steps`` the largest difference in steps of an 8-bit grid spanning the reference output
+    ((max − min) / 255), ``max_abs`` in output units.
     """
 
     max_levels: int
@@ -98,14 +105,20 @@ class Verification:
 
     @property
     def ok(self) -> bool:
-        return self.max_levels <= self.tolerance and self.differing <= self.max_differing
+        if self.differing > self.max_differing:
+            return False
+        if self.max_levels <= self.tolerance:
+            return True
+        return (self.max_levels <= 4 * self.tolerance and self.differing <= COMPOUNDED * self.max_differing
+                and self.max_steps <= self.tolerance)
 
     def summary(self) -> str:
         where = f" (worst: {self.worst_layer})" if self.max_levels else ""
         return (f"{self.layers} integer layers: inputs differ by at most {self.max_levels} level(s){where}, "
                 f"{self.differing:.2e} of levels differ; outputs: max {self.max_steps:.3g} output steps "
                 f"(mean {self.mean_steps:.2g}, max |diff| {self.max_abs:.3g}) over {self.batches} batches; "
-                f"tolerance {self.tolerance:g} level(s) on <= {self.max_differing:g} of values")
+                f"tolerance {self.tolerance:g} level(s) on <= {self.max_differing:g} of values (up to "
+                f"{4 * self.tolerance:g} on <= {COMPOUNDED * self.max_differing:g}, outputs within {self.tolerance:g} steps)")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "ok": self.ok}
