@@ -24,7 +24,8 @@ from .wrap.handle import LeftFloat, QuantizedModel, Status, as_call, batch_error
 from .wrap.modules import QUANT_MODULES, QuantEmbedding
 from .wrap.ops import quantize_ops
 from .wrap.attention import LinearMultiheadAttention, unsupported as unsupported_attention
-from .wrap.standard import is_norm, standardize_layers
+from .wrap.standard import holds_layers, is_norm, standardize_layers
+from .wrap.trace import torch_builtin
 from .wrap.transformer import unfuse_transformers
 
 def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Target | None = None) -> QuantizedModel:
@@ -62,7 +63,7 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Ta
             reason = _float_reason(module)
             if not reason:
                 continue
-            if type(module).__module__.startswith("torch.nn.") or not _holds_layers(module):
+            if torch_builtin(module) or not holds_layers(module):
                 left.append(LeftFloat(name, type(module).__name__, reason))  # the whole module stays float
                 handled.add(name)
             else:  # a block with parameters of its own: its layers still quantize
@@ -85,19 +86,13 @@ def prepare(model: nn.Module, recipe="w8a8", *, fold_bn: bool = True, target: Ta
         replace_module(work, name, swapped)
     ops, untouched = [], []
     if any(t is not None for t in recipe.ops().values()):
-        work, ops, untouched = quantize_ops(work, recipe.adds, recipe.pools, recipe.concats, recipe.matmuls,
-                                            recipe.muls, recipe.conv_outputs,
-                                            skip=(*QUANT_MODULES.values(), LinearMultiheadAttention))
+        work, ops, untouched = quantize_ops(work, recipe.ops(), skip=(*QUANT_MODULES.values(), LinearMultiheadAttention))
     qmodel = QuantizedModel(work, recipe, left, folded, float_model, fold_bn)
     qmodel.ops = ops
     qmodel.float_ops = [LeftFloat(n, type(work.get_submodule(n)).__name__, why) for n, why in untouched]
     qmodel.bn_stats = bn_stats
     qmodel.additions = [n for n in ops if type(work.get_submodule(n)).__name__ == "QuantAdd"]
     return qmodel
-
-
-def _holds_layers(module: nn.Module) -> bool:
-    return any(True for c in module.children() for _ in c.parameters())
 
 
 def _float_reason(module: nn.Module) -> str:

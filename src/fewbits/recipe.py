@@ -32,6 +32,8 @@ from .spec import (AnySpec, APoTSpec, BinarySpec, CodebookSpec, LevelSpec, PerCh
 from .steps import STEP_NAMES, STEPS, BiasCorrection, SmoothQuant, step_from_dict, step_to_dict
 
 RECIPE_VERSION = 1
+# the recipe keys of the ops between layers (each an activation TensorRecipe or None)
+OP_KEYS = ("adds", "pools", "concats", "matmuls", "muls", "conv_outputs")
 LAYER_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "Embedding")
 
 
@@ -161,8 +163,7 @@ class Recipe:
 
     def ops(self) -> dict[str, Optional[TensorRecipe]]:
         """The grids of the quantized ops between layers, by recipe key."""
-        return {"adds": self.adds, "pools": self.pools, "concats": self.concats, "matmuls": self.matmuls,
-                "muls": self.muls, "conv_outputs": self.conv_outputs}
+        return {k: getattr(self, k) for k in OP_KEYS}
 
     def to_dict(self) -> dict:
         return {
@@ -176,8 +177,8 @@ class Recipe:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
-        _reject_unknown("recipe", data, {"version", "name", "by_type", "by_name", "include", "exclude", "steps", "adds",
-                                         "pools", "concats", "matmuls", "muls", "conv_outputs"})
+        _reject_unknown("recipe", data, {"version", "name", "by_type", "by_name", "include", "exclude", "steps",
+                                         *OP_KEYS})
         return cls(
             name=data.get("name", "custom"),
             by_type=tuple((t, LayerRecipe.from_dict(lr)) for t, lr in data.get("by_type", {}).items()),
@@ -185,8 +186,7 @@ class Recipe:
             include=tuple(data.get("include", ("*",))), exclude=tuple(data.get("exclude", ())),
             version=data.get("version", None),
             steps=tuple(step_from_dict(s) for s in data.get("steps", ())),
-            **{k: TensorRecipe.from_dict(data[k]) if data.get(k) else None
-               for k in ("adds", "pools", "concats", "matmuls", "muls", "conv_outputs")},
+            **{k: TensorRecipe.from_dict(data[k]) if data.get(k) else None for k in OP_KEYS},
         )
 
     def to_json(self) -> str:
@@ -222,29 +222,33 @@ _EMBED_W8 = LayerRecipe(weight=_weights(8, PerChannel(0)))
 _KEEP_FLOAT_TABLES = (("*token_type_embeddings*", None),)
 
 
-def _conv_linear(weight: TensorRecipe, act: Optional[TensorRecipe]) -> tuple:
+def _conv_linear(weight: TensorRecipe, act: Optional[TensorRecipe], linear_act: Optional[TensorRecipe] = None) -> tuple:
+    """Every layer type on ``weight`` and ``act`` (linear layers on ``linear_act`` when given)."""
     layer = LayerRecipe(weight=weight, input=act)
-    return (("Linear", layer), ("Conv1d", layer), ("Conv2d", layer), ("Conv3d", layer), ("ConvTranspose1d", layer),
+    linear = layer if linear_act is None else LayerRecipe(weight=weight, input=linear_act)
+    return (("Linear", linear), ("Conv1d", layer), ("Conv2d", layer), ("Conv3d", layer), ("ConvTranspose1d", layer),
             ("ConvTranspose2d", layer), ("Embedding", _EMBED_W8))
+
+
+# the ops between layers that deploy on ONNX Runtime's integer kernels, on the static activation grid
+_OPS_STATIC = dict(adds=_ACT_STATIC, pools=_ACT_STATIC, concats=_ACT_STATIC, muls=_ACT_STATIC,
+                   conv_outputs=_ACT_STATIC)
 
 
 BUILTIN_RECIPES = {
     # The default deploys whole: the residual additions, average pools and concatenations between
     # the layers are quantized too, so each layer has a quantized output and ONNX Runtime fuses it
     # (a transformer's residual stream, read by its float norms, stays float: fewbits.wrap.ops).
-    "w8a8": Recipe("w8a8", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES,
-                   adds=_ACT_STATIC, pools=_ACT_STATIC, concats=_ACT_STATIC, muls=_ACT_STATIC, conv_outputs=_ACT_STATIC),
+    "w8a8": Recipe("w8a8", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES, **_OPS_STATIC),
     # Layer inputs only (the default before the additions between layers were quantized): a
     # layer whose output meets a float op dequantizes there.
     "w8a8-inputs": Recipe("w8a8-inputs", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES),
     # ... and the attention products (scores Q·Kᵀ, weights × values: both operands activations)
     "w8a8-matmul": Recipe("w8a8-matmul", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES,
-                          adds=_ACT_STATIC, pools=_ACT_STATIC, concats=_ACT_STATIC, matmuls=_ACT_STATIC, muls=_ACT_STATIC,
-                          conv_outputs=_ACT_STATIC),
+                          matmuls=_ACT_STATIC, **_OPS_STATIC),
     "w8a8-dynamic": Recipe("w8a8-dynamic", _conv_linear(_weights(8, PerChannel(0)), _ACT_DYNAMIC), _KEEP_FLOAT_TABLES),
     # Sequence models: per-token dynamic inputs for the linear layers (convolutions per tensor).
-    "w8a8-per-token": Recipe("w8a8-per-token", (("Linear", LayerRecipe(weight=_weights(8, PerChannel(0)), input=_ACT_PER_TOKEN)),
-                                                *_conv_linear(_weights(8, PerChannel(0)), _ACT_DYNAMIC)[1:]),
+    "w8a8-per-token": Recipe("w8a8-per-token", _conv_linear(_weights(8, PerChannel(0)), _ACT_DYNAMIC, _ACT_PER_TOKEN),
                              _KEEP_FLOAT_TABLES),
     "w8": Recipe("w8", _conv_linear(_weights(8, PerChannel(0)), None), _KEEP_FLOAT_TABLES),
     # Transformers: per-tensor activations lose the few outlier channels of LayerNorm and GELU

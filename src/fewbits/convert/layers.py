@@ -109,10 +109,11 @@ class IntegerConv(_IntegerLayer):
     def __init__(self, record: LayerRecord) -> None:
         super().__init__(record)
         self.geometry = dict(record.geometry)
+        self.conv = int_conv_transpose if record.transposed else int_conv
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        conv = int_conv_transpose if "output_padding" in self.geometry else int_conv
-        acc = conv(self._input(x), int(self.x_zero_point), self.qweight, self.w_zero_point, self.bias_q, **self.geometry)
+        acc = self.conv(self._input(x), int(self.x_zero_point), self.qweight, self.w_zero_point, self.bias_q,
+                        **self.geometry)
         return self._finish(acc, 1)
 
 
@@ -277,7 +278,7 @@ class IntegerConcat(_IntegerOp):
     def forward(self, *xs: torch.Tensor) -> torch.Tensor:
         o = self.out
         parts = [requantize(self._centered(x, g), m0, shift, o.zero_point, o.spec.qmin, o.spec.qmax,
-                            single_rounding=True)
+                            single_rounding=True, ties="even")
                  for x, g, (m0, shift) in zip(xs, self.grids, self.multipliers)]
         return self._finish(torch.cat(parts, self.dim))
 

@@ -62,7 +62,7 @@ def _onnx_dynamic_qdq_u8(x):
     return op.DequantizeLinear(y, scale, zero_point)
 
 
-_EPS = float(torch.finfo(torch.float32).eps)  # choose_qparams' floor under every scale
+_EPS = float(torch.finfo(torch.float32).eps)  # choose_qparams' floor under every scale (the ONNX form below)
 
 
 @torch.library.custom_op("fewbits::per_token_linear", mutates_args=())
@@ -74,11 +74,14 @@ def per_token_linear(x: torch.Tensor, qweight_t: torch.Tensor, colsum: torch.Ten
     (uint8 × int8 → int32, zero points 0) and ``y = s_row · s_w · (acc − z_row · Σ_k W_kn) + b``:
     equal to the simulated layer up to float32 rounding. ``qweight_t``: ``[in, out]``; ``colsum``:
     the integer weight summed over the inputs, per output (float)."""
-    lo, hi = torch.aminmax(x.float(), dim=-1, keepdim=True)
-    lo, hi = lo.clamp(max=0.0), hi.clamp(min=0.0)
-    scale = torch.clamp((hi - lo) / 255.0, min=_EPS)
-    zero_point = torch.clamp(-torch.round(lo / scale), 0, 255)
-    q = torch.clamp(torch.round(x * torch.reciprocal(scale)) + zero_point, 0, 255)
+    from ..numerics.affine import choose_qparams, quantize
+    from ..spec import PerToken, QuantSpec
+
+    spec = QuantSpec(bits=8, signed=False, symmetric=False, granularity=PerToken())
+    lo, hi = torch.aminmax(x.detach().float(), dim=-1, keepdim=True)
+    scale, zero_point = choose_qparams(lo, hi, spec)
+    q = quantize(x, scale, zero_point, spec)
+    zero_point = zero_point.float()
     acc = torch.matmul(q.double(), qweight_t.double()).float()  # exact integers, as MatMulInteger's int32
     return (acc - zero_point * colsum) * (scale * w_scale) + bias
 
@@ -142,6 +145,10 @@ def _qdq(x: torch.Tensor, grid: tuple) -> torch.Tensor:
 
 
 
+_CONVS = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d, "conv_transpose1d": F.conv_transpose1d,
+          "conv_transpose2d": F.conv_transpose2d}
+
+
 class QDQLayer(nn.Module):
     """A linear / convolution layer as QuantizeLinear → DequantizeLinear → op (see module doc)."""
 
@@ -159,14 +166,8 @@ class QDQLayer(nn.Module):
         self.out = None if record.output is None else u8_grid(record.output)  # its own output grid
         self.kind = "linear" if record.op == "linear" else "conv"
         if self.kind == "conv":
-            g = record.geometry
-            if record.transposed:
-                conv = {"conv_transpose1d": F.conv_transpose1d, "conv_transpose2d": F.conv_transpose2d}[record.op]
-                self.conv = lambda x, w, b, stride, padding, dilation, groups: conv(
-                    x, w, b, stride, padding, g["output_padding"], groups, dilation)
-            else:
-                self.conv = {"conv1d": F.conv1d, "conv2d": F.conv2d, "conv3d": F.conv3d}[record.op]
-            self.geometry = (g["stride"], g["padding"], g["dilation"], g["groups"])
+            self.conv = _CONVS[record.op]
+            self.geometry = dict(record.geometry)  # stride, padding, dilation, groups (, output_padding)
 
         if self.per_token:  # symmetric int8 weights (deployed_kind), [in, out] for MatMulInteger
             self.register_buffer("qweight_t", self.qweight.t().contiguous())
@@ -193,8 +194,7 @@ class QDQLayer(nn.Module):
         if self.kind == "linear":
             y = F.linear(x, w, b)
         else:
-            stride, padding, dilation, groups = self.geometry
-            y = self.conv(x, w, b, stride, padding, dilation, groups)
+            y = self.conv(x, w, b, **self.geometry)
         return y if self.out is None else _qdq(y, self.out)
 
 

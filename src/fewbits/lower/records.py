@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ..numerics.affine import dequantize, quantize
+from ..numerics.layout import transposed_from_rows
 from ..numerics.levels import decode
 from ..spec import LevelSpec, QuantSpec, TernarySpec
 from .kinds import Kind
@@ -106,8 +107,7 @@ class LayerRecord:
         """A tensor in the quantizer's view layout (``qweight``'s) in the layer's weight layout."""
         if not self.transposed:
             return view.reshape(self.weight_shape)
-        g, (cin, cout_g) = self.geometry["groups"], self.weight_shape[:2]
-        return view.reshape(g, cout_g, cin // g, -1).permute(0, 2, 1, 3).reshape(self.weight_shape)
+        return transposed_from_rows(view, self.weight_shape, self.geometry["groups"])
 
     def channel_qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Weight scale (float32) and zero point (int64) per output channel (per-tensor or

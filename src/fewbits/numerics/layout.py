@@ -98,5 +98,18 @@ def expand(p: torch.Tensor, shape: tuple[int, ...], g: Granularity) -> torch.Ten
     return p.repeat_interleave(g.size, dim=axis)
 
 
+def transposed_rows(w: torch.Tensor, groups: int) -> torch.Tensor:
+    """A transposed convolution's weight ``[in, out/groups, *k]`` as one row per output channel,
+    ``[out, in/groups·k…]`` (the layout a convolution's weight has after reshape)."""
+    cin, cout_g = w.shape[0], w.shape[1]
+    return w.reshape(groups, cin // groups, cout_g, -1).permute(0, 2, 1, 3).reshape(groups * cout_g, -1)
+
+
+def transposed_from_rows(rows: torch.Tensor, shape: tuple, groups: int) -> torch.Tensor:
+    """:func:`transposed_rows` inverted: rows back in the weight's ``shape``."""
+    cin, cout_g = shape[0], shape[1]
+    return rows.reshape(groups, cout_g, cin // groups, -1).permute(0, 2, 1, 3).reshape(shape)
+
+
 def num_rows(shape: tuple[int, ...], g: Granularity) -> int:
     return math.prod(qparam_shape(shape, g))

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
+from ..numerics.layout import transposed_from_rows, transposed_rows
+
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 
 
@@ -47,9 +49,8 @@ def int_conv_transpose(qx: torch.Tensor, zx: int, qw: torch.Tensor, zw: torch.Te
     ``zw`` per output channel); exact in float64 as :func:`int_conv`."""
     conv = {3: F.conv_transpose1d, 4: F.conv_transpose2d}[qw.dim()]
     x = qx.to(torch.float64) - float(zx)
-    cout_g = qw.shape[1]
-    zw = zw.to(torch.float64).reshape(groups, 1, cout_g, *([1] * (qw.dim() - 2)))
-    w = (qw.to(torch.float64).reshape(groups, -1, cout_g, *qw.shape[2:]) - zw).reshape(qw.shape)
+    rows = transposed_rows(qw.to(torch.float64), groups) - zw.to(torch.float64).reshape(-1, 1)
+    w = transposed_from_rows(rows, tuple(qw.shape), groups)
     b = None if bias_q is None else bias_q.to(torch.float64)
     return _to_int32(conv(x, w, b, stride, padding, output_padding, groups, dilation), "int_conv_transpose")
 

@@ -11,7 +11,7 @@ import torch
 from torch import fx, nn
 from torch.nn import functional as F
 
-from .trace import install_graph, trace_one_level
+from .trace import install_graph, torch_builtin, trace_one_level
 
 
 def _own_parameter(module: nn.Module, node) -> str:
@@ -48,7 +48,7 @@ def functional_linears(work: nn.Module) -> tuple[nn.Module, list[str]]:
     added = []
     modules = list(work.named_modules())
     for name, module in modules[1:] + modules[:1]:  # the model itself last
-        if type(module).__module__.startswith("torch.nn.") or isinstance(module, fx.GraphModule) or \
+        if torch_builtin(module) or isinstance(module, fx.GraphModule) or \
                 not module._parameters:
             continue
         try:

@@ -14,6 +14,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..numerics.accumulator import accumulator_blocker, accumulator_scale, int32_bias
+from ..numerics.layout import transposed_from_rows, transposed_rows
 from ..recipe import LayerRecipe
 from .levels import make_quantizer
 from .quantizer import TensorQuantizer
@@ -63,7 +64,7 @@ class _QuantSlots:
         xq, wq = self.input_quantizer, self.weight_quantizer
         if wq is None or xq is None or accumulator_blocker(xq.spec, xq.recipe.dynamic, wq.spec) or xq.scale is None:
             return None
-        return accumulator_scale(xq.scale, wq.scale, self.weight_view().shape[0])
+        return accumulator_scale(xq.scale, wq.scale, getattr(self, "out_channels", self.weight.shape[0]))
 
     def quantized_bias(self, bias: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
         """The bias as the integer model adds it: ``round(b / (s_x·s_w))`` in the int32
@@ -159,14 +160,10 @@ class _QuantConvTranspose(_QuantSlots):
     it as ``[out_channels, in/groups·k…]`` (one row per output channel, as for a convolution)."""
 
     def weight_view(self) -> torch.Tensor:
-        w, g = self.weight, self.groups
-        cin, cout_g = w.shape[0], w.shape[1]
-        return w.reshape(g, cin // g, cout_g, -1).permute(0, 2, 1, 3).reshape(g * cout_g, -1)
+        return transposed_rows(self.weight, self.groups)
 
     def weight_from_view(self, view: torch.Tensor) -> torch.Tensor:
-        w, g = self.weight, self.groups
-        cin, cout_g = w.shape[0], w.shape[1]
-        return view.reshape(g, cout_g, cin // g, -1).permute(0, 2, 1, 3).reshape(w.shape)
+        return transposed_from_rows(view, tuple(self.weight.shape), self.groups)
 
     def compute(self, x: torch.Tensor, weight: torch.Tensor, bias, output_padding=None) -> torch.Tensor:
         conv = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[len(self.kernel_size)]

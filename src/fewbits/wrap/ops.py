@@ -1,21 +1,24 @@
-"""Quantized tensor operations between layers — additions, average pooling, concatenation —
-found with torch.fx.
+"""Quantized tensor operations between layers — additions, elementwise products, average
+pooling, concatenation, products of two activations — found with torch.fx.
 
 Each computes the op on quantized operands and quantizes its result, the arithmetic of the
-integer op with rescaling (and of ONNX Runtime's QLinearAdd / QLinearAveragePool /
-QLinearGlobalAveragePool / QLinearConcat):
+integer op with rescaling (and of ONNX Runtime's QLinearAdd / QLinearMul / QLinearAveragePool /
+QLinearGlobalAveragePool / QLinearConcat / QLinearMatMul):
 
-* ``QuantAdd``: ``Q_out(Q_a(a) + Q_b(b))`` — residual connections;
+* ``QuantAdd``: ``Q_out(Q_a(a) + Q_b(b))`` — residual connections (a ReLU after it taken in);
+* ``QuantMul``: ``Q_out(Q_a(a) · Q_b(b))`` — gates, layer scales;
 * ``QuantPool``: ``Q_out(pool(Q_in(x)))`` for average pooling (module or functional, 1-d / 2-d,
   adaptive or not) — e.g. the global pool before a classifier;
-* ``QuantConcat``: ``Q_out(cat(Q_1(x_1), …, Q_n(x_n)))``.
+* ``QuantConcat``: ``Q_out(cat(Q_1(x_1), …, Q_n(x_n)))``;
+* ``QuantMatMul``: ``Q_a(a) @ Q_b(b)``, a float product (attention scores, weights × values).
 
-:func:`quantize_ops` swaps pooling modules in place and finds the functional ops (``a + b`` of two
-tensors, ``F.avg_pool*`` / ``F.adaptive_avg_pool*``, ``torch.cat``) inside the forward of every
-module, the model itself included, traced one level deep (its children are leaves). Each op found
-is routed through a new child module and the module becomes a ``torch.fx.GraphModule`` with the
-same children and parameter names. A module whose forward torch.fx cannot trace keeps its float
-ops and is listed.
+:func:`quantize_ops` swaps pooling modules in place and finds the functional ops inside the
+forward of every module, the model itself included, traced one level deep (its children are
+leaves). Each op found is routed through a new child module and the module becomes a
+``torch.fx.GraphModule`` with the same children and parameter names. What stays float on purpose
+(a transformer's residual stream, a learned token's concatenation) and the ops of a forward
+torch.fx cannot trace are listed. It also gives convolutions read by a float op an output grid
+(``conv_outputs``).
 """
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ from torch.nn import functional as F
 from ..recipe import TensorRecipe
 from .quantizer import TensorQuantizer
 from .standard import is_norm
-from .trace import install_graph, trace_one_level
+from .trace import install_graph, torch_builtin, trace_one_level
 
 _ADDS = (operator.add, operator.iadd, torch.add)
 _MATMULS = (operator.matmul, torch.matmul, torch.bmm)
@@ -42,13 +45,6 @@ _POOL_FUNCTIONS = {F.avg_pool1d: nn.AvgPool1d, F.avg_pool2d: nn.AvgPool2d,
 # values of these calls are Python numbers or shapes, never tensors to quantize
 _SHAPE_CALLS = {"size", "dim", "numel", "shape", "item", "tolist", "__len__", "nelement", "stride"}
 _SHAPE_FUNCTIONS = (getattr, len, operator.floordiv, operator.mod)
-
-
-def _leaf(module: nn.Module) -> bool:
-    """A module whose own forward holds none of the ops quantized here: torch.nn's own modules
-    (containers, activations, convolutions, recurrent layers, norms; the transformer layers are
-    rewritten before this pass), not a user's or a library's blocks."""
-    return type(module).__module__.startswith("torch.nn.")
 
 
 class QuantAdd(nn.Module):
@@ -159,10 +155,12 @@ def _parameter_path(node: fx.Node) -> bool:
     return node.op == "get_attr"
 
 
-def _match(node: fx.Node, adds, pools, concats, matmuls=None, muls=None) -> Optional[tuple[str, tuple, callable]]:
-    """(child name stem, the new call's arguments, a factory of the module) for an op to quantize."""
+def _match(node: fx.Node, grids: dict) -> Optional[tuple[str, tuple, callable]]:
+    """(child name stem, the new call's arguments, a factory of the module) for an op to quantize;
+    ``grids``: the recipe's grid per op kind (``Recipe.ops()``, ``None``: that kind stays float)."""
     if node.op != "call_function":
         return None
+    adds, pools, concats, matmuls, muls = (grids.get(k) for k in ("adds", "pools", "concats", "matmuls", "muls"))
     if matmuls is not None and node.target in _MATMULS and len(node.args) == 2 and not node.kwargs \
             and all(_tensor_node(a) and not _parameter_path(a) for a in node.args):
         return "matmul", tuple(node.args), lambda name: QuantMatMul(matmuls, name)
@@ -257,7 +255,7 @@ def _quantize_conv_outputs(work: nn.Module, recipe: TensorRecipe) -> list[str]:
             if layer is not None:
                 give(last, layer)
             continue
-        if _leaf(module):
+        if torch_builtin(module):
             continue
         try:
             graph = trace_one_level(module)
@@ -308,19 +306,18 @@ def _norm_stream(module: nn.Module, graph: fx.Graph, adds: list) -> set:
     return stream
 
 
-def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Optional[TensorRecipe] = None,
-                 concats: Optional[TensorRecipe] = None, matmuls: Optional[TensorRecipe] = None,
-                 muls: Optional[TensorRecipe] = None, conv_outputs: Optional[TensorRecipe] = None,
-                 skip: tuple = ()) -> tuple[nn.Module, list[str], list[tuple]]:
-    """Give every addition (``adds``), average pooling (``pools``), concatenation (``concats``) and
-    elementwise product (``muls``), product of two activations (``matmuls``; also the two of each
-    :class:`~fewbits.wrap.attention.LinearMultiheadAttention`) in ``work`` a quantized module on
-    that grid (``None``: that kind stays float).
+def quantize_ops(work: nn.Module, grids: dict, skip: tuple = ()) -> tuple[nn.Module, list[str], list[tuple]]:
+    """Give every addition (``grids["adds"]``), average pooling (``pools``), concatenation
+    (``concats``), elementwise product (``muls``) and product of two activations (``matmuls``;
+    also the two of each :class:`~fewbits.wrap.attention.LinearMultiheadAttention`) in ``work`` a
+    quantized module on that grid, and convolutions read by a float op an output grid
+    (``conv_outputs``); ``grids`` is :meth:`Recipe.ops` (``None``: that kind stays float).
 
     Returns the model (a new ``GraphModule`` when its own forward had such an op), the new
     modules' names, and ``(module name, reason)`` for modules whose ops stay float.
     ``skip``: module types never rewritten (the quantized layers)."""
     added, untouched = [], []
+    pools, matmuls, conv_outputs = grids.get("pools"), grids.get("matmuls"), grids.get("conv_outputs")
     if pools is not None:
         for name, module in list(work.named_modules()):
             if name and isinstance(module, _POOL_MODULES) and not getattr(module, "divisor_override", None):
@@ -337,20 +334,20 @@ def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Op
                     added.append(f"{name}.{slot}")
     if conv_outputs is not None:
         _quantize_conv_outputs(work, conv_outputs)
-    if adds is None and concats is None and pools is None and matmuls is None and muls is None:
+    if all(grids.get(k) is None for k in ("adds", "pools", "concats", "matmuls", "muls")):
         return work, added, untouched
     modules = list(work.named_modules())
     modules = modules[1:] + modules[:1]  # the model itself last: its rewrite takes the rewritten children
     for name, module in modules:
-        if isinstance(module, (*QUANT_OPS, TensorQuantizer, *skip)) or _leaf(module):
+        if isinstance(module, (*QUANT_OPS, TensorQuantizer, *skip)) or torch_builtin(module):
             continue
         try:
             graph = trace_one_level(module)
         except Exception as err:  # noqa: BLE001 — an untraceable forward keeps its float ops
             untouched.append((name, f"forward not traceable by torch.fx ({type(err).__name__}): "
-                                    "its additions, pools and concatenations stay float"))
+                                    "its ops between layers (additions, products, pools, concatenations) stay float"))
             continue
-        found = [(node, m) for node in graph.nodes if (m := _match(node, adds, pools, concats, matmuls, muls))]
+        found = [(node, m) for node in graph.nodes if (m := _match(node, grids))]
         stream = _norm_stream(module, graph, [node for node, m in found if m[0] == "add"])
         if stream:
             untouched.append((name, f"{len(stream)} residual addition(s) read by a normalization layer stay float "
@@ -360,7 +357,7 @@ def quantize_ops(work: nn.Module, adds: Optional[TensorRecipe] = None, pools: Op
             continue
         stems = [m[0] for _, m in found]
         for k, (node, _) in enumerate(found):
-            stem, args, make = _match(node, adds, pools, concats, matmuls, muls)  # again: rewrites changed its arguments
+            stem, args, make = _match(node, grids)  # again: the rewrites before changed its arguments
             child = stem if stems.count(stem) == 1 else f"{stem}{stems[:k].count(stem)}"
             while hasattr(module, child):
                 child += "_"

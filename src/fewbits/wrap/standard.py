@@ -33,8 +33,12 @@ def is_norm(module: nn.Module) -> bool:
     …; not BatchNorm, which folds): a leaf module whose class name says so."""
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm)):
         return True
-    leaf = not any(True for c in module.children() for _ in c.parameters())  # not a block holding layers
-    return leaf and any(n in type(module).__name__ for n in _NORM_NAMES)
+    return not holds_layers(module) and any(n in type(module).__name__ for n in _NORM_NAMES)
+
+
+def holds_layers(module: nn.Module) -> bool:
+    """A block: some child of ``module`` has parameters."""
+    return any(True for c in module.children() for _ in c.parameters())
 
 
 def shared_parameter_ids(model: nn.Module) -> set[int]:

@@ -9,6 +9,12 @@ from __future__ import annotations
 from torch import fx, nn
 
 
+def torch_builtin(module: nn.Module) -> bool:
+    """One of torch.nn's own modules (containers, layers, activations, norms): what the graph
+    rewrites look at from outside, never into (a user's or a library's blocks they trace)."""
+    return type(module).__module__.startswith("torch.nn.")
+
+
 class OneLevelTracer(fx.Tracer):
     def __init__(self, root: nn.Module) -> None:
         super().__init__()
