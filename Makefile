@@ -33,8 +33,9 @@ $(BENCH_STAMP): $(STAMP)
 	$(PIP) install -c constraints.txt -e ".[dev,bench]"
 	touch $@
 
+# The suite is single-threaded per process (tests/conftest.py): one process per core.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2
 
 demo: $(STAMP)
 	$(PY) -m fewbits demo

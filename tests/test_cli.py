@@ -37,8 +37,10 @@ def test_quantize_with_algo_reports_what_the_step_did(tmp_path):
 
     packed = fewbits.load(data["saved"]["path"])
     assert packed.meta["applied"][0]["step"]["name"] == "smoothquant"
-    assert [a["step"]["name"] for a in algorithms] == ["smoothquant"]
-    assert algorithms[0]["step"]["alpha"] == 0.5 and algorithms[0]["layers"]  # the digits MLP's linear layers
+    # --algo adds to the recipe's own steps: w8a8 corrects the biases of the digits CNN's convolutions
+    assert [a["step"]["name"] for a in algorithms] == ["smoothquant", "bc"]
+    assert algorithms[0]["step"]["alpha"] == 0.5 and list(algorithms[0]["layers"]) == ["8"]  # its linear layer
+    assert algorithms[1]["step"]["types"] == ["Conv1d", "Conv2d", "Conv3d"] and list(algorithms[1]["layers"]) == ["0", "3"]
 
 
 def test_quantize_with_cle_then_bias_correction(tmp_path):

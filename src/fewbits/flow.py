@@ -183,7 +183,7 @@ def quantize_model(model: nn.Module, calibration, recipe="w8a8", *, metric_fn=No
     without VNNI) before calibration, so the algorithms fit the deployed weights.
     """
     from .report.evaluate import evaluate
-    from .steps import parse_steps
+    from .steps import parse_steps, with_steps
 
     recipe = get_recipe(recipe)
     if fit_cpu:
@@ -191,7 +191,7 @@ def quantize_model(model: nn.Module, calibration, recipe="w8a8", *, metric_fn=No
     if calib:
         recipe = with_calibration(recipe, calib)
     if algo:
-        recipe = replace(recipe, steps=recipe.steps + tuple(parse_steps(algo)))
+        recipe = replace(recipe, steps=with_steps(recipe.steps, parse_steps(algo)))
     t0 = time.perf_counter()
     qmodel = prepare(model, recipe)
     calibrate(qmodel, calibration)

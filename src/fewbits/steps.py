@@ -40,6 +40,9 @@ class SmoothQuant:
             raise ValueError(f"smoothquant samples must be >= 1, got {self.samples}")
 
 
+BC_TYPES = ("Linear", "Conv1d", "Conv2d", "Conv3d")
+
+
 @dataclass(frozen=True)
 class BiasCorrection:
     """Empirical bias correction (Nagel et al., "Data-Free Quantization Through Weight
@@ -54,15 +57,30 @@ class BiasCorrection:
     Args:
         layers: glob of layer names to correct.
         mode: ``"empirical"`` (calibration data) or ``"analytic"`` (BatchNorm statistics).
+        types: the layer types to correct (``"Linear"``, ``"Conv1d"``, ``"Conv2d"``,
+            ``"Conv3d"``); empty: all of them.
+        required: ``False`` for a step a recipe adds on its own (the default ``w8a8``'s, for
+            convolutions): left out where it cannot run — quantization-aware training started
+            without calibration batches, which learns the biases instead — and not listed when it
+            found no layer to correct.
     """
 
     layers: str = "*"
     mode: str = "empirical"
+    types: tuple = ()
+    required: bool = True
     needs_ranges = True  # class attribute: runs after the activation ranges are calibrated
 
     def __post_init__(self) -> None:
         if self.mode not in ("empirical", "analytic"):
             raise ValueError(f"bc mode must be 'empirical' or 'analytic', got {self.mode!r}")
+        types = (self.types,) if isinstance(self.types, str) else tuple(self.types)
+        unknown = [t for t in types if t not in BC_TYPES]
+        if unknown:
+            raise ValueError(f"bc types must be among {list(BC_TYPES)}, got {unknown}")
+        object.__setattr__(self, "types", types)
+        if not isinstance(self.required, bool):
+            raise ValueError(f"bc required must be true or false, got {self.required!r}")
 
 
 @dataclass(frozen=True)
@@ -233,6 +251,18 @@ def parse_steps(text: str) -> list:
     steps = [step_from_dict(name) for name in names]
     check_order(steps)
     return steps
+
+
+def with_steps(recipe_steps, given) -> tuple:
+    """A recipe's steps with the ``given`` ones (the CLI's ``--algo``) added: a recipe step of the
+    same algorithm is replaced by the given one; given steps that run before calibration come
+    first, those that need the calibrated ranges last. The order is then checked."""
+    names = {STEP_NAMES[type(s)] for s in given}
+    kept = [s for s in recipe_steps if STEP_NAMES[type(s)] not in names]
+    steps = ([s for s in given if not getattr(s, "needs_ranges", False)] + kept +
+             [s for s in given if getattr(s, "needs_ranges", False)])
+    check_order(steps)
+    return tuple(steps)
 
 
 def check_order(steps) -> None:

@@ -66,8 +66,45 @@ def test_bias_correction_runs_after_ranges_in_a_recipe_and_needs_them():
 
 
 def test_mobilenetv2_recovers_with_bias_correction(task_scores):
-    scores = task_scores("mobilenetv2-probe", ("w8a8", "w8a8-bc"))
+    scores = task_scores("mobilenetv2-probe", ("w8a8-inputs", "w8a8-bc", "w8a8"))
     # full test set: feature cosine 0.971 -> 0.994, top-1 agreement with fp32 64.7 -> 83.3 (the
     # DFQ paper's point: rounding shifts channel means and MobileNetV2 compounds them)
-    assert scores["w8a8-bc"]["feature_cosine"] >= max(0.985, scores["w8a8"]["feature_cosine"] + 0.01)
-    assert scores["w8a8-bc"]["top1_agreement"] >= scores["w8a8"]["top1_agreement"] + 5
+    plain, corrected = scores["w8a8-inputs"], scores["w8a8-bc"]
+    assert corrected["feature_cosine"] >= max(0.985, plain["feature_cosine"] + 0.01)
+    assert corrected["top1_agreement"] >= plain["top1_agreement"] + 5
+    # the default corrects its convolutions too, with the ops between layers quantized as well
+    assert scores["w8a8"]["feature_cosine"] >= max(0.985, plain["feature_cosine"] + 0.01)
+
+
+def test_the_default_recipe_corrects_its_convolutions_only():
+    model = _net()
+    q = fewbits.calibrate(fewbits.prepare(model, "w8a8"), _batches())
+    (bc,) = q.applied
+    assert bc.step["types"] == ["Conv1d", "Conv2d", "Conv3d"] and list(bc.layers) == ["0", "2"]
+    x = _batches(1, seed=7)[0]
+    plain = fewbits.calibrate(fewbits.prepare(model, "w8a8-inputs"), _batches())
+    assert _mean_error(q, model, x, "2") < _mean_error(plain, model, x, "2")
+    # a model without convolutions: the default's step finds nothing and is not listed
+    mlp = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2)).eval()
+    assert fewbits.calibrate(fewbits.prepare(mlp, "w8a8"), [torch.randn(8, 4)]).applied == []
+
+
+def test_a_given_bc_replaces_the_recipes_own_and_runs_after_calibration_steps():
+    from fewbits import CrossLayerEqualization
+    from fewbits.steps import parse_steps, with_steps
+
+    own = fewbits.get_recipe("w8a8").steps
+    assert with_steps(own, parse_steps("cle,bc")) == (CrossLayerEqualization(), BiasCorrection())
+    assert with_steps(own, parse_steps("cle")) == (CrossLayerEqualization(), *own)
+    assert with_steps(own, parse_steps("smoothquant"))[-1] == own[0]
+    with pytest.raises(ValueError, match="bc types must be among"):
+        BiasCorrection(types=("Embedding",))
+
+
+def test_qat_without_batches_leaves_the_defaults_correction_to_training():
+    from fewbits.qat import prepare_qat
+
+    q = prepare_qat(_net(), "w8a8")
+    assert q.recipe.steps == () and q.qat["left_out_steps"][0]["name"] == "bc"
+    with pytest.raises(ValueError, match="calibration steps"):
+        prepare_qat(_net(), "w8a8-bc")  # asked for by name: it needs the data

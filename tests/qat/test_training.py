@@ -154,8 +154,10 @@ def _ddp_worker(rank, world, init_file, method, batchnorm, n_batches, out):
 
 @pytest.mark.slow
 # steps before a float-order difference first flips a weight's rounding, measured: ≥ 6 for the
-# folded cases, 3 with batch statistics (the folded weight moves with the running variance)
-@pytest.mark.parametrize("method, batchnorm, n_batches", [("ste", "fold", 6), ("lsq", "fold", 6), ("ste", "train", 2)])
+# folded cases, 3 with batch statistics (the folded weight moves with the running variance);
+# LSQ's learned steps part sooner on some CPUs (AMD EPYC with AVX2, no VNNI: after 4 and after 6
+# steps, not after 3 or 5), so it takes 2
+@pytest.mark.parametrize("method, batchnorm, n_batches", [("ste", "fold", 6), ("lsq", "fold", 2), ("ste", "train", 2)])
 def test_two_data_parallel_processes_equal_one_on_the_global_batch(method, batchnorm, n_batches, tmp_path):
     import torch.multiprocessing as mp
 

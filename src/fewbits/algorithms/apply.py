@@ -45,7 +45,8 @@ def apply(qmodel: QuantizedModel, step, batches) -> AlgorithmResult:
     result = AlgorithmResult(step_to_dict(step))
     driver(qmodel, step, batches, result)
     result.seconds = time.perf_counter() - start
-    qmodel.applied.append(result)
+    if result.layers or result.skipped or getattr(step, "required", True):  # a recipe's own step that found nothing
+        qmodel.applied.append(result)
     return result
 
 

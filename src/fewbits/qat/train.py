@@ -20,6 +20,7 @@ step.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from typing import Callable, Iterable, Optional
 
 import torch
@@ -29,6 +30,8 @@ from ..wrap.fold import fold_batchnorm
 from ..wrap.levels import LevelQuantizer
 from ..wrap.modules import QUANT_MODULES
 from ..flow import calibrate, prepare
+from ..recipe import get_recipe
+from ..steps import step_to_dict
 from ..wrap.handle import QuantizedModel, Status
 from ..wrap.quantizer import TensorQuantizer
 from .batchnorm import QATConvBn, attach_batchnorm
@@ -63,6 +66,7 @@ def prepare_qat(model: nn.Module, recipe="w8a8", *, method: str = "ste", estimat
     check_estimator(estimator)
     if batchnorm not in ("fold", "train"):
         raise ValueError(f"prepare_qat batchnorm must be 'fold' or 'train', got {batchnorm!r}")
+    recipe, left_out = _steps_without_data(get_recipe(recipe), batches)
     qmodel = prepare(model, recipe, fold_bn=batchnorm == "fold")
     if batches is not None:
         calibrate(qmodel, batches)
@@ -88,8 +92,17 @@ def prepare_qat(model: nn.Module, recipe="w8a8", *, method: str = "ste", estimat
     _swap_quantizers(qmodel.model, lambda q: None if q.recipe.dynamic or isinstance(q, LevelQuantizer) else
                      QATQuantizer(q, method, estimator, momentum, temperature))
     qmodel.start_training({"method": method, "estimator": estimator, "momentum": momentum,
-                           "temperature": temperature, "batchnorm": batchnorm})
+                           "temperature": temperature, "batchnorm": batchnorm, "left_out_steps": left_out})
     return qmodel.train()
+
+
+def _steps_without_data(recipe, batches) -> tuple:
+    """Without calibration batches, a recipe's optional steps (``required=False``: the default's
+    bias correction, which training does better by learning the biases) are left out and named."""
+    if batches is not None:
+        return recipe, []
+    left_out = [step_to_dict(s) for s in recipe.steps if not getattr(s, "required", True)]
+    return replace(recipe, steps=tuple(s for s in recipe.steps if getattr(s, "required", True))), left_out
 
 
 def qat_quantizers(qmodel: QuantizedModel) -> dict[str, QATQuantizer]:

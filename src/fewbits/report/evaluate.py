@@ -123,11 +123,18 @@ def layer_output_sqnr(qmodel: QuantizedModel, batches: list) -> dict[str, float]
     return {n: _finite(10 * math.log10(s / e)) if e > 0 and s > 0 else None for n, (s, e) in sums.items()}
 
 
-@torch.no_grad()
 def layer_isolated_sqnr(qmodel: QuantizedModel, batches: list) -> dict[str, float]:
     """SQNR of every quantized layer's output when only that layer is quantized and its input is
     the exact fp32 one (the fp32 model runs; each layer's quantized twin sees the same input):
     the error the layer itself makes."""
+    return {n: _finite(10 * math.log10(s / e)) if e > 0 and s > 0 else None
+            for n, (s, e) in layer_isolated_errors(qmodel, batches).items()}
+
+
+@torch.no_grad()
+def layer_isolated_errors(qmodel: QuantizedModel, batches: list) -> dict[str, tuple[float, float]]:
+    """``(‖y‖², ‖y − ỹ‖²)`` summed over ``batches`` for every quantized layer alone on its exact
+    fp32 input (what :func:`layer_isolated_sqnr` reports in dB)."""
     names = list(qmodel.quantized_layers())
     sums = {n: [0.0, 0.0] for n in names}
     float_model = qmodel.float_model
@@ -149,7 +156,7 @@ def layer_isolated_sqnr(qmodel: QuantizedModel, batches: list) -> dict[str, floa
     finally:
         for h in hooks:
             h.remove()
-    return {n: _finite(10 * math.log10(s / e)) if e > 0 and s > 0 else None for n, (s, e) in sums.items()}
+    return {n: (s, e) for n, (s, e) in sums.items()}
 
 
 def _finite(v):
