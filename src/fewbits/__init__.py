@@ -35,7 +35,7 @@ from .lower import lower
 from .export import export_onnx, load, save, verify
 from .convert import IntegerModel, convert
 from .report import Report, evaluate
-from .decide import Sensitivity, sensitivity
+from .decide import Sensitivity, auto, sensitivity
 from . import compress, qat
 
 __version__ = "0.1.0"
@@ -52,5 +52,5 @@ __all__ = [
     "Target", "KernelProfile", "int8_kernel_profile", "lower",
     "apply", "AlgorithmResult", "SmoothQuant", "BiasCorrection", "CrossLayerEqualization", "AdaRound",
     "StochasticRounding", "GPTQ", "AWQ", "save", "load", "convert", "IntegerModel",
-    "export_onnx", "verify", "qat", "compress", "sensitivity", "Sensitivity",
+    "export_onnx", "verify", "qat", "compress", "sensitivity", "Sensitivity", "auto",
 ]

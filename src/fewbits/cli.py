@@ -1,4 +1,4 @@
-"""The ``fewbits`` command line: ``tasks``, ``quantize``, ``train``, ``demo``.
+"""The ``fewbits`` command line: ``tasks``, ``quantize``, ``auto``, ``train``, ``compress``, ``demo``.
 
 Errors are one line on stderr and exit code 2; ``--debug`` shows the traceback.
 """
@@ -99,36 +99,42 @@ def cmd_tasks(args) -> None:
         print(f"{name:20s} {text}")
 
 
-def cmd_quantize(args) -> dict:
-    from fewbits.flow import quantize_model
-    from fewbits.report.summary import result_json, summary_row
-    from fewbits.report.table import format_table
-
+def model_and_data(args) -> tuple:
+    """``(name, model, calibration, metric_fn, metric)`` from ``--task`` or ``--model`` /
+    ``--hf-model`` with their data options."""
     if sum(map(bool, (args.task, args.model, args.hf_model))) != 1:
         raise ValueError("give one of --task, --model or --hf-model")
     if args.task:
         from fewbits.tasks import load_task
 
         task = load_task(args.task, small=args.small)
-        name, model, calibration, metric_fn, metric = task.name, task.model, task.calibration, task.evaluate, task.metric
-    else:
-        if args.calib_text and not args.hf_model:
-            raise ValueError("--calib-text needs --hf-model (its tokenizer reads the text)")
-        if not (args.calib_data or args.calib_text):
-            raise ValueError(f"{'--hf-model' if args.hf_model else '--model'} needs --calib-data (a .pt file of "
-                             "calibration inputs)" + (" or --calib-text (a text file)" if args.hf_model else ""))
-        if args.hf_model:
-            from fewbits.hf import load_hf_model, tokenized_batches
+        return task.name, task.model, task.calibration, task.evaluate, task.metric
+    if args.calib_text and not args.hf_model:
+        raise ValueError("--calib-text needs --hf-model (its tokenizer reads the text)")
+    if not (args.calib_data or args.calib_text):
+        raise ValueError(f"{'--hf-model' if args.hf_model else '--model'} needs --calib-data (a .pt file of "
+                         "calibration inputs)" + (" or --calib-text (a text file)" if args.hf_model else ""))
+    if args.hf_model:
+        from fewbits.hf import load_hf_model, tokenized_batches
 
-            model = load_hf_model(args.hf_model)
-            name = Path(args.hf_model).name
-        else:
-            model = load_user_model(args.model, args.checkpoint)
-            name = Path(args.model.rpartition(":")[0]).stem
-        calibration = load_batches(args.calib_data, args.batch_size) if args.calib_data else \
-            tokenized_batches(args.hf_model, args.calib_text, args.seq_len, args.batch_size)
-        metric_fn = accuracy_metric(args.eval_data) if args.eval_data else None
-        metric = "accuracy" if args.eval_data else None
+        model = load_hf_model(args.hf_model)
+        name = Path(args.hf_model).name
+    else:
+        model = load_user_model(args.model, args.checkpoint)
+        name = Path(args.model.rpartition(":")[0]).stem
+    calibration = load_batches(args.calib_data, args.batch_size) if args.calib_data else \
+        tokenized_batches(args.hf_model, args.calib_text, args.seq_len, args.batch_size)
+    metric_fn = accuracy_metric(args.eval_data) if args.eval_data else None
+    metric = "accuracy" if args.eval_data else None
+    return name, model, calibration, metric_fn, metric
+
+
+def cmd_quantize(args) -> dict:
+    from fewbits.flow import quantize_model
+    from fewbits.report.summary import result_json, summary_row
+    from fewbits.report.table import format_table
+
+    name, model, calibration, metric_fn, metric = model_and_data(args)
     qmodel, report, recipe = quantize_model(model, calibration, args.recipe, metric_fn=metric_fn, metric=metric,
                                             calib=args.calib, algo=args.algo, fit_cpu=args.fit_cpu)
     result = result_json(name, recipe, report)
@@ -186,6 +192,41 @@ def export_for_cli(qmodel, calibration, args) -> dict:
                          "levels differing": f"{v.differing:.1e}", "ok": v.ok}],
                        title=f"ONNX export ({exported.profile.describe()})"))
     return exported.to_dict()
+
+
+def cmd_auto(args) -> dict:
+    """Sensitivity → exact search → validated: the smallest configuration within --max-drop."""
+    from fewbits.decide import auto
+    from fewbits.report.summary import megabytes
+    from fewbits.report.table import format_table
+
+    name, model, calibration, metric_fn, metric = model_and_data(args)
+    if metric_fn is None:
+        raise ValueError("fewbits auto measures every configuration it tries: give --task, or --eval-data with --model")
+    budgets = {}
+    for item in args.budget or []:
+        key, _, value = item.partition("=")
+        try:
+            budgets[key] = float(value)
+        except ValueError:
+            raise ValueError(f"--budget takes key=value (bytes, bops, energy_pj), got {item!r}") from None
+    result = auto(model, calibration, metric_fn=metric_fn, metric=metric, max_drop=args.max_drop,
+                  objective=args.objective, budgets=budgets, candidates=args.candidates, method=args.method,
+                  algos=args.algos, out=args.out, points=args.points)
+    print(format_table([{"point": t["point"], "MB": megabytes(int(t["costs"]["bytes"])), "predicted": f"{t['predicted']:.3g}",
+                         metric or "metric": round(t["metric"], 3), "drop": round(t["drop"], 3), "within": t["ok"],
+                         "resumed": t.get("resumed", False)} for t in result.trials],
+                       title=f"fewbits auto: {name} (fp32 {result.fp32:.3f}, max drop {args.max_drop})"))
+    counts: dict = {}
+    for cand in result.choice.formats.values():
+        counts[cand] = counts.get(cand, 0) + 1
+    print(format_table([{"chosen": ", ".join(f"{n} {c}" for c, n in counts.items()),
+                         "MB": megabytes(int(result.choice.costs["bytes"])), metric or "metric": round(result.metric, 3),
+                         "drop": round(result.drop, 3), "seconds": round(result.seconds, 1), **result.files}]))
+    data = result.to_dict()
+    if args.json:
+        _write_json(data, Path(args.json))
+    return data
 
 
 def cmd_train(args) -> dict:
@@ -347,6 +388,20 @@ def _training_options(p: argparse.ArgumentParser, lr: float, batch_help: str) ->
     p.add_argument("--small", action="store_true", help="evaluate on a subset (quick)")
 
 
+def _model_options(p: argparse.ArgumentParser) -> None:
+    """The model and data options quantize and auto share."""
+    p.add_argument("--task", help="a built-in task (see 'fewbits tasks')")
+    p.add_argument("--model", help="your own model: path/to/file.py:factory (factory() returns an nn.Module)")
+    p.add_argument("--hf-model", help="a Hugging Face model directory (save_pretrained layout; read offline)")
+    p.add_argument("--checkpoint", help="state_dict for --model (.pt)")
+    p.add_argument("--calib-data", help="for --model / --hf-model: .pt with a Tensor [N, ...] of inputs (token ids "
+                                        "[N, length]), a dict of such Tensors (keyword inputs), or a list of batches")
+    p.add_argument("--calib-text", help="for --hf-model: a text file, tokenized by the model's tokenizer")
+    p.add_argument("--seq-len", type=int, default=128, help="tokens per --calib-text window (default 128)")
+    p.add_argument("--eval-data", help="for --model: .pt with {'x': inputs, 'y': labels} for top-1 accuracy")
+    p.add_argument("--batch-size", type=int, default=32)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fewbits", description="Quantize PyTorch models and measure what it costs.")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -354,16 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     sub.add_parser("tasks", help="list the built-in tasks")
     q = sub.add_parser("quantize", help="prepare, calibrate and evaluate one model")
-    q.add_argument("--task", help="a built-in task (see 'fewbits tasks')")
-    q.add_argument("--model", help="your own model: path/to/file.py:factory (factory() returns an nn.Module)")
-    q.add_argument("--hf-model", help="a Hugging Face model directory (save_pretrained layout; read offline)")
-    q.add_argument("--checkpoint", help="state_dict for --model (.pt)")
-    q.add_argument("--calib-data", help="for --model / --hf-model: .pt with a Tensor [N, ...] of inputs (token ids "
-                                        "[N, length]), a dict of such Tensors (keyword inputs), or a list of batches")
-    q.add_argument("--calib-text", help="for --hf-model: a text file, tokenized by the model's tokenizer")
-    q.add_argument("--seq-len", type=int, default=128, help="tokens per --calib-text window (default 128)")
-    q.add_argument("--eval-data", help="for --model: .pt with {'x': inputs, 'y': labels} for top-1 accuracy")
-    q.add_argument("--batch-size", type=int, default=32)
+    _model_options(q)
     q.add_argument("--recipe", default="w8a8", help="built-in name or a .json recipe file")
     q.add_argument("--calib", help="activation calibration method: minmax, ema, percentile, mse, entropy, aciq, octav")
     q.add_argument("--algo", help="post-training algorithms, comma-separated, in order: cle, smoothquant, awq, stochastic "
@@ -379,6 +425,22 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--fit-cpu", action="store_true",
                    help="quantize GEMM weights to the width this CPU's int8 kernels run exactly (7 bits on AVX2 "
                         "without VNNI), before calibration, so bias correction fits the deployed weights")
+    a = sub.add_parser("auto", help="per-layer precision chosen for you: the smallest model within --max-drop")
+    _model_options(a)
+    a.add_argument("--small", action="store_true", help="evaluate on a subset (quick)")
+    a.add_argument("--max-drop", type=float, default=1.0, help="largest metric drop accepted (default 1.0)")
+    a.add_argument("--objective", default="size", choices=["size", "energy", "bops", "latency"],
+                   help="what to minimise (latency needs the measured table, not built yet)")
+    a.add_argument("--budget", action="append", help="an extra limit, key=value (bytes, bops, energy_pj); repeatable")
+    a.add_argument("--candidates", default="float,w8a8,w4a8,w8,w4-g128,w3", help="formats a layer may get")
+    a.add_argument("--method", default="sqnr", choices=["sqnr", "loss", "hessian", "fisher"],
+                   help="the sensitivity score (default sqnr)")
+    a.add_argument("--algos", default="auto", choices=["auto", "none"],
+                   help="auto: bias correction for the convolutions of every configuration tried")
+    a.add_argument("--points", type=int, default=12, help="budgets along the Pareto front (default 12)")
+    a.add_argument("--out", help="directory: recipe.json, model.fewbits, model.onnx, trials.jsonl, auto.json "
+                                 "(a second run with the same directory resumes)")
+    a.add_argument("--json", help="write the result as JSON")
     t = sub.add_parser("train", help="quantization-aware training of a task's model (torchrun: data-parallel)")
     t.add_argument("--task", required=True, help="a built-in task with training data (see 'fewbits tasks')")
     t.add_argument("--recipe", default="w8a8", help="built-in name or a .json recipe file")
@@ -426,8 +488,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    commands = {"tasks": cmd_tasks, "quantize": cmd_quantize, "train": cmd_train, "compress": cmd_compress,
-                "demo": cmd_demo}
+    commands = {"tasks": cmd_tasks, "quantize": cmd_quantize, "auto": cmd_auto, "train": cmd_train,
+                "compress": cmd_compress, "demo": cmd_demo}
     try:
         commands[args.command](args)
     except (ValueError, FileNotFoundError, ImportError, RuntimeError, KeyError) as err:

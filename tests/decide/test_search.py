@@ -82,3 +82,17 @@ def test_an_impossible_budget_says_what_is_reachable():
         solve(sens, costs, {"bytes": 10})
     with pytest.raises(ValueError, match="unknown budget keys"):
         solve(sens, costs, {"latency": 1})
+
+
+def test_a_choice_becomes_a_recipe_that_quantizes_each_layer_in_its_format():
+    sens, costs = _setup()
+    choice = solve(sens, costs, {"bytes": 0.5 * sum(r["float"]["bytes"] for r in costs.table.values())})
+    recipe = choice.recipe()
+    assert fewbits.Recipe.from_json(recipe.to_json()) == recipe
+    q = fewbits.calibrate(fewbits.prepare(_model(), recipe), _batches())
+    for layer, cand in choice.formats.items():
+        if cand == "float":
+            assert layer not in q.quantized_layers()
+        else:
+            wq = q.quantized_layers()[layer].weight_quantizer
+            assert wq.spec == fewbits.decide.CANDIDATES[cand].layer.weight.spec

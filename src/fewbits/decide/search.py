@@ -14,6 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..recipe import Recipe
+from .candidates import CANDIDATES
 from .cost import Costs
 from .sensitivity import Sensitivity
 
@@ -30,6 +32,17 @@ class Choice:
 
     def to_dict(self) -> dict:
         return {"formats": dict(self.formats), "damage": self.damage, "costs": dict(self.costs)}
+
+    def recipe(self, name: str = "mixed") -> Recipe:
+        """A recipe giving each layer its format by exact name (``fewbits.prepare`` takes it,
+        ``to_json`` writes it): no ops between layers, no algorithm steps."""
+        by_name = tuple((_exact_pattern(layer), CANDIDATES[cand].layer) for layer, cand in self.formats.items())
+        return Recipe(name, (), by_name)
+
+
+def _exact_pattern(name: str) -> str:
+    """A glob matching ``name`` only (``[`` is the one metacharacter a module path can hold)."""
+    return name.replace("[", "[[]")
 
 
 def _options(sens: Sensitivity, costs: Costs) -> list[tuple[str, str]]:
@@ -85,20 +98,24 @@ def _choice(formats: dict, sens: Sensitivity, costs: Costs) -> Choice:
                   {k: float(costs.total(formats, k)) for k in COST_KEYS})
 
 
-def pareto_front(sens: Sensitivity, costs: Costs, key: str = "bytes", points: int = 16) -> list[Choice]:
+def pareto_front(sens: Sensitivity, costs: Costs, key: str = "bytes", points: int = 16,
+                 budgets: dict | None = None) -> list[Choice]:
     """Configurations from the cheapest to the least damaging in ``key``, each the optimum at its
     budget (budgets spaced evenly between the cheapest and the least damaging configuration's
-    cost), dominated and repeated points removed; sorted by cost."""
+    cost; every point also within ``budgets``), dominated and repeated points removed; sorted by
+    cost."""
     if key not in COST_KEYS:
         raise ValueError(f"pareto_front key must be one of {list(COST_KEYS)}, got {key!r}")
     if points < 2:
         raise ValueError(f"pareto_front needs at least 2 points, got {points}")
-    best = solve(sens, costs, {})
+    budgets = dict(budgets or {})
+    best = solve(sens, costs, budgets)
     lo, hi = _cheapest(costs, sens, key), best.costs[key]
+    if key in budgets:
+        hi = min(hi, budgets[key])
     front = []
     for budget in np.linspace(lo, hi, points):
-        choice = solve(sens, costs, {key: float(budget) * (1 + 1e-12) + 1e-9})  # the end points exactly
-        front.append(choice)
+        front.append(solve(sens, costs, {**budgets, key: float(budget) * (1 + 1e-12) + 1e-9}))  # the end points exactly
     front.sort(key=lambda c: (c.costs[key], c.damage))
     kept = []
     for c in front:

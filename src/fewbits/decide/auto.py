@@ -1,0 +1,189 @@
+"""The automatic recipe: sensitivity → exact search → validated by quantizing and measuring.
+
+``fewbits.auto(model, calibration, metric_fn=..., max_drop=1.0, objective="size")``:
+
+1. every layer's sensitivity in every candidate format (:func:`fewbits.sensitivity`, on the
+   first ``score_batches`` calibration batches) and its cost (:func:`layer_costs`);
+2. the Pareto front of predicted damage against the objective's cost, within any other
+   ``budgets`` (:func:`pareto_front`, integer linear programming);
+3. a bisection along the front: each point tried is quantized (with the default's bias
+   correction for convolutions when ``algos="auto"``) and measured with ``metric_fn``; the
+   cheapest point whose measured drop is within ``max_drop`` wins. The last point of the front
+   keeps every layer float and needs no trial.
+
+Every trial is appended to ``trials.jsonl`` in ``out``; the best configuration so far is always
+on disk (``recipe.json`` — ``fewbits quantize --recipe out/recipe.json`` re-uses it — and
+``model.fewbits``), so an interrupted run loses nothing, and a second run with the same ``out``
+reads the trials back instead of measuring them again. At the end ``model.onnx`` (where the
+example input exports) and ``auto.json`` (the front, the trials, the choice) are written.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Optional
+
+from ..files import write_atomic, write_json_atomic
+from ..flow import calibrate, prepare
+from ..steps import BiasCorrection
+from .candidates import DEFAULT_CANDIDATES
+from .cost import layer_costs
+from .search import COST_KEYS, Choice, pareto_front
+from .sensitivity import sensitivity
+
+OBJECTIVES = {"size": "bytes", "energy": "energy_pj", "bops": "bops"}
+AUTO_CANDIDATES = ("float", "w8a8", "w4a8", "w8", "w4-g128", "w3")
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class AutoResult:
+    """The chosen configuration (``choice``, its measured ``metric`` and ``drop``), the front
+    and every trial."""
+
+    choice: Choice
+    metric: float
+    drop: float
+    fp32: float
+    front: list = field(default_factory=list)
+    trials: list = field(default_factory=list)
+    files: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "choice": self.choice.to_dict(), "metric": self.metric,
+                "drop": self.drop, "fp32": self.fp32, "front": [c.to_dict() for c in self.front],
+                "trials": self.trials, "files": self.files, "seconds": round(self.seconds, 2)}
+
+
+def _read_trials(path: Path) -> dict:
+    """Earlier trials by their formats (a line that does not parse is an error naming the file)."""
+    trials = {}
+    if not path.is_file():
+        return trials
+    for i, line in enumerate(path.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            trial = json.loads(line)
+            trials[json.dumps(trial["formats"], sort_keys=True)] = trial
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            raise ValueError(f"{path} line {i}: not a trial ({type(err).__name__}); delete the file to start over") \
+                from None
+    return trials
+
+
+def auto(model, calibration, *, metric_fn: Callable, metric: Optional[str] = None, max_drop: float = 1.0,
+         objective: str = "size", budgets: Optional[dict] = None, candidates=AUTO_CANDIDATES, method: str = "sqnr",
+         algos: str = "auto", lower_is_better: bool = False, out=None, points: int = 12, score_batches: int = 4,
+         example=None, cache_dir=None) -> AutoResult:
+    """The smallest (``objective="size"``; ``"energy"``, ``"bops"``) configuration whose measured
+    metric is within ``max_drop`` of fp32 (see the module docstring). ``metric_fn(model) ->
+    {name: value}``; ``metric``: the key to read (default: the first); ``lower_is_better`` for
+    perplexity-like metrics; ``out``: the run's directory; ``example``: the input the ONNX file
+    is exported on (default: the first calibration batch)."""
+    start = time.perf_counter()
+    if objective == "latency":
+        raise ValueError("objective 'latency' needs the measured-latency table, which fewbits does not build yet: "
+                         "use size, energy or bops")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"auto objective must be one of {list(OBJECTIVES)}, got {objective!r}")
+    if algos not in ("auto", "none"):
+        raise ValueError(f"auto algos must be 'auto' or 'none', got {algos!r}")
+    if max_drop < 0:
+        raise ValueError(f"auto max_drop must be >= 0, got {max_drop}")
+    budgets = dict(budgets or {})
+    unknown = sorted(set(budgets) - set(COST_KEYS))
+    if unknown:
+        raise ValueError(f"unknown budget keys {unknown}; known: {list(COST_KEYS)}")
+    calibration = list(calibration)
+    if not calibration:
+        raise ValueError("auto: no calibration batches given")
+    key = OBJECTIVES[objective]
+    out = Path(out) if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+
+    def measure(m) -> float:
+        values = metric_fn(m)
+        return float(values[metric] if metric else next(iter(values.values())))
+
+    fp32 = measure(model)
+    sens = sensitivity(model, calibration[:score_batches], candidates, method, cache_dir=cache_dir)
+    costs = layer_costs(model, calibration[0], candidates)
+    front = pareto_front(sens, costs, key, points=points, budgets=budgets)
+    known = _read_trials(out / "trials.jsonl") if out is not None else {}
+    trials, models = [], {}
+
+    def recipe_of(i: int):
+        recipe = front[i].recipe(f"auto-{objective}-{i}")
+        return replace(recipe, steps=(BiasCorrection(types=("Conv1d", "Conv2d", "Conv3d"), required=False),)) \
+            if algos == "auto" else recipe
+
+    def trial(i: int) -> dict:
+        tag = json.dumps(front[i].formats, sort_keys=True)
+        if tag in known:
+            found = dict(known[tag], resumed=True)
+            trials.append(found)
+            return found
+        t0 = time.perf_counter()
+        q = calibrate(prepare(model, recipe_of(i)), calibration)
+        value = measure(q)
+        drop = (value - fp32) if lower_is_better else (fp32 - value)
+        record = {"point": i, "formats": front[i].formats, "predicted": front[i].damage, "costs": front[i].costs,
+                  "metric": value, "drop": drop, "ok": drop <= max_drop, "seconds": round(time.perf_counter() - t0, 2)}
+        trials.append(record)
+        models[i] = q
+        if out is not None:
+            with open(out / "trials.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+        return record
+
+    best = len(front) - 1  # every layer float: no drop
+    lo, hi = 0, len(front) - 1
+    while lo < hi:  # the cheapest point within max_drop, assuming the measured drop falls along the front
+        mid = (lo + hi) // 2
+        if trial(mid)["ok"]:
+            hi = best = mid
+            _write_best(out, model, front, best, recipe_of, calibration, models)
+        else:
+            lo = mid + 1
+    chosen = next((t for t in trials if t.get("point") == best or t["formats"] == front[best].formats), None)
+    value = chosen["metric"] if chosen else fp32
+    result = AutoResult(front[best], value, (value - fp32) if lower_is_better else (fp32 - value), fp32, front, trials)
+    result.files = _write_best(out, model, front, best, recipe_of, calibration, models, example=example, final=True)
+    result.seconds = time.perf_counter() - start
+    if out is not None:
+        write_json_atomic(out / "auto.json", result.to_dict())
+    return result
+
+
+def _write_best(out, model, front, best: int, recipe_of, calibration, models: dict, *, example=None,
+                final: bool = False) -> dict:
+    """``recipe.json`` and ``model.fewbits`` of the best point so far (``model.onnx`` at the end)."""
+    from ..export import save
+
+    if out is None:
+        return {}
+    recipe = recipe_of(best)
+    write_atomic(out / "recipe.json", recipe.to_json().encode())
+    q = models.get(best)
+    if q is None:
+        q = models[best] = calibrate(prepare(model, recipe), calibration)
+    files = {"recipe": str(out / "recipe.json"), "model": str(save(q, out / "model.fewbits"))}
+    if final:
+        from ..export.onnx import export_onnx, onnx_available
+
+        if onnx_available():
+            files["onnx_error"] = onnx_available()
+        else:
+            try:
+                exported = export_onnx(q, example if example is not None else calibration[0], out / "model.onnx",
+                                       batches=calibration[:2])
+                files["onnx"] = str(exported.path)
+                files["onnx_integer_gemms"] = f"{exported.kernels.integer}/{exported.kernels.integer + exported.kernels.float}"
+            except (ValueError, RuntimeError) as err:  # the choice stands; the file is what failed
+                files["onnx_error"] = f"{type(err).__name__}: {str(err)[:300]}"
+    return files
