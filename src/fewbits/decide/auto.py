@@ -28,7 +28,6 @@ from typing import Callable, Optional
 from ..files import write_atomic, write_json_atomic
 from ..flow import calibrate, prepare
 from ..steps import BiasCorrection
-from .candidates import DEFAULT_CANDIDATES
 from .cost import layer_costs
 from .search import COST_KEYS, Choice, pareto_front
 from .sensitivity import sensitivity
