@@ -433,8 +433,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what to minimise (latency needs the measured table, not built yet)")
     a.add_argument("--budget", action="append", help="an extra limit, key=value (bytes, bops, energy_pj); repeatable")
     a.add_argument("--candidates", default="float,w8a8,w4a8,w8,w4-g128,w3", help="formats a layer may get")
-    a.add_argument("--method", default="sqnr", choices=["sqnr", "loss", "hessian", "fisher"],
-                   help="the sensitivity score (default sqnr)")
+    a.add_argument("--method", default="loss", choices=["sqnr", "loss", "hessian", "fisher"],
+                   help="the sensitivity score (default loss: the best predictor in benchmarks/mixed.py)")
     a.add_argument("--algos", default="auto", choices=["auto", "none"],
                    help="auto: bias correction for the convolutions of every configuration tried")
     a.add_argument("--points", type=int, default=12, help="budgets along the Pareto front (default 12)")

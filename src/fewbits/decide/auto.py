@@ -75,7 +75,7 @@ def _read_trials(path: Path) -> dict:
 
 
 def auto(model, calibration, *, metric_fn: Callable, metric: Optional[str] = None, max_drop: float = 1.0,
-         objective: str = "size", budgets: Optional[dict] = None, candidates=AUTO_CANDIDATES, method: str = "sqnr",
+         objective: str = "size", budgets: Optional[dict] = None, candidates=AUTO_CANDIDATES, method: str = "loss",
          algos: str = "auto", lower_is_better: bool = False, out=None, points: int = 12, score_batches: int = 4,
          example=None, cache_dir=None) -> AutoResult:
     """The smallest (``objective="size"``; ``"energy"``, ``"bops"``) configuration whose measured
