@@ -131,7 +131,9 @@ def sensitivity(model: nn.Module, batches, candidates=DEFAULT_CANDIDATES, method
     if not batches:
         raise ValueError("sensitivity: no batches given")
     names = [c.name for c in chosen]
-    extra = json.dumps([samples, seed, getattr(loss_fn, "__qualname__", None)])
+    code = getattr(loss_fn, "__code__", None)  # a changed loss function is another key
+    extra = json.dumps([samples, seed, getattr(loss_fn, "__qualname__", None),
+                        hashlib.sha256(code.co_code + repr(code.co_consts).encode()).hexdigest() if code else None])
     key = fingerprint(model, batches, method, names, extra)
     path = None
     if cache_dir is not False:
