@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 import fewbits  # noqa: E402
 from fewbits.decide import METHODS, layer_costs, sensitivity  # noqa: E402
-from fewbits.decide.search import Choice  # noqa: E402
+from fewbits.decide.search import Choice, solve  # noqa: E402
 from fewbits.tasks import load_task  # noqa: E402
 from fewbits.wrap import as_call  # noqa: E402
 
@@ -96,12 +96,31 @@ def bench(name: str, n_configs: int, score_batches: int, seed: int) -> dict:
                      "output_error": _relative_error(q, reference, held),
                      "bytes": costs.total(formats, "bytes"),
                      "predicted": {m: sum(scores[m].scores[l][c] for l, c in formats.items()) for m in METHODS}})
+    # the HAWQ claim: at the size of each uniform format, the exact mixed choice (loss scores)
+    uniform = []
+    for cand in ("w8", "w4a8", "w4-g128", "w3"):
+        formats = {l: (cand if scores["loss"].scores[l].get(cand) is not None else "float") for l in scores["loss"].scores}
+        budget = costs.total(formats, "bytes")
+        mixed = solve(scores["loss"], costs, {"bytes": budget}).formats
+        row = {"uniform": cand, "bytes": budget}
+        for label, f in (("uniform", formats), ("mixed", mixed)):
+            print(f"  {name}: {label} at the size of {cand}", file=sys.stderr, flush=True)
+            q = fewbits.calibrate(fewbits.prepare(task.model, Choice(f, 0.0, {}).recipe()), task.calibration)
+            row[f"{label}_metric"] = task.evaluate(q)[task.metric]
+            row[f"{label}_bytes"] = costs.total(f, "bytes")
+        uniform.append(row)
+    print(f"  {name}: fewbits.auto max_drop 1.0", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    chosen = fewbits.auto(task.model, task.calibration, metric_fn=task.evaluate, metric=task.metric, max_drop=1.0,
+                          candidates=CANDIDATES, cache_dir=False)
+    auto_row = {"seconds": round(time.perf_counter() - t0, 1), "metric": chosen.metric, "drop": round(chosen.drop, 3),
+                "bytes": chosen.choice.costs["bytes"], "trials": len(chosen.trials)}
     correlation = {m: {"drop": _spearman([r["predicted"][m] for r in rows], [r["drop"] for r in rows]),
                        "output_error": _spearman([r["predicted"][m] for r in rows], [r["output_error"] for r in rows])}
                    for m in METHODS}
     return {"task": name, "metric": task.metric, "fp32": fp32, "layers": len(scores["sqnr"].scores),
             "candidates": list(CANDIDATES), "score_batches": score_batches, "seconds": seconds,
-            "correlation": correlation, "configs": rows}
+            "correlation": correlation, "configs": rows, "uniform_vs_mixed": uniform, "auto": auto_row}
 
 
 def tables(data: dict) -> None:
@@ -111,6 +130,15 @@ def tables(data: dict) -> None:
             rows.append({"task": t["task"], "method": m, "layers": t["layers"], "configs": len(t["configs"]),
                          "ρ vs metric drop": t["correlation"][m]["drop"],
                          "ρ vs output error": t["correlation"][m]["output_error"], "seconds": t["seconds"][m]})
+    for t in data["tasks"]:
+        if "uniform_vs_mixed" in t:
+            print_table([{"task": t["task"], "size of": r["uniform"], "MB": round(r["bytes"] / 1e6, 4),
+                          f"uniform {t['metric']}": r["uniform_metric"], f"mixed {t['metric']}": r["mixed_metric"],
+                          "mixed MB": round(r["mixed_bytes"] / 1e6, 4), "fp32": t["fp32"]} for r in t["uniform_vs_mixed"]],
+                        "mixed (exact choice, loss scores) against uniform formats at equal size")
+            a = t["auto"]
+            print_table([{"task": t["task"], "auto max-drop 1.0": f"{a['metric']} (drop {a['drop']})",
+                          "MB": round(a["bytes"] / 1e6, 4), "trials": a["trials"], "seconds": a["seconds"]}])
     print_table(rows, f"mixed: Spearman ρ of predicted vs measured damage of random mixed configurations "
                       f"({data['environment']['cpu']})")
 
