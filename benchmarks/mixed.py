@@ -7,7 +7,7 @@ task metric's drop and the output's relative squared error to fp32 on the calibr
 the scores did not use. The Spearman rank correlation between a method's predicted damage (the
 sum of its layers' scores) and the measured one says which score to trust.
 
-    .venv/bin/python benchmarks/mixed.py                          # fashion-cnn and the MobileNetV2 probe
+    .venv/bin/python benchmarks/mixed.py                          # fashion-cnn and the MobileNetV2 probe, ~12 min
     .venv/bin/python benchmarks/mixed.py --tasks fashion-cnn --configs 12
     .venv/bin/python benchmarks/mixed.py --tables                 # reprint from the JSON
 """
