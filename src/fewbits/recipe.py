@@ -236,18 +236,18 @@ def _conv_linear(weight: TensorRecipe, act: Optional[TensorRecipe], linear_act: 
 _OPS_STATIC = dict(adds=_ACT_STATIC, pools=_ACT_STATIC, concats=_ACT_STATIC, muls=_ACT_STATIC,
                    conv_outputs=_ACT_STATIC)
 # Convolutions' rounding shifts each output channel's mean, and deep CNNs compound the shifts
-# (MobileNetV2 probe, w8a8: 81.7 without, 83.4 with; fp32 83.7 — docs/reach.md). Linear layers
-# are left alone: on MiniLM the correction lowered the worst-case embedding cosine.
-_BC_CONVS = BiasCorrection(types=("Conv1d", "Conv2d", "Conv3d"), required=False)
+# (MobileNetV2 probe, w8a8 simulated: 81.6 without, 82.9 with; fp32 83.3 — docs/algorithms.md).
+# Linear layers are left alone: on MiniLM the correction lowered the worst-case embedding cosine.
+CONV_BIAS_CORRECTION = BiasCorrection(types=("Conv1d", "Conv2d", "Conv3d"), required=False)
 
 
 BUILTIN_RECIPES = {
     # The default deploys whole: the residual additions, average pools and concatenations between
     # the layers are quantized too, so each layer has a quantized output and ONNX Runtime fuses it
     # (a transformer's residual stream, read by its float norms, stays float: fewbits.wrap.ops).
-    # Convolutions get empirical bias correction after calibration (``_BC_CONVS``).
+    # Convolutions get empirical bias correction after calibration (``CONV_BIAS_CORRECTION``).
     "w8a8": Recipe("w8a8", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES,
-                   steps=(_BC_CONVS,), **_OPS_STATIC),
+                   steps=(CONV_BIAS_CORRECTION,), **_OPS_STATIC),
     # Layer inputs only (the default before the additions between layers were quantized): a
     # layer whose output meets a float op dequantizes there.
     "w8a8-inputs": Recipe("w8a8-inputs", _conv_linear(_weights(8, PerChannel(0)), _ACT_STATIC), _KEEP_FLOAT_TABLES),

@@ -39,7 +39,7 @@ def test_auto_picks_a_measured_configuration_within_the_drop_and_resumes(tmp_pat
     assert len(lines) == len(measured)
     recipe = fewbits.get_recipe(str(tmp_path / "recipe.json"))
     q = fewbits.calibrate(fewbits.prepare(model, recipe), calib)
-    assert agreement(q)["agreement"] == pytest.approx(r.metric)  # the file is the configuration measured
+    assert agreement(q)["agreement"] == r.metric  # the file is the configuration measured (deterministic)
     assert (tmp_path / "model.fewbits").is_file() and json.loads((tmp_path / "auto.json").read_text())["schema_version"] == 1
     again = fewbits.auto(model, calib, metric_fn=agreement, max_drop=2.0, out=tmp_path, cache_dir=False)
     assert all(t.get("resumed") for t in again.trials) and again.choice.formats == r.choice.formats

@@ -10,15 +10,16 @@ from torch import nn
 from ..progress import Progress
 from ..steps import BiasCorrection
 from ..wrap.handle import AlgorithmResult, LeftFloat, QuantizedModel
+from ..wrap.modules import recipe_type
 from . import bias_correction
-from .hooks import LAYERS, Stop, add_to_bias, channel_means, layer_chains
+from .hooks import LAYERS, add_to_bias, channel_means, layer_chains, output_mean
 from .stages import measure_in_order
 
 
 @torch.no_grad()
 def run_bias_correction(qmodel: QuantizedModel, step: BiasCorrection, batches: list, result: AlgorithmResult) -> None:
     wanted = {n: m for n, m in qmodel.quantized_layers().items() if fnmatch.fnmatchcase(n, step.layers)
-              and (not step.types or _type_name(m) in step.types)}
+              and (not step.types or recipe_type(m) in step.types)}
     layers = {n: m for n, m in wanted.items() if isinstance(m, LAYERS)}
     for name, m in wanted.items():
         if name not in layers:
@@ -31,31 +32,12 @@ def run_bias_correction(qmodel: QuantizedModel, step: BiasCorrection, batches: l
     float_means = channel_means(qmodel.float_model, list(layers), batches)  # insertion order = execution order
     with Progress("bias correction, layer", len(float_means)) as progress:
         # each layer measured with the earlier ones corrected, one stage of the model at a time
-        for name, quant in measure_in_order(qmodel.model, list(float_means), batches, _output_mean):
+        for name, quant in measure_in_order(qmodel.model, list(float_means), batches, output_mean):
             progress.step(name)
             delta = bias_correction.correction(float_means[name], quant)
             add_to_bias(layers[name], delta)
             result.layers[name] = {"mean_abs_shift": round(delta.abs().mean().item(), 6),
                                    "max_abs_shift": round(delta.abs().max().item(), 6)}
-
-
-def _type_name(module: nn.Module) -> str:
-    """The recipe's type name of a quantized layer (``QuantConv2d`` → ``Conv2d``)."""
-    name = type(module).__name__
-    return name[len("Quant"):] if name.startswith("Quant") else name
-
-
-def _output_mean(layer: nn.Module, _name: str):
-    """A forward hook summing the layer's output per channel (the rest of the forward skipped)
-    and the mean it read."""
-    sums = [0.0, 0]
-
-    def hook(module, _args, out):
-        s, n = bias_correction.channel_sum(out, out.dim() - 1 if isinstance(module, nn.Linear) else 1)
-        sums[0], sums[1] = sums[0] + s, sums[1] + n
-        raise Stop
-
-    return hook, lambda: sums[0] / sums[1]
 
 
 def _analytic_bias_correction(qmodel: QuantizedModel, layers: dict, result: AlgorithmResult) -> None:

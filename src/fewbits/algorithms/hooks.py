@@ -102,20 +102,35 @@ class Stop(Exception):
     """Raised by a hook once the layer of interest has run: the rest of the forward is not needed."""
 
 
-def channel_means(model, names: list[str], batches: list, stop_after: str | None = None) -> dict:
-    sums: dict = {}
+def output_mean(_layer: nn.Module = None, _name: str = "", stop: bool = True):
+    """A forward hook summing a layer's output per channel (then, with ``stop``, skipping the rest
+    of the forward) and a function reading the mean; the shape :mod:`.stages` measures with."""
+    sums = [0.0, 0]
+
+    def hook(module, _args, out):
+        s, n = bias_correction.channel_sum(out, out.dim() - 1 if isinstance(module, nn.Linear) else 1)
+        sums[0], sums[1] = sums[0] + s, sums[1] + n
+        if stop:
+            raise Stop
+
+    return hook, lambda: sums[0] / sums[1]
+
+
+def channel_means(model, names: list[str], batches: list) -> dict:
+    """Per-channel output means of the layers ``names`` over ``batches``, in the order they ran."""
+    reads, order = {}, []
 
     def hook(name):
-        def grab(module, _args, out):
-            s, n = bias_correction.channel_sum(out, 1 if not isinstance(module, nn.Linear) else out.dim() - 1)
-            old = sums.get(name, (0.0, 0))
-            sums[name] = (old[0] + s, old[1] + n)
-            if name == stop_after:
-                raise Stop
+        inner, reads[name] = output_mean(stop=False)
+
+        def grab(module, args, out):
+            if name not in order:
+                order.append(name)
+            inner(module, args, out)
         return grab
 
     run_batches(model, batches, [model.get_submodule(n).register_forward_hook(hook(n)) for n in names])
-    return {n: s / c for n, (s, c) in sums.items()}
+    return {n: reads[n]() for n in order}
 
 
 def add_to_bias(layer: nn.Module, delta: torch.Tensor) -> None:

@@ -44,7 +44,7 @@ def _outer_stacks(model: nn.Module, names: list[str]) -> list[str]:
     for path, module in model.named_modules():
         if not _is_stack(module) or any(_inside(s, path) for s in stacks):
             continue
-        held = [i for i, n in enumerate(names) if _inside(path, n) and n != path]
+        held = [i for i, n in enumerate(names) if _inside(path, n)]
         children = {n[len(path) + 1 if path else 0:].split(".")[0] for n in (names[i] for i in held)}
         if len(children) >= 2 and held == list(range(held[0], held[-1] + 1)):
             stacks.append(path)
@@ -65,72 +65,61 @@ def _called_once(model: nn.Module, stacks: list[str], batch) -> list[str]:
 
 
 def _stack_inputs(model: nn.Module, stack: str, batches: list) -> list | None:
-    """The stack's input for every batch (the rest of each forward skipped), or ``None`` when it
-    is not called with one positional input."""
+    """The stack's input for every batch as a call ``((x,), {})`` (the rest of each forward
+    skipped), or ``None`` when it is not called with one positional input."""
     kept = []
 
     def grab(_module, args, kwargs):
         if len(args) == 1 and not kwargs:
-            kept.append(args[0])
+            kept.append(((args[0],), {}))
         raise Stop
 
     run_batches(model, batches, [model.get_submodule(stack).register_forward_pre_hook(grab, with_kwargs=True)])
     return kept if len(kept) == len(batches) else None
 
 
-def _measure(module: nn.Module, relative: str, name: str, inputs: list, measure: Measure) -> torch.Tensor:
-    """Run ``inputs`` through ``module`` with ``measure``'s hook on its descendant ``relative``."""
+def _measure(module: nn.Module, relative: str, name: str, calls: list, measure: Measure) -> torch.Tensor:
+    """Run ``calls`` through ``module`` with ``measure``'s hook on its descendant ``relative``."""
     layer = module.get_submodule(relative)
     hook, read = measure(layer, name)
-    handle = layer.register_forward_hook(hook)
-    try:
-        for x in inputs:
-            try:
-                module(x)
-            except Stop:
-                pass
-    finally:
-        handle.remove()
+    run_batches(module, calls, [layer.register_forward_hook(hook)])
     return read()
 
 
-def _walk(stack: nn.Module, path: str, inputs: list, names: list[str], measure: Measure) -> Iterator:
+def _walk(stack: nn.Module, path: str, calls: list, names: list[str], measure: Measure) -> Iterator:
     children = [(f"{path}.{key}" if path else key, child) for key, child in stack.named_children()]
     last = max(i for i, (p, _) in enumerate(children) if any(_inside(p, n) for n in names))
     for i, (child_path, child) in enumerate(children[:last + 1]):
         inner = [n for n in names if _inside(child_path, n)]
-        if inner and _is_stack(child) and inner != [child_path]:
-            yield from _walk(child, child_path, inputs, inner, measure)
+        if inner and _is_stack(child):
+            yield from _walk(child, child_path, calls, inner, measure)
         else:
             for name in inner:
-                yield name, _measure(child, name[len(child_path) + 1:], name, inputs, measure)
+                yield name, _measure(child, name[len(child_path) + 1:], name, calls, measure)
         if i < last:  # the next child's inputs, with whatever the caller changed in this one
-            inputs = [child(x) for x in inputs]
+            calls = [((child(*args),), {}) for args, _ in calls]
 
 
 def measure_in_order(model: nn.Module, names: list[str], batches: list, measure: Measure) -> Iterator:
     """``(name, measure(...)'s value)`` for each of ``names`` (in execution order), each measured
-    on the model as it is when the caller asks for it. ``measure(layer, name)`` gives a forward
-    hook for that layer (it may raise :class:`Stop` once it has what it needs) and a function that
-    reads the value after the batches ran."""
+    on the model as it is when the caller asks for it. ``batches``: ``(args, kwargs)`` calls.
+    ``measure(layer, name)`` gives a forward hook for that layer (it may raise :class:`Stop` once
+    it has what it needs) and a function that reads the value after the batches ran."""
     stacks = _outer_stacks(model, names)
     stacks = _called_once(model, stacks, batches[0]) if stacks and batches else []
     done = set()
     for i, name in enumerate(names):
         if name in done:
             continue
-        stack = next((s for s in stacks if _inside(s, name) and s != name), None)
-        inputs = _stack_inputs(model, stack, batches) if stack is not None else None
-        if inputs is None:  # outside every stack, or the stack is not called once per forward
+        stack = next((s for s in stacks if _inside(s, name)), None)
+        calls = _stack_inputs(model, stack, batches) if stack is not None else None
+        if calls is None:  # outside every stack, or the stack is not called with one input
             if stack is not None:
                 stacks.remove(stack)
-            layer = model.get_submodule(name)
-            hook, read = measure(layer, name)
-            run_batches(model, batches, [layer.register_forward_hook(hook)])
             done.add(name)
-            yield name, read()
+            yield name, _measure(model, name, name, batches, measure)
             continue
-        module = model.get_submodule(stack)
-        for item in _walk(module, stack, inputs, [n for n in names[i:] if _inside(stack, n)], measure):
+        for item in _walk(model.get_submodule(stack), stack, calls, [n for n in names[i:] if _inside(stack, n)],
+                          measure):
             done.add(item[0])
             yield item

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 from ..files import write_atomic, write_json_atomic
 from ..flow import calibrate, prepare
-from ..steps import BiasCorrection
+from ..recipe import CONV_BIAS_CORRECTION
 from .cost import layer_costs
 from .search import COST_KEYS, Choice, pareto_front
 from .sensitivity import sensitivity
@@ -114,75 +114,74 @@ def auto(model, calibration, *, metric_fn: Callable, metric: Optional[str] = Non
     costs = layer_costs(model, calibration[0], candidates)
     front = pareto_front(sens, costs, key, points=points, budgets=budgets)
     known = _read_trials(out / "trials.jsonl") if out is not None else {}
-    trials, models = [], {}
+    trials = []
 
     def recipe_of(i: int):
         recipe = front[i].recipe(f"auto-{objective}-{i}")
-        return replace(recipe, steps=(BiasCorrection(types=("Conv1d", "Conv2d", "Conv3d"), required=False),)) \
-            if algos == "auto" else recipe
+        return replace(recipe, steps=(CONV_BIAS_CORRECTION,)) if algos == "auto" else recipe
 
-    def trial(i: int) -> dict:
+    def trial(i: int) -> tuple[dict, object]:
+        """The point's record and its quantized model (``None`` when read back from an earlier run)."""
         tag = json.dumps(front[i].formats, sort_keys=True)
         if tag in known:
-            found = dict(known[tag], resumed=True)
-            trials.append(found)
-            return found
+            trials.append(dict(known[tag], resumed=True))
+            return trials[-1], None
         t0 = time.perf_counter()
         q = calibrate(prepare(model, recipe_of(i)), calibration)
         value = measure(q)
         drop = (value - fp32) if lower_is_better else (fp32 - value)
-        record = {"point": i, "formats": front[i].formats, "predicted": front[i].damage, "costs": front[i].costs,
-                  "metric": value, "drop": drop, "ok": drop <= max_drop, "seconds": round(time.perf_counter() - t0, 2)}
-        trials.append(record)
-        models[i] = q
+        trials.append({"point": i, "formats": front[i].formats, "predicted": front[i].damage, "costs": front[i].costs,
+                       "metric": value, "drop": drop, "ok": drop <= max_drop,
+                       "seconds": round(time.perf_counter() - t0, 2)})
         if out is not None:
             with open(out / "trials.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
-        return record
+                f.write(json.dumps(trials[-1]) + "\n")
+        return trials[-1], q
 
-    best = len(front) - 1  # every layer float: no drop
+    best, best_record, best_model = len(front) - 1, None, None  # the last point keeps every layer float
     lo, hi = 0, len(front) - 1
     while lo < hi:  # the cheapest point within max_drop, assuming the measured drop falls along the front
         mid = (lo + hi) // 2
-        if trial(mid)["ok"]:
+        record, q = trial(mid)
+        if record["ok"]:
             hi = best = mid
-            _write_best(out, model, front, best, recipe_of, calibration, models)
+            best_record, best_model = record, q
+            if q is not None and out is not None:  # the best so far on disk (a resumed one is there already)
+                _write_files(out, recipe_of(best), q)
         else:
             lo = mid + 1
-    chosen = next((t for t in trials if t.get("point") == best or t["formats"] == front[best].formats), None)
-    value = chosen["metric"] if chosen else fp32
+    value = best_record["metric"] if best_record else fp32
     result = AutoResult(front[best], value, (value - fp32) if lower_is_better else (fp32 - value), fp32, front, trials)
-    result.files = _write_best(out, model, front, best, recipe_of, calibration, models, example=example, final=True)
+    if out is not None:
+        if best_model is None:  # read back, or all float: quantized once more to write it
+            best_model = calibrate(prepare(model, recipe_of(best)), calibration)
+            _write_files(out, recipe_of(best), best_model)
+        result.files = {"recipe": str(out / "recipe.json"), "model": str(out / "model.fewbits"),
+                        **_write_onnx(out, best_model, example if example is not None else calibration[0], calibration)}
     result.seconds = time.perf_counter() - start
     if out is not None:
         write_json_atomic(out / "auto.json", result.to_dict())
     return result
 
 
-def _write_best(out, model, front, best: int, recipe_of, calibration, models: dict, *, example=None,
-                final: bool = False) -> dict:
-    """``recipe.json`` and ``model.fewbits`` of the best point so far (``model.onnx`` at the end)."""
+def _write_files(out: Path, recipe, qmodel) -> None:
+    """``recipe.json`` and ``model.fewbits`` of the best point so far."""
     from ..export import save
 
-    if out is None:
-        return {}
-    recipe = recipe_of(best)
     write_atomic(out / "recipe.json", recipe.to_json().encode())
-    q = models.get(best)
-    if q is None:
-        q = models[best] = calibrate(prepare(model, recipe), calibration)
-    files = {"recipe": str(out / "recipe.json"), "model": str(save(q, out / "model.fewbits"))}
-    if final:
-        from ..export.onnx import export_onnx, onnx_available
+    save(qmodel, out / "model.fewbits")
 
-        if onnx_available():
-            files["onnx_error"] = onnx_available()
-        else:
-            try:
-                exported = export_onnx(q, example if example is not None else calibration[0], out / "model.onnx",
-                                       batches=calibration[:2])
-                files["onnx"] = str(exported.path)
-                files["onnx_integer_gemms"] = f"{exported.kernels.integer}/{exported.kernels.integer + exported.kernels.float}"
-            except Exception as err:  # noqa: BLE001 — the choice stands; the file is what failed, said in files
-                files["onnx_error"] = f"{type(err).__name__}: {str(err)[:300]}"
-    return files
+
+def _write_onnx(out: Path, qmodel, example, calibration) -> dict:
+    """``model.onnx`` of the choice and its integer-GEMM share, or why it could not be written."""
+    from ..export.onnx import export_onnx, onnx_available
+
+    missing = onnx_available()
+    if missing:
+        return {"onnx_error": missing}
+    try:
+        exported = export_onnx(qmodel, example, out / "model.onnx", batches=calibration[:2])
+    except Exception as err:  # noqa: BLE001 — the choice stands; the file is what failed, said in files
+        return {"onnx_error": f"{type(err).__name__}: {str(err)[:300]}"}
+    k = exported.kernels
+    return {"onnx": str(exported.path), "onnx_integer_gemms": f"{k.integer}/{k.integer + k.float}"}

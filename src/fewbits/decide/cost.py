@@ -103,7 +103,8 @@ def layer_costs(model: nn.Module, batch, candidates=DEFAULT_CANDIDATES) -> Costs
         if cand.layer is None:
             continue
         q = prepare(model, cand.recipe())
-        float_model = float_model or q.float_model
+        if float_model is None:
+            float_model = q.float_model
         records[cand.name] = lower(q, calibrated=False).layers
     if float_model is None:
         raise ValueError("layer_costs: give at least one candidate besides 'float'")

@@ -70,12 +70,12 @@ def solve(sens: Sensitivity, costs: Costs, budgets: dict) -> Choice:
     if unknown:
         raise ValueError(f"unknown budget keys {unknown}; known: {list(COST_KEYS)}")
     pairs = _options(sens, costs)
-    layers = list(sens.scores)
+    row_of = {layer: i for i, layer in enumerate(sens.scores)}
     n = len(pairs)
     damage = np.array([sens.scores[l][c] for l, c in pairs], dtype=float)
-    one_each = np.zeros((len(layers), n))
+    one_each = np.zeros((len(row_of), n))
     for j, (l, _) in enumerate(pairs):
-        one_each[layers.index(l), j] = 1.0
+        one_each[row_of[l], j] = 1.0
     constraints = [LinearConstraint(one_each, 1.0, 1.0)]
     for key, limit in budgets.items():
         row = np.array([costs.table[l][c][key] for l, c in pairs], dtype=float)

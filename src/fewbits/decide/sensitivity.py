@@ -8,8 +8,9 @@ candidate format (every layer in it, ranges from the float path) and scores each
   of its output, ``‖y − ỹ‖² / ‖y‖²`` (and the SQNR in dB). The layer's own error, nothing
   inherited.
 - ``loss``: only that layer quantized (every other layer float), the whole model run: the change
-  of the loss. The loss is ``loss_fn(output, batch)`` when given (a task loss with labels),
-  otherwise the model output's squared error to fp32 relative to its power.
+  of the loss. The loss is ``loss_fn(output, call)`` when given (a task loss with labels; ``call``
+  is the batch as ``(args, kwargs)``), otherwise the model output's squared error to fp32
+  relative to its power.
 - ``hessian`` (HAWQ-v2, Dong et al. 2020): ``Tr(H_l) / n_l · ‖Q(W_l) − W_l‖²``, the trace of the
   loss Hessian over the layer's weights estimated by Hutchinson's method
   (``E[vᵀ H v]``, ``v`` Rademacher, ``Hv`` by a second backward pass) at the fp32 weights.
@@ -44,6 +45,7 @@ from ..flow import calibrate, prepare
 from ..progress import Progress
 from ..report.evaluate import layer_isolated_errors
 from ..wrap.handle import as_call
+from ..wrap.modules import recipe_type
 from ..wrap.quantizer import TensorQuantizer
 from .candidates import DEFAULT_CANDIDATES, Candidate, get_candidates
 
@@ -114,7 +116,7 @@ def sensitivity(model: nn.Module, batches, candidates=DEFAULT_CANDIDATES, method
                 seed: int = 0) -> Sensitivity:
     """Score every quantizable layer of ``model`` in every candidate format (see the module's
     docstring for the methods). ``batches``: calibration batches (ranges and scores; keep them
-    few: every candidate runs them); ``loss_fn(output, batch) -> scalar`` for ``loss``,
+    few: every candidate runs them); ``loss_fn(output, (args, kwargs)) -> scalar`` for ``loss``,
     ``hessian`` and ``fisher`` (default: the output's error to fp32); ``samples``: Hutchinson
     vectors / Fisher draws per batch; ``cache_dir``: where scores are kept (default
     ``~/.cache/fewbits/sensitivity``, ``$FEWBITS_CACHE``; ``False``: no cache). ``model`` is not
@@ -170,7 +172,7 @@ def _quantized_per_candidate(model, chosen: list[Candidate], batches, result: Se
                 quantized[cand.name] = calibrate(prepare(model, cand.recipe()), batches)
     for q in quantized.values():
         for name, layer in q.quantized_layers().items():
-            result.layer_types.setdefault(name, type(layer).__name__.removeprefix("Quant"))
+            result.layer_types.setdefault(name, recipe_type(layer))
     for name in result.layer_types:
         result.scores[name] = {c.name: (0.0 if c.layer is None else None) for c in chosen}
         if result.method == "sqnr":

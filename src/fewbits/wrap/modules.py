@@ -200,3 +200,9 @@ class QuantEmbedding(_QuantSlots, nn.Embedding):
 QUANT_MODULES = {nn.Linear: QuantLinear, nn.Conv1d: QuantConv1d, nn.Conv2d: QuantConv2d, nn.Conv3d: QuantConv3d,
                  nn.ConvTranspose1d: QuantConvTranspose1d, nn.ConvTranspose2d: QuantConvTranspose2d,
                  nn.Embedding: QuantEmbedding}
+
+
+def recipe_type(layer: nn.Module) -> str:
+    """The recipe's type name of a quantized layer (``QuantConv2d`` → ``"Conv2d"``)."""
+    return next((base.__name__ for base, quant in QUANT_MODULES.items() if isinstance(layer, quant)),
+                type(layer).__name__)
