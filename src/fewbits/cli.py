@@ -1,4 +1,4 @@
-"""The ``fewbits`` command line: ``tasks``, ``quantize``, ``auto``, ``train``, ``compress``, ``demo``.
+"""The ``fewbits`` command line: ``tasks``, ``quantize``, ``auto``, ``report``, ``train``, ``compress``, ``demo``.
 
 Errors are one line on stderr and exit code 2; ``--debug`` shows the traceback.
 """
@@ -162,7 +162,32 @@ def cmd_quantize(args) -> dict:
         from fewbits.report.plot import plot_layer_sqnr
 
         plot_layer_sqnr({f"{name} | {recipe.name}": report}, out / "layer_sqnr.png")
+    if args.report:
+        from fewbits.files import write_json_atomic
+        from fewbits.report.collect import quantize_report_data
+        from fewbits.report.html import write_report
+
+        if not args.out:
+            raise ValueError("--report writes OUT/report.html and OUT/report_data.json: give --out")
+        data = quantize_report_data(name, qmodel, report, calibration, result.get("onnx"))
+        write_json_atomic(Path(args.out) / "report_data.json", data)
+        result["report"] = str(write_report(data, Path(args.out) / "report.html"))
+        print(f"fewbits: report {result['report']}")
     return result
+
+
+def cmd_report(args) -> dict:
+    """``fewbits report DIR``: DIR/report.html again from DIR/report_data.json."""
+    from fewbits.report.html import read_report_data, write_report
+
+    src = Path(args.dir)
+    data_path = src / "report_data.json" if src.is_dir() else src
+    if not data_path.is_file():
+        raise FileNotFoundError(f"{data_path}: no report data (written by fewbits auto --out DIR or "
+                                "fewbits quantize --report --out DIR)")
+    page = write_report(read_report_data(data_path), Path(args.html) if args.html else data_path.parent / "report.html")
+    print(f"fewbits: report {page}")
+    return {"report": str(page)}
 
 
 def export_for_cli(qmodel, calibration, args) -> dict:
@@ -209,10 +234,11 @@ def cmd_auto(args) -> dict:
         try:
             budgets[key] = float(value)
         except ValueError:
-            raise ValueError(f"--budget takes key=value (bytes, bops, energy_pj), got {item!r}") from None
+            raise ValueError(f"--budget takes key=value (bytes, bops, energy_pj, latency_s), got {item!r}") from None
     result = auto(model, calibration, metric_fn=metric_fn, metric=metric, max_drop=args.max_drop,
                   objective=args.objective, budgets=budgets, candidates=args.candidates, method=args.method,
-                  algos=args.algos, out=args.out, points=args.points)
+                  algos=args.algos, out=args.out, points=args.points, latency_path=args.latency_table,
+                  latency_batch=args.latency_batch, threads=args.threads, report=args.report)
     print(format_table([{"point": t["point"], "MB": megabytes(int(t["costs"]["bytes"])), "predicted": f"{t['predicted']:.3g}",
                          metric or "metric": round(t["metric"], 3), "drop": round(t["drop"], 3), "within": t["ok"],
                          "resumed": t.get("resumed", False)} for t in result.trials],
@@ -422,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--onnx-weights", default="auto", choices=["auto", "full", "narrow"],
                    help="auto: 7-bit weights only where this CPU's int8 kernels would saturate (default)")
     q.add_argument("--strict", action="store_true", help="fail when the ONNX model differs from the integer model")
+    q.add_argument("--report", action="store_true", help="also write OUT/report.html (needs --out)")
     q.add_argument("--fit-cpu", action="store_true",
                    help="quantize GEMM weights to the width this CPU's int8 kernels run exactly (7 bits on AVX2 "
                         "without VNNI), before calibration, so bias correction fits the deployed weights")
@@ -430,8 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--small", action="store_true", help="evaluate on a subset (quick)")
     a.add_argument("--max-drop", type=float, default=1.0, help="largest metric drop accepted (default 1.0)")
     a.add_argument("--objective", default="size", choices=["size", "energy", "bops", "latency"],
-                   help="what to minimise (latency needs the measured table, not built yet)")
-    a.add_argument("--budget", action="append", help="an extra limit, key=value (bytes, bops, energy_pj); repeatable")
+                   help="what to minimise (latency: from a table of every layer shape and format timed in ONNX "
+                        "Runtime on this machine, built once and cached)")
+    a.add_argument("--budget", action="append",
+                   help="an extra limit, key=value (bytes, bops, energy_pj, latency_s); repeatable")
+    a.add_argument("--latency-table", help="the latency table's file (default: one per machine in ~/.cache/fewbits)")
+    a.add_argument("--latency-batch", type=int, default=1, help="batch size latency is timed at (default 1)")
+    a.add_argument("--report", action=argparse.BooleanOptionalAction, default=True,
+                   help="write OUT/report.html and OUT/report_data.json (default on)")
     a.add_argument("--candidates", default="float,w8a8,w4a8,w8,w4-g128,w3", help="formats a layer may get")
     a.add_argument("--method", default="loss", choices=["sqnr", "loss", "hessian", "fisher"],
                    help="the sensitivity score (default loss: the best predictor in benchmarks/mixed.py)")
@@ -441,6 +474,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--out", help="directory: recipe.json, model.fewbits, model.onnx, trials.jsonl, auto.json "
                                  "(a second run with the same directory resumes)")
     a.add_argument("--json", help="write the result as JSON")
+    r = sub.add_parser("report", help="write the HTML report again from a run's report_data.json")
+    r.add_argument("dir", help="a directory written by fewbits auto --out or quantize --report --out, or the data file")
+    r.add_argument("--html", help="where to write the page (default: report.html beside the data)")
     t = sub.add_parser("train", help="quantization-aware training of a task's model (torchrun: data-parallel)")
     t.add_argument("--task", required=True, help="a built-in task with training data (see 'fewbits tasks')")
     t.add_argument("--recipe", default="w8a8", help="built-in name or a .json recipe file")
@@ -488,7 +524,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    commands = {"tasks": cmd_tasks, "quantize": cmd_quantize, "auto": cmd_auto, "train": cmd_train,
+    commands = {"tasks": cmd_tasks, "quantize": cmd_quantize, "auto": cmd_auto, "report": cmd_report, "train": cmd_train,
                 "compress": cmd_compress, "demo": cmd_demo}
     try:
         commands[args.command](args)

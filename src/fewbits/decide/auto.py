@@ -15,7 +15,12 @@ Every trial is appended to ``trials.jsonl`` in ``out``; the best configuration s
 on disk (``recipe.json`` — ``fewbits quantize --recipe out/recipe.json`` re-uses it — and
 ``model.fewbits``), so an interrupted run loses nothing, and a second run with the same ``out``
 reads the trials back instead of measuring them again. At the end ``model.onnx`` (where the
-example input exports) and ``auto.json`` (the front, the trials, the choice) are written.
+example input exports), ``auto.json`` (the front, the trials, the choice), ``report_data.json``
+and ``report.html`` (:mod:`fewbits.report.html`) are written.
+
+``objective="latency"`` (or a ``latency_s`` budget) builds the measured-latency table first
+(:func:`~fewbits.decide.latency.latency_table`, cached per machine); the chosen model's deployed
+latency is then measured and set beside the prediction.
 """
 from __future__ import annotations
 
@@ -29,10 +34,11 @@ from ..files import write_atomic, write_json_atomic
 from ..flow import calibrate, prepare
 from ..recipe import CONV_BIAS_CORRECTION
 from .cost import layer_costs
+from .latency import latency_table
 from .search import COST_KEYS, Choice, pareto_front
 from .sensitivity import sensitivity
 
-OBJECTIVES = {"size": "bytes", "energy": "energy_pj", "bops": "bops"}
+OBJECTIVES = {"size": "bytes", "latency": "latency_s", "energy": "energy_pj", "bops": "bops"}
 AUTO_CANDIDATES = ("float", "w8a8", "w4a8", "w8", "w4-g128", "w3")
 SCHEMA_VERSION = 1
 
@@ -77,16 +83,15 @@ def _read_trials(path: Path) -> dict:
 def auto(model, calibration, *, metric_fn: Callable, metric: Optional[str] = None, max_drop: float = 1.0,
          objective: str = "size", budgets: Optional[dict] = None, candidates=AUTO_CANDIDATES, method: str = "loss",
          algos: str = "auto", lower_is_better: bool = False, out=None, points: int = 12, score_batches: int = 4,
-         example=None, cache_dir=None) -> AutoResult:
+         example=None, cache_dir=None, latency_path=None, latency_batch: int = 1, threads: int = 2,
+         title: Optional[str] = None, report: bool = True) -> AutoResult:
     """The smallest (``objective="size"``; ``"energy"``, ``"bops"``) configuration whose measured
     metric is within ``max_drop`` of fp32 (see the module docstring). ``metric_fn(model) ->
     {name: value}``; ``metric``: the key to read (default: the first); ``lower_is_better`` for
     perplexity-like metrics; ``out``: the run's directory; ``example``: the input the ONNX file
-    is exported on (default: the first calibration batch)."""
+    is exported on (default: the first calibration batch); ``latency_path``, ``latency_batch``,
+    ``threads``: the latency table's file, the batch size and threads it is timed at."""
     start = time.perf_counter()
-    if objective == "latency":
-        raise ValueError("objective 'latency' needs the measured-latency table, which fewbits does not build yet: "
-                         "use size, energy or bops")
     if objective not in OBJECTIVES:
         raise ValueError(f"auto objective must be one of {list(OBJECTIVES)}, got {objective!r}")
     if algos not in ("auto", "none"):
@@ -111,7 +116,11 @@ def auto(model, calibration, *, metric_fn: Callable, metric: Optional[str] = Non
 
     fp32 = measure(model)
     sens = sensitivity(model, calibration[:score_batches], candidates, method, cache_dir=cache_dir)
-    costs = layer_costs(model, calibration[0], candidates)
+    latency = None
+    if key == "latency_s" or "latency_s" in budgets:
+        latency = latency_table(model, calibration[0], candidates, path=latency_path, batch_size=latency_batch,
+                                threads=threads)
+    costs = layer_costs(model, calibration[0], candidates, latency=latency)
     front = pareto_front(sens, costs, key, points=points, budgets=budgets)
     known = _read_trials(out / "trials.jsonl") if out is not None else {}
     trials = []
@@ -156,12 +165,28 @@ def auto(model, calibration, *, metric_fn: Callable, metric: Optional[str] = Non
         if best_model is None:  # read back, or all float: quantized once more to write it
             best_model = calibrate(prepare(model, recipe_of(best)), calibration)
             _write_files(out, recipe_of(best), best_model)
+        example = example if example is not None else calibration[0]
         result.files = {"recipe": str(out / "recipe.json"), "model": str(out / "model.fewbits"),
-                        **_write_onnx(out, best_model, example if example is not None else calibration[0], calibration)}
+                        **_write_onnx(out, best_model, example, calibration)}
+    if out is not None and report:
+        from .summary import auto_report
+
+        data = auto_report(result, model, best_model, sens, costs, key, calibration, example, latency,
+                           title or f"fewbits auto: {objective}, max drop {max_drop}", metric, lower_is_better, threads)
+        result.files.update(_write_report(out, data))
     result.seconds = time.perf_counter() - start
     if out is not None:
         write_json_atomic(out / "auto.json", result.to_dict())
     return result
+
+
+def _write_report(out: Path, data: dict) -> dict:
+    """``report.json`` (the data) and ``report.html`` (the page) in ``out``."""
+    from ..report.html import write_report
+
+    write_json_atomic(out / "report_data.json", data)
+    write_report(data, out / "report.html")
+    return {"report": str(out / "report.html"), "report_data": str(out / "report_data.json")}
 
 
 def _write_files(out: Path, recipe, qmodel) -> None:

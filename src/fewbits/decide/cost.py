@@ -1,5 +1,5 @@
 """What a layer costs in each candidate format: deployed bytes, bit operations and an energy
-estimate (the measured-latency table is a separate, machine-bound artefact).
+estimate, and with a measured latency table (:mod:`fewbits.decide.latency`) seconds per call.
 
 - **bytes**: the weight as it deploys — its levels at their packed width plus scales and zero
   points (:meth:`fewbits.lower.LayerRecord.weight_bytes`, the same number the report's size
@@ -13,6 +13,13 @@ estimate (the measured-latency table is a separate, machine-bound artefact).
   an fp32 multiply and add. Weights are read once from DRAM (1.3–2.6 nJ per 64 bits: the
   midpoint, 1.95 nJ), the layer's input once from an 8 KB SRAM (10 pJ per 64 bits) at its width.
   A model, not a measurement: it says what the precision buys in arithmetic and traffic.
+- **latency_s** (given a :class:`~fewbits.decide.latency.LayerLatency`): the layer alone in its
+  format in ONNX Runtime; the whole model's is the float ops between layers (``constant``) plus
+  the layers' (an integer linear layer behind a ReLU measured alone has a float output: its
+  cell adds the output grid it needs in the model, a quantization and a dequantization), minus
+  on each chain edge (``chains``, :mod:`fewbits.decide.graph`) with both ends integer the
+  conversions it saves (``chain_savings``): the head's dequantization (and a linear head's
+  quantization) and the reader's input quantization.
 """
 from __future__ import annotations
 
@@ -25,7 +32,8 @@ from torch import nn
 from ..flow import prepare
 from ..lower import lower
 from ..wrap.handle import as_call
-from .candidates import DEFAULT_CANDIDATES, Candidate, get_candidates
+from .candidates import CANDIDATES, DEFAULT_CANDIDATES, Candidate, get_candidates
+from .graph import CONV_TYPES, layer_readers
 
 # picojoules per operation or access (Horowitz, ISSCC 2014, 45 nm)
 ENERGY_PJ = {"int8_mult": 0.2, "int32_add": 0.1, "fp32_mult": 3.7, "fp32_add": 0.9,
@@ -34,20 +42,45 @@ ENERGY_PJ = {"int8_mult": 0.2, "int32_add": 0.1, "fp32_mult": 3.7, "fp32_add": 0
 
 @dataclass
 class Costs:
-    """Per layer: ``macs`` and ``inputs`` (input values) per sample; per layer and candidate:
-    ``bytes``, ``bops``, ``energy_pj`` (absent: the layer cannot take that format)."""
+    """Per layer: ``macs`` and ``inputs`` (input values) per sample, its module ``types``; per
+    layer and candidate: ``bytes``, ``bops``, ``energy_pj`` and, when measured, ``latency_s``
+    (absent: the layer cannot take that format). ``heads``: the layers that need a quantized
+    output to run on integers; ``chains``: the edges ``(a, b)`` of such a layer ``a`` read by layer
+    ``b`` alone; ``chain_savings[i]``: what edge ``i`` saves per cost key when both are integer,
+    ``float_chain_savings[i]`` when both stay float; ``constant``: the part of a cost no layer's format changes."""
 
     candidates: list[str]
     macs: dict[str, int] = field(default_factory=dict)
     inputs: dict[str, int] = field(default_factory=dict)
     table: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    types: dict[str, str] = field(default_factory=dict)
+    heads: list = field(default_factory=list)
+    chains: list = field(default_factory=list)
+    chain_savings: list = field(default_factory=list)
+    float_chain_savings: list = field(default_factory=list)
+    constant: dict = field(default_factory=dict)
 
     def total(self, choice: dict[str, str], key: str) -> float:
-        """The sum of ``key`` over the layers in the formats ``choice`` gives them."""
-        return sum(self.table[name][cand][key] for name, cand in choice.items())
+        """``key`` of the model with the layers in the formats ``choice`` gives them (the
+        constant part and the chains' savings included)."""
+        value = self.constant.get(key, 0.0) + sum(self.table[name][cand][key] for name, cand in choice.items())
+        for (a, b), both, neither in zip(self.chains, self.chain_savings, self.float_chain_savings):
+            if all(n in choice for n in (a, b)):
+                if all(is_integer(choice[n]) for n in (a, b)):
+                    value -= both.get(key, 0.0)
+                elif choice[a] == choice[b] == "float":
+                    value -= neither.get(key, 0.0)
+        return value
 
     def to_dict(self) -> dict:
-        return {"candidates": self.candidates, "macs": self.macs, "inputs": self.inputs, "table": self.table}
+        return {"candidates": self.candidates, "macs": self.macs, "inputs": self.inputs, "table": self.table,
+                "types": self.types, "heads": self.heads, "chains": [list(c) for c in self.chains], "chain_savings": self.chain_savings,
+                "float_chain_savings": self.float_chain_savings, "constant": self.constant}
+
+
+def is_integer(candidate: str) -> bool:
+    """Whether a format runs the layer on an integer kernel (its inputs quantized)."""
+    return CANDIDATES[candidate].act_bits is not None
 
 
 def layer_energy_pj(macs: int, inputs: int, weight_bytes: int, weight_bits, act_bits) -> float:
@@ -93,9 +126,11 @@ def _macs_and_inputs(model: nn.Module, names: list[str], batch) -> tuple[dict, d
     return macs, inputs
 
 
-def layer_costs(model: nn.Module, batch, candidates=DEFAULT_CANDIDATES) -> Costs:
+def layer_costs(model: nn.Module, batch, candidates=DEFAULT_CANDIDATES, latency=None) -> Costs:
     """Bytes, BOPs and energy of every quantizable layer of ``model`` in every candidate format;
-    ``batch``: one example input (MACs are counted per sample of it). ``model`` is not modified."""
+    ``batch``: one example input (MACs are counted per sample of it); ``latency``: a
+    :class:`~fewbits.decide.latency.LayerLatency` of the same model and candidates
+    (:func:`~fewbits.decide.latency.latency_table`) adds ``latency_s``. ``model`` is not modified."""
     chosen: list[Candidate] = get_candidates(candidates)
     costs = Costs([c.name for c in chosen])
     records, float_model = {}, None
@@ -110,6 +145,11 @@ def layer_costs(model: nn.Module, batch, candidates=DEFAULT_CANDIDATES) -> Costs
         raise ValueError("layer_costs: give at least one candidate besides 'float'")
     names = sorted({n for layers in records.values() for n in layers})
     costs.macs, costs.inputs = _macs_and_inputs(float_model, names, batch)
+    costs.types = {n: type(float_model.get_submodule(n)).__name__ for n in names}
+    readers = layer_readers(float_model, names, batch)
+    costs.heads, costs.chains = sorted(readers.heads()), readers.chains()
+    costs.chain_savings = [{} for _ in costs.chains]
+    costs.float_chain_savings = [{} for _ in costs.chains]
     for name in names:
         layer = float_model.get_submodule(name)
         weight = layer.weight.numel()
@@ -126,4 +166,30 @@ def layer_costs(model: nn.Module, batch, candidates=DEFAULT_CANDIDATES) -> Costs
             row[cand.name] = {"bytes": wbytes + bias, "bops": macs * (wbits or 32) * (abits or 32),
                               "energy_pj": layer_energy_pj(macs, inputs, wbytes + bias, wbits, abits)}
         costs.table[name] = row
+    if latency is not None:
+        _add_latency(costs, latency)
     return costs
+
+
+def _add_latency(costs: Costs, latency) -> None:
+    """``latency_s`` per layer and format from the measured table; a layer or format it does not
+    hold is an error naming them."""
+    missing = [f"{n} | {c}" for n, row in costs.table.items() for c in row if c not in latency.seconds.get(n, {})]
+    if missing:
+        raise ValueError(f"the latency table ({latency.path}) has no entry for {len(missing)} layer format(s), e.g. "
+                         f"{missing[:3]}; build it from the same model and candidates (latency_table)")
+    conv = latency.conversions
+
+    def own_grid(n):  # what an output grid of its own adds to a layer measured with a float output
+        return 0.0 if costs.types[n] in CONV_TYPES else conv[n]["quantize_output"] + conv[n]["dequantize_output"]
+
+    for n, row in costs.table.items():
+        for c, cell in row.items():
+            cell["latency_s"] = latency.seconds[n][c] + (own_grid(n) if n in costs.heads and is_integer(c) else 0.0)
+    costs.constant["latency_s"] = latency.rest_s
+    for (a, b), both, neither in zip(costs.chains, costs.chain_savings, costs.float_chain_savings):
+        measured = latency.chain_savings.get((a, b), {})
+        # a pair not measured (its ops not replayable): the conversions it skips
+        both["latency_s"] = own_grid(a) + measured.get(
+            "integer", conv[a]["dequantize_output"] + conv[b]["quantize_input"])
+        neither["latency_s"] = measured.get("float", 0.0)

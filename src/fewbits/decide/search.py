@@ -3,41 +3,56 @@ and the costs (as HAWQ-v3 does), and the Pareto front of damage against a cost.
 
 Variables ``x[l, c] ∈ {0, 1}`` (layer ``l`` in candidate ``c``), one per layer and candidate the
 layer can take; constraints ``Σ_c x[l, c] = 1`` per layer and ``Σ cost[key] · x ≤ budget[key]``
-per budget; objective ``min Σ damage · x``. Solved by ``scipy.optimize.milp`` (HiGHS): the
+per budget; objective ``min Σ damage · x``. A cost with chain savings (latency: two integer
+neighbours skip the conversions between them, two float ones the layout changes) adds per chain
+edge ``e = (a, b)`` a variable ``z[e] ≤ Σ_int x[a, c]``, ``z[e] ≤ Σ_int x[b, c]`` (both integer)
+and one ``z'[e] ≤ x[a, float]``, ``z'[e] ≤ x[b, float]`` (both float), with
+``− saving · z`` in that cost's row. Solved by ``scipy.optimize.milp`` (HiGHS): the
 optimum, not a greedy approximation. Damages are assumed additive over layers (each layer's
 score measured alone), which is the model HAWQ and the papers after it use; how far that holds
 is for the caller to check by quantizing the chosen configuration.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..recipe import Recipe
+from ..recipe import _ACT_STATIC, Recipe
 from .candidates import CANDIDATES
-from .cost import Costs
+from .cost import Costs, is_integer
+from .graph import own_output_grids
 from .sensitivity import Sensitivity
 
-COST_KEYS = ("bytes", "bops", "energy_pj")
+COST_KEYS = ("bytes", "bops", "energy_pj", "latency_s")
 
 
 @dataclass(frozen=True)
 class Choice:
-    """A format per layer, its predicted damage (sum of the layers' scores) and its costs."""
+    """A format per layer, its predicted damage (sum of the layers' scores) and its costs;
+    ``outputs``: the integer convolutions given an output grid of their own (no integer reader
+    to hand their output on to: ``fewbits.decide.graph``)."""
 
     formats: dict
     damage: float
     costs: dict
+    outputs: tuple = ()
 
     def to_dict(self) -> dict:
-        return {"formats": dict(self.formats), "damage": self.damage, "costs": dict(self.costs)}
+        return {"formats": dict(self.formats), "damage": self.damage, "costs": dict(self.costs),
+                "outputs": list(self.outputs)}
 
     def recipe(self, name: str = "mixed") -> Recipe:
         """A recipe giving each layer its format by exact name (``fewbits.prepare`` takes it,
-        ``to_json`` writes it): no ops between layers, no algorithm steps."""
-        by_name = tuple((_exact_pattern(layer), CANDIDATES[cand].layer) for layer, cand in self.formats.items())
-        return Recipe(name, (), by_name)
+        ``to_json`` writes it), the convolutions in ``outputs`` with a uint8 output grid so
+        that ONNX Runtime runs them on integers: no ops between layers, no algorithm steps."""
+        by_name = []
+        for layer, cand in self.formats.items():
+            recipe = CANDIDATES[cand].layer
+            if layer in self.outputs:
+                recipe = replace(recipe, output=_ACT_STATIC)
+            by_name.append((_exact_pattern(layer), recipe))
+        return Recipe(name, (), tuple(by_name))
 
 
 def _exact_pattern(name: str) -> str:
@@ -60,27 +75,70 @@ def _options(sens: Sensitivity, costs: Costs) -> list[tuple[str, str]]:
     return pairs
 
 
-def solve(sens: Sensitivity, costs: Costs, budgets: dict) -> Choice:
-    """The least damaging configuration within ``budgets`` (``{"bytes": 2e6, ...}``, keys from
-    ``bytes``, ``bops``, ``energy_pj``). No configuration fits: an error giving the smallest
-    reachable value of each budget."""
-    from scipy.optimize import Bounds, LinearConstraint, milp
+def _program(sens: Sensitivity, costs: Costs, budgets: dict, objective=None):
+    """The integer program's pairs, objective, constraints and chain variables: minimise the
+    summed damage (or ``objective``, a cost key) within ``budgets``."""
+    from scipy.optimize import LinearConstraint
 
     unknown = sorted(set(budgets) - set(COST_KEYS))
     if unknown:
         raise ValueError(f"unknown budget keys {unknown}; known: {list(COST_KEYS)}")
     pairs = _options(sens, costs)
+    keys = set(budgets) | ({objective} if objective else set())
+    for key in keys:
+        lacking = [f"{l} | {c}" for l, c in pairs if key not in costs.table[l][c]]
+        if lacking:
+            raise ValueError(f"cost {key!r} is not known for {lacking[:3]}{' …' if len(lacking) > 3 else ''}"
+                             + ("; build a latency table (latency_table) and pass it to layer_costs"
+                                if key == "latency_s" else ""))
+    # one variable per chain edge and domain: z ≤ (a integer), z ≤ (b integer) for "both integer";
+    # z ≤ (a float), z ≤ (b float) for "both float"
+    edges = [(i, e, both) for i, e in enumerate(costs.chains) for both in (True, False)
+             if any(k in (costs.chain_savings if both else costs.float_chain_savings)[i] for k in keys)]
+    n, m = len(pairs), len(edges)
     row_of = {layer: i for i, layer in enumerate(sens.scores)}
-    n = len(pairs)
-    damage = np.array([sens.scores[l][c] for l, c in pairs], dtype=float)
-    one_each = np.zeros((len(row_of), n))
+    one_each = np.zeros((len(row_of), n + m))
     for j, (l, _) in enumerate(pairs):
         one_each[row_of[l], j] = 1.0
     constraints = [LinearConstraint(one_each, 1.0, 1.0)]
+    if m:
+        links = np.zeros((2 * m, n + m))
+        for k, (_, (a, b), both) in enumerate(edges):
+            for r, layer in ((2 * k, a), (2 * k + 1, b)):
+                links[r, n + k] = 1.0
+                for j, (l, c) in enumerate(pairs):
+                    if l == layer and (is_integer(c) if both else c == "float"):
+                        links[r, j] = -1.0
+        constraints.append(LinearConstraint(links, -np.inf, 0.0))
+
+    def row(key: str) -> np.ndarray:
+        values = [costs.table[l][c][key] for l, c in pairs]
+        values += [-(costs.chain_savings if both else costs.float_chain_savings)[i].get(key, 0.0)
+                   for i, _, both in edges]
+        return np.array(values, dtype=float)
+
     for key, limit in budgets.items():
-        row = np.array([costs.table[l][c][key] for l, c in pairs], dtype=float)
-        constraints.append(LinearConstraint(row[None, :], -np.inf, float(limit)))
-    result = milp(damage, constraints=constraints, integrality=np.ones(n), bounds=Bounds(0, 1))
+        limit = float(limit) - costs.constant.get(key, 0.0)
+        constraints.append(LinearConstraint(row(key)[None, :], -np.inf, limit))
+    if objective:
+        target = row(objective)
+    else:
+        target = np.array([sens.scores[l][c] for l, c in pairs] + [0.0] * m, dtype=float)
+    return pairs, target, constraints
+
+
+def _run(target, constraints):
+    from scipy.optimize import Bounds, milp
+
+    return milp(target, constraints=constraints, integrality=np.ones(len(target)), bounds=Bounds(0, 1))
+
+
+def solve(sens: Sensitivity, costs: Costs, budgets: dict) -> Choice:
+    """The least damaging configuration within ``budgets`` (``{"bytes": 2e6, ...}``, keys from
+    ``bytes``, ``bops``, ``energy_pj``, ``latency_s``). No configuration fits: an error giving the
+    smallest reachable value of each budget."""
+    pairs, target, constraints = _program(sens, costs, budgets)
+    result = _run(target, constraints)
     if result.status != 0 or result.x is None:
         floors = {k: _cheapest(costs, sens, k) for k in budgets}
         raise ValueError(f"no configuration fits the budgets {budgets}; the smallest reachable: {floors}")
@@ -89,13 +147,20 @@ def solve(sens: Sensitivity, costs: Costs, budgets: dict) -> Choice:
 
 
 def _cheapest(costs: Costs, sens: Sensitivity, key: str) -> float:
-    return sum(min(costs.table[l][c][key] for c, s in sens.scores[l].items() if s is not None and c in costs.table[l])
-               for l in sens.scores)
+    """The smallest value of cost ``key`` any configuration reaches (solved exactly: chains' savings
+    make it more than a per-layer minimum)."""
+    pairs, target, constraints = _program(sens, costs, {}, objective=key)
+    result = _run(target, constraints)
+    formats = {l: c for (l, c), x in zip(pairs, result.x) if x > 0.5}
+    return float(costs.total(formats, key))
 
 
 def _choice(formats: dict, sens: Sensitivity, costs: Costs) -> Choice:
+    integer = {l for l, c in formats.items() if is_integer(c)}
     return Choice(formats, float(sum(sens.scores[l][c] for l, c in formats.items())),
-                  {k: float(costs.total(formats, k)) for k in COST_KEYS})
+                  {k: float(costs.total(formats, k)) for k in COST_KEYS
+                   if all(k in costs.table[l][c] for l, c in formats.items())},
+                  tuple(own_output_grids(integer, set(costs.heads), costs.chains)))
 
 
 def pareto_front(sens: Sensitivity, costs: Costs, key: str = "bytes", points: int = 16,

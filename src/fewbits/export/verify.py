@@ -54,6 +54,7 @@ class OnnxModel:
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
         if optimized_path is not None:
             options.optimized_model_filepath = str(optimized_path)
+            options.log_severity_level = 3  # the NCHWc warning about hardware-specific files is expected
         self.path = str(path)
         self.session = ort.InferenceSession(self.path, options, providers=["CPUExecutionProvider"])
         self.inputs = [i.name for i in self.session.get_inputs()]

@@ -1,0 +1,499 @@
+"""Measured latency: a look-up table of every layer shape in every candidate format, timed alone
+in ONNX Runtime on this machine, and the prediction of a whole configuration from it.
+
+**The table** (:class:`LatencyTable`, versioned JSON) is keyed by the CPU (its name and
+fewbits' int8 kernel profile), the ONNX Runtime version and the thread count; a file written
+elsewhere is refused naming what differs. One entry per layer shape — the module's type and
+geometry (``extra_repr``) and its input shape at the deployment batch — holding, in seconds per
+call:
+
+- each candidate format: the layer alone, exported exactly as fewbits deploys it (float input,
+  float output: an integer convolution with its own output grid, so that it fuses) — all
+  layers of one format are exported in one file and each is cut out of it (``onnx.utils.Extractor``);
+- ``quantize_input``: a ``QuantizeLinear`` of its input to uint8, ``quantize_output`` and
+  ``dequantize_output``: of its output to uint8 and back — the conversions at a format boundary.
+
+Each time is the median of interleaved rounds (:func:`fewbits.export.timing.interleaved_medians`)
+minus the cost of running an empty graph. Entries missing from the table are measured when
+``measure=True`` and otherwise an error naming them, never a guess.
+
+**The prediction** of a configuration (``Costs.total(formats, "latency_s")``): the float ops between
+layers (``rest_s``: the whole fp32 model measured, minus its layers' float entries) plus each
+layer's entry in its format, minus, on every chain edge ``(a, b)`` (``fewbits.decide.graph``:
+convolution ``a`` read by ``b`` alone) where both are integer, the conversions the chain saves:
+``a`` hands uint8 on at ``b``'s grid, so ``a``'s dequantization and ``b``'s quantization go.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..files import write_json_atomic
+from ..flow import calibrate, prepare
+from ..progress import Progress
+from ..recipe import _ACT_STATIC, LayerRecipe, Recipe
+from ..target import int8_kernel_profile
+from ..wrap.handle import as_call
+from .candidates import CANDIDATES, Candidate, get_candidates
+from .graph import CONV_TYPES, layer_readers, replay
+
+SCHEMA_VERSION = 1
+CONVERSIONS = ("quantize_input", "quantize_output", "dequantize_output")
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key(threads: int) -> dict:
+    """What a latency table is only valid for."""
+    import onnxruntime as ort
+
+    profile = int8_kernel_profile()
+    kind = f"{profile.isa}{'+vnni' if profile.vnni else ''}{'+pair-saturation' if profile.pair_saturation else ''}"
+    return {"cpu": cpu_name(), "profile": kind, "runtime": f"onnxruntime {ort.__version__}",
+            "threads": int(threads)}
+
+
+def default_path(threads: int) -> Path:
+    """``$FEWBITS_CACHE/latency/…`` (default ``~/.cache/fewbits``), one file per machine key."""
+    import os
+    import re
+
+    key = machine_key(threads)
+    base = Path(os.environ.get("FEWBITS_CACHE", Path.home() / ".cache" / "fewbits"))
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", f"{key['cpu']}-{key['profile']}-{key['runtime']}-t{threads}").strip("-")
+    return base / "latency" / f"{slug}.json"
+
+
+@dataclass
+class LatencyTable:
+    """Seconds per call by layer-shape key, then by format or conversion (see module doc)."""
+
+    machine: dict
+    entries: dict = field(default_factory=dict)
+    fused: dict = field(default_factory=dict)  # key → the formats whose layer ran on an integer kernel
+    unavailable: dict = field(default_factory=dict)  # key → formats that layer shape cannot take
+
+    def to_dict(self) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "format": "fewbits.latency", **self.machine,
+                "entries": self.entries, "fused": self.fused, "unavailable": self.unavailable}
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "latency table") -> "LatencyTable":
+        if not isinstance(data, dict) or data.get("format") != "fewbits.latency":
+            raise ValueError(f"{where}: not a fewbits latency table")
+        if data.get("schema_version") != SCHEMA_VERSION:
+            raise ValueError(f"{where}: schema version {data.get('schema_version')!r}; this fewbits reads "
+                             f"{SCHEMA_VERSION}")
+        try:
+            machine = {k: data[k] for k in ("cpu", "profile", "runtime", "threads")}
+            entries = {str(k): {str(f): float(s) for f, s in v.items()} for k, v in data["entries"].items()}
+            fused = {str(k): list(v) for k, v in data.get("fused", {}).items()}
+            unavailable = {str(k): list(v) for k, v in data.get("unavailable", {}).items()}
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ValueError(f"{where}: corrupt latency table ({type(err).__name__}: {err})") from None
+        return cls(machine, entries, fused, unavailable)
+
+    @classmethod
+    def load(cls, path, threads: int) -> "LatencyTable":
+        """The table at ``path`` (a new, empty one when there is no file); a table measured on
+        another machine, runtime or thread count is an error naming what differs."""
+        path = Path(path)
+        here = machine_key(threads)
+        if not path.is_file():
+            return cls(here)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise ValueError(f"{path}: unreadable latency table ({type(err).__name__}); delete it to measure again") \
+                from None
+        table = cls.from_dict(data, str(path))
+        differs = {k: (table.machine[k], here[k]) for k in here if table.machine[k] != here[k]}
+        if differs:
+            raise ValueError(f"{path}: measured for another machine or runtime: "
+                             + ", ".join(f"{k} {a!r} (here {b!r})" for k, (a, b) in differs.items()))
+        return table
+
+    def save(self, path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(Path(path), self.to_dict())
+
+    def missing(self, keys: dict, formats: list[str]) -> list[str]:
+        """``"key | format"`` of every entry not in the table (``keys``: layer → shape key)."""
+        need = list(formats) + list(CONVERSIONS)
+        return sorted({f"{k} | {f}" for k in keys.values() for f in need
+                       if f not in self.entries.get(k, {}) and f not in self.unavailable.get(k, [])})
+
+
+@dataclass
+class LayerLatency:
+    """One model's layers in the table: ``seconds[layer][format]``, the two conversions per layer
+    (``conversions[layer]``), what each chain edge saves against its two layers alone when both
+    are float (not weight-only: those dequantize their weight at run time and lay out differently)
+    or both integer (``chain_savings``: the pair measured alone, float and ``w8a8``),
+    and ``rest_s``: the whole fp32 model measured (``fp32_s``) minus its layers' float entries
+    and plus the float chains' savings — the float ops between layers, which no format changes."""
+
+    seconds: dict
+    conversions: dict
+    keys: dict
+    rest_s: float
+    fp32_s: float
+    batch_size: int
+    machine: dict
+    path: Optional[str] = None
+    fused: dict = field(default_factory=dict)
+    chain_savings: dict = field(default_factory=dict)  # (a, b) → {"float": s, "integer": s} the pair saves
+
+    def to_dict(self) -> dict:
+        return {"seconds": self.seconds, "conversions": self.conversions, "keys": self.keys, "rest_s": self.rest_s,
+                "fp32_s": self.fp32_s, "batch_size": self.batch_size, "machine": self.machine, "path": self.path,
+                "fused": self.fused, "chain_savings": {f"{a} -> {b}": v for (a, b), v in self.chain_savings.items()}}
+
+
+class _Bank(nn.Module):
+    """Independent layers side by side: ``forward(xs)`` returns each layer applied to its input."""
+
+    def __init__(self, layers: list[nn.Module]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, xs: list[torch.Tensor]):
+        return tuple(layer(x) for layer, x in zip(self.layers, xs))
+
+
+def _first_inputs(model: nn.Module, names: list[str], batch) -> dict:
+    """Each layer's first input and output (tensors) on ``batch``."""
+    seen = {}
+
+    def hook(name):
+        def keep(module, args, out):
+            seen.setdefault(name, (args[0].detach(), out.detach()))
+        return keep
+
+    handles = [model.get_submodule(n).register_forward_hook(hook(n)) for n in names]
+    args, kwargs = as_call(batch, 0)
+    try:
+        with torch.no_grad():
+            model(*args, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    never = [n for n in names if n not in seen]
+    if never:
+        raise ValueError(f"latency: the forward never ran layer(s) {never[:5]}{' …' if len(never) > 5 else ''}; "
+                         "give an example batch that reaches every layer")
+    return seen
+
+
+def _example(shape: tuple, like: torch.Tensor, layer: nn.Module) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(0)
+    if like.is_floating_point():
+        return torch.randn(shape, generator=gen)
+    return torch.randint(0, getattr(layer, "num_embeddings", 2), shape, generator=gen, dtype=like.dtype)
+
+
+def shape_key(layer: nn.Module, shape: tuple) -> str:
+    """A layer shape: type, geometry and input shape (``Conv2d(32, 64, kernel_size=(3, 3)…)@1x32x24x24``)."""
+    bias = "" if getattr(layer, "bias", None) is not None or not hasattr(layer, "bias") else ",nobias"
+    return f"{type(layer).__name__}({layer.extra_repr()}{bias})@{'x'.join(map(str, shape))}"
+
+
+def _recipe(cand: Candidate) -> Recipe:
+    """The candidate on every layer; an integer convolution with an output grid of its own."""
+    recipe = cand.recipe()
+    if cand.act_bits is None:
+        return recipe
+    by_type = tuple((t, LayerRecipe(lr.weight, lr.input, _ACT_STATIC) if t in CONV_TYPES else lr)
+                    for t, lr in recipe.by_type)
+    return Recipe(recipe.name, by_type)
+
+
+def _session(path: str, threads: int):
+    from ..export.onnx import OnnxModel
+
+    return OnnxModel(path, threads=threads)
+
+
+def _cut(model, inputs: list[str], outputs: list[str], path: Path) -> str:
+    import onnx
+    from onnx.utils import Extractor
+
+    onnx.save(Extractor(model).extract_model(inputs, outputs), str(path))
+    return str(path)
+
+
+def _conversion_graphs(shape_in: tuple, shape_out: tuple, tmp: Path, tag: str) -> tuple[str, str, str]:
+    """``QuantizeLinear`` of the input and of the output to uint8, ``DequantizeLinear`` of a uint8 output."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    def graph(name, op, shape_, dtype_in, dtype_out) -> str:
+        scale = helper.make_tensor("s", TensorProto.FLOAT, [], [0.05])
+        zp = helper.make_tensor("z", TensorProto.UINT8, [], [128])
+        node = helper.make_node(op, ["x", "s", "z"], ["y"])
+        g = helper.make_graph([node], name, [helper.make_tensor_value_info("x", dtype_in, list(shape_))],
+                              [helper.make_tensor_value_info("y", dtype_out, list(shape_))], [scale, zp])
+        path = tmp / f"{tag}-{name}.onnx"
+        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+        return str(path)
+
+    return (graph("q", "QuantizeLinear", shape_in, TensorProto.FLOAT, TensorProto.UINT8),
+            graph("qo", "QuantizeLinear", shape_out, TensorProto.FLOAT, TensorProto.UINT8),
+            graph("dq", "DequantizeLinear", shape_out, TensorProto.UINT8, TensorProto.FLOAT))
+
+
+def _empty_run_seconds(tmp: Path, threads: int) -> float:
+    """What calling a session costs with no work in it (an Identity on one value)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    from ..export.timing import interleaved_medians
+
+    g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "empty",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
+    path = tmp / "empty.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+    s = _session(str(path), threads)
+    feed = {"x": np.zeros(1, np.float32)}
+    return interleaved_medians({"empty": lambda: s.run(feed)}, seconds_per_engine=0.5)["empty"]["median_s"]
+
+
+def _bank_file(modules: list, xs: list, recipe: Optional[Recipe], path: Path) -> tuple:
+    """``modules`` side by side in one ONNX file, float (``recipe`` None) or as ``recipe``
+    deploys them; and the indices of the modules it quantized (all of a module's layers)."""
+    import warnings
+
+    import onnx
+
+    from ..export.onnx import _torch_onnx_bytes, export_onnx
+
+    bank = _Bank(modules).eval()
+    if recipe is None:
+        path.write_bytes(_torch_onnx_bytes(bank, (xs,), {}, "none"))
+        return onnx.load(str(path)), set(range(len(modules)))
+    q = calibrate(prepare(bank, recipe), [(xs,)])
+    quantized = set(q.quantized_layers())
+    done = {i for i, m in enumerate(modules)
+            if all(f"layers.{i}.{n}".rstrip(".") in quantized for n, c in m.named_modules()
+                   if isinstance(c, _LAYERS))}
+    if not done:
+        return None, done
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a layer alone that does not fuse is measured as it is
+        export_onnx(q, (xs,), path, verify=False, dynamic="none")
+    return onnx.load(str(path)), done
+
+
+_LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
+
+
+def _cut_runner(model, i: int, x: torch.Tensor, tmp: Path, tag: str, threads: int) -> tuple:
+    """The ``i``-th module of a bank file alone: its runner and whether it ran on an integer kernel."""
+    from ..export.kernels import INTEGER_GEMMS
+
+    path = _cut(model, [model.graph.input[i].name], [model.graph.output[i].name], tmp / f"{tag}-{i}.onnx")
+    fused = any(op in INTEGER_GEMMS for op in _optimized_ops(path, threads, tmp / f"opt-{tag}-{i}.onnx"))
+    return _runner(path, threads, x), fused
+
+
+def _medians(runs: dict, seconds: float, empty: float) -> dict:
+    from ..export.timing import interleaved_medians
+
+    medians = interleaved_medians(runs, seconds_per_engine=seconds, sample_seconds=0.01, min_rounds=7, max_rounds=25)
+    return {f: max(0.0, m["median_s"] - empty) for f, m in medians.items()}
+
+
+def _measure(table: LatencyTable, todo: dict, pairs: dict, chosen: list[Candidate], threads: int,
+             seconds: float) -> None:
+    """Time every shape key in ``todo`` (key → (layer, input shape, input, output shape)) in every
+    format with its conversions, and every chain pair in ``pairs`` (key → (pair module, input
+    shape, input)) float and integer."""
+    keys = list(todo)
+    xs = [_example(todo[k][1], todo[k][2], todo[k][0]) for k in keys]
+    with tempfile.TemporaryDirectory() as tmpdir:
+        tmp = Path(tmpdir)
+        files = {}  # format → the ONNX file of every layer in it, and which layers it quantized
+        with Progress("latency: exporting format", len(chosen) + (2 if pairs else 0)) as progress:
+            for cand in chosen:
+                progress.step(cand.name)
+                if keys:
+                    files[cand.name] = _bank_file([todo[k][0] for k in keys], xs,
+                                                  None if cand.layer is None else _recipe(cand), tmp / f"{cand.name}.onnx")
+            pair_keys = list(pairs)
+            pair_xs = [_example(pairs[k][1], pairs[k][2], pairs[k][0].a) for k in pair_keys]
+            pair_files = {}
+            for fmt, recipe in (("float", None), ("integer", _pair_recipe())) if pairs else ():
+                progress.step(f"{fmt} pairs")
+                pair_files[fmt] = _bank_file([pairs[k][0] for k in pair_keys], pair_xs, recipe, tmp / f"pair-{fmt}.onnx")
+        empty = _empty_run_seconds(tmp, threads)
+        with Progress("latency: timing layer shape", len(keys) + len(pairs)) as progress:
+            for i, key in enumerate(keys):
+                progress.step()
+                runs, fused = {}, []
+                for fmt, (model, done) in files.items():
+                    if i in done:
+                        runs[fmt], ok = _cut_runner(model, i, xs[i], tmp, fmt, threads)
+                        if ok:
+                            fused.append(fmt)
+                q_path, qo_path, dq_path = _conversion_graphs(todo[key][1], tuple(todo[key][3]), tmp, str(i))
+                runs["quantize_input"] = _runner(q_path, threads, xs[i].float())
+                runs["quantize_output"] = _runner(qo_path, threads, torch.randn(todo[key][3]))
+                runs["dequantize_output"] = _runner(dq_path, threads, torch.zeros(todo[key][3], dtype=torch.uint8))
+                table.entries[key] = {**table.entries.get(key, {}), **_medians(runs, seconds, empty)}
+                table.fused[key] = sorted(set(table.fused.get(key, [])) | set(fused))
+                table.unavailable[key] = sorted(set(table.unavailable.get(key, []))
+                                                | {c.name for c in chosen if c.name not in runs})
+            for i, key in enumerate(pair_keys):
+                progress.step()
+                runs = {fmt: _cut_runner(model, i, pair_xs[i], tmp, f"pair-{fmt}", threads)[0]
+                        for fmt, (model, done) in pair_files.items() if i in done}
+                table.entries[key] = _medians(runs, seconds, empty)
+                table.unavailable[key] = sorted({"float", "integer"} - set(runs))
+
+
+class _Pair(nn.Module):
+    """Layer ``a``, the recorded ops after it, layer ``b``: a chain edge alone."""
+
+    def __init__(self, a: nn.Module, path: tuple, b: nn.Module) -> None:
+        super().__init__()
+        # copies: a layer heads one pair and reads another, and a bank holds each module once
+        self.a, self.b, self.path = copy.deepcopy(a), copy.deepcopy(b), path
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(replay(self.path, self.a(x)))
+
+
+def _pair_recipe() -> Recipe:
+    """Both layers of a pair in ``w8a8``, the head handing its output on, the reader as alone (a
+    convolution with its own output grid)."""
+    w8a8 = CANDIDATES["w8a8"].layer
+    by_type = tuple((t, LayerRecipe(w8a8.weight, w8a8.input, _ACT_STATIC) if t in CONV_TYPES else w8a8)
+                    for t in ("Linear", *CONV_TYPES))
+    return Recipe("latency-pairs", by_type, (("layers.*.a", w8a8),))
+
+
+def pair_key(a_key: str, path: tuple, b_key: str) -> str:
+    """A chain pair: both layer shapes and the ops between them."""
+    ops = ",".join(f"{getattr(f, '__name__', f)}{list(args) if args else ''}{kw if kw else ''}" for f, args, kw in path)
+    return f"{a_key} >> {ops} >> {b_key}"
+
+
+def _runner(path: str, threads: int, x: torch.Tensor):
+    s = _session(path, threads)
+    feed = {s.inputs[0]: x.numpy()}
+    return lambda: s.run(feed)
+
+
+def _optimized_ops(path: str, threads: int, out: Path) -> list[str]:
+    import onnx
+
+    from ..export.onnx import OnnxModel
+
+    OnnxModel(path, threads=threads, optimized_path=out)
+    return [n.op_type for n in onnx.load(str(out)).graph.node]
+
+
+def _slice(batch, batch_size: int):
+    """The first ``batch_size`` samples of every tensor in a batch."""
+    return torch.utils._pytree.tree_map(
+        lambda v: v[:batch_size] if isinstance(v, torch.Tensor) and v.dim() else v, batch)
+
+
+def model_latency(qmodel, example, threads: int = 2, seconds: float = 4.0) -> tuple[float, dict]:
+    """Measured seconds per call of ``qmodel`` (from :func:`fewbits.prepare`, calibrated)
+    exported to ONNX and run by ONNX Runtime on ``example``; and the export's kernel report."""
+    import warnings
+
+    from ..export.onnx import export_onnx
+    from ..export.timing import interleaved_medians
+
+    with tempfile.TemporaryDirectory() as tmpdir, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # unfused layers are in the kernel report returned
+        exported = export_onnx(qmodel, example, Path(tmpdir) / "model.onnx", verify=False, dynamic="none")
+        s = _session(exported.path, threads)
+        args, kwargs = as_call(example, 0)
+        feeds = s.feeds(*args, **kwargs)
+        seconds_per_call = interleaved_medians({"model": lambda: s.run(feeds)}, seconds_per_engine=seconds)
+    return seconds_per_call["model"]["median_s"], exported.kernels.to_dict()
+
+
+def latency_table(model: nn.Module, batch, candidates, *, path=None, batch_size: int = 1, threads: int = 2,
+                  measure: bool = True, seconds: float = 0.3) -> LayerLatency:
+    """Every quantizable layer of ``model`` in every candidate format, from the table at ``path``
+    (default :func:`default_path`); entries not in it are measured and added (``measure=False``:
+    an error naming them). ``batch``: an example input; the layers are timed at its first
+    ``batch_size`` samples. Also measures the whole fp32 model once (the float ops between
+    layers, ``rest_s``). ``model`` is not modified."""
+    chosen = get_candidates(candidates)
+    if "float" not in [c.name for c in chosen]:
+        chosen = [get_candidates(["float"])[0], *chosen]
+    path = Path(path) if path is not None else default_path(threads)
+    table = LatencyTable.load(path, threads)
+    example = _slice(batch, batch_size)
+    float_q = prepare(model, Recipe("float", ()))
+    names = sorted({n for c in chosen if c.layer is not None for n in prepare(model, c.recipe()).quantized_layers()})
+    float_model = float_q.float_model
+    seen = _first_inputs(float_model, names, example)
+    keys, todo = {}, {}
+    for n in names:
+        layer = float_model.get_submodule(n)
+        x, y = seen[n]
+        keys[n] = shape_key(layer, tuple(x.shape))
+        if keys[n] not in todo:
+            todo[keys[n]] = (layer, tuple(x.shape), x, tuple(y.shape))
+    readers = layer_readers(float_model, names, example)
+    chains = [c for c in readers.chains() if c in readers.paths]
+    pair_keys, pairs = {}, {}
+    for a, b in chains:
+        pair_keys[(a, b)] = pair_key(keys[a], readers.paths[(a, b)], keys[b])
+        if pair_keys[(a, b)] not in pairs:
+            pairs[pair_keys[(a, b)]] = (_Pair(float_model.get_submodule(a), readers.paths[(a, b)],
+                                              float_model.get_submodule(b)), tuple(seen[a][0].shape), seen[a][0])
+    formats = [c.name for c in chosen]
+    missing = table.missing(keys, formats)
+    missing_pairs = [k for k in pairs if not all(f in table.entries.get(k, {}) or f in table.unavailable.get(k, [])
+                                                 for f in ("float", "integer"))]
+    if (missing or missing_pairs) and not measure:
+        raise ValueError(f"latency table {path}: {len(missing) + len(missing_pairs)} entries missing, e.g. "
+                         f"{(missing + [f'{k} | pair' for k in missing_pairs])[:3]}; measure them (measure=True) on "
+                         "this machine")
+    if missing or missing_pairs:
+        needed = {k for k in todo if any(m.startswith(k + " | ") for m in missing)}
+        _measure(table, {k: todo[k] for k in needed}, {k: pairs[k] for k in missing_pairs}, chosen, threads, seconds)
+        table.save(path)
+    # formats a layer cannot take (not quantized by it) have no entry: costs leave them out
+    seconds_by_layer = {n: {f: table.entries[keys[n]][f] for f in formats if f in table.entries[keys[n]]}
+                        for n in names}
+    conversions = {n: {c: table.entries[keys[n]][c] for c in CONVERSIONS} for n in names}
+    chain_savings = {}
+    for (a, b), key in pair_keys.items():
+        measured = table.entries.get(key, {})
+        saving = {}
+        for domain, fmt in (("float", "float"), ("integer", "w8a8")):
+            if domain in measured and fmt in seconds_by_layer[a] and fmt in seconds_by_layer[b]:
+                saving[domain] = seconds_by_layer[a][fmt] + seconds_by_layer[b][fmt] - measured[domain]
+        chain_savings[(a, b)] = saving
+    fp32_s, _ = model_latency(float_q, example, threads)
+    rest = fp32_s - sum(s["float"] for s in seconds_by_layer.values()) \
+        + sum(s.get("float", 0.0) for s in chain_savings.values())
+    return LayerLatency(seconds_by_layer, conversions, keys, rest, fp32_s, batch_size, table.machine, str(path),
+                        {n: table.fused.get(keys[n], []) for n in names}, chain_savings)
