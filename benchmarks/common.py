@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from fewbits.report.table import format_table
+from fewbits.target import cpu_name
 
 THREADS = 2
 
@@ -23,17 +24,6 @@ def environment() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__,
             "machine": platform.machine(), "cpu": cpu_name(), "cpus": os.cpu_count(),
             "threads": torch.get_num_threads()}
-
-
-def cpu_name() -> str:
-    """The CPU model (/proc/cpuinfo), recorded with every result: the kind varies between machines."""
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def print_table(rows: list[dict], title: str = "") -> None:

@@ -10,6 +10,15 @@ sum of its layers' scores) and the measured one says which score to trust.
     .venv/bin/python benchmarks/mixed.py                          # fashion-cnn and the MobileNetV2 probe, ~12 min
     .venv/bin/python benchmarks/mixed.py --tasks fashion-cnn --configs 12
     .venv/bin/python benchmarks/mixed.py --tables                 # reprint from the JSON
+
+``--sections fronts`` (its own JSON, ``benchmarks/results/mixed_fronts.json``, and the plot
+``docs/img/mixed_fronts.png``): per task the measured-latency table (built fresh, batch 1),
+predicted against measured whole-model latency in ONNX Runtime for every uniform format, the
+points of the size and latency fronts and random mixes; each front point's and uniform format's
+metric; and ``fewbits.auto`` (size and latency objectives, max drop 1.0 — MiniLM: mean
+cosine ≥ 0.995) with its deployed latency against uniform ``w8a8``:
+
+    .venv/bin/python benchmarks/mixed.py --sections fronts --tasks fashion-cnn,mobilenetv2-probe,minilm-wordnet
 """
 from __future__ import annotations
 
@@ -32,6 +41,10 @@ from fewbits.tasks import load_task  # noqa: E402
 from fewbits.wrap import as_call  # noqa: E402
 
 RESULTS = "benchmarks/results/mixed.json"
+FRONTS = "benchmarks/results/mixed_fronts.json"
+FRONTS_PLOT = "docs/img/mixed_fronts.png"
+# the drop auto is allowed, and the metric it reads, per task (MiniLM: the embedding's mean cosine to fp32)
+DROPS = {"minilm-wordnet": ("cosine_mean", 0.005)}
 CANDIDATES = ("float", "w8a8", "w4a8", "w8", "w4-g128", "w3")
 LOW = ("w4a8", "w4-g128", "w3")
 
@@ -123,6 +136,119 @@ def bench(name: str, n_configs: int, score_batches: int, seed: int) -> dict:
             "correlation": correlation, "configs": rows, "uniform_vs_mixed": uniform, "auto": auto_row}
 
 
+def _measure(task, model, choice, example, calibration, reference_s: float) -> dict:
+    """A configuration quantized (simulated metric) and deployed (ONNX Runtime latency, integer
+    share); the prediction rescaled by the reference graph timed beside it (the machine's clock
+    drifts between the table's reading and this measurement)."""
+    from fewbits.decide.latency import model_latency
+
+    q = fewbits.calibrate(fewbits.prepare(model, choice.recipe()), calibration)
+    seconds, kernels, ref, empty = model_latency(q, example, reference=True)
+    return {"metric": task.evaluate(q)[task.metric], "measured_s": seconds, "drift": (ref - empty) / reference_s,
+            "integer_gemms": f"{kernels['integer']}/{kernels['integer'] + kernels['float']}"}
+
+
+def bench_fronts(name: str, n_random: int, points: int, seed: int, workdir: Path) -> dict:
+    """The latency table, predicted vs measured latency, the fronts against the uniform formats, auto."""
+    from fewbits.decide import pareto_front
+    from fewbits.decide.latency import _slice, latency_table
+    from fewbits.decide.search import _choice
+    from fewbits.decide.summary import uniform_choices
+
+    print(f"  {name}: loading", file=sys.stderr, flush=True)
+    task = load_task(name)
+    fp32 = task.evaluate(task.model)[task.metric]
+    scored = task.calibration[:2]
+    sens = sensitivity(task.model, scored, CANDIDATES, "loss")
+    print(f"  {name}: latency table", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    lat = latency_table(task.model, scored[0], CANDIDATES, path=workdir / f"latency-{name}.json")
+    table_seconds = round(time.perf_counter() - t0, 1)
+    costs = layer_costs(task.model, scored[0], CANDIDATES, latency=lat)
+    example = _slice(scored[0], 1)
+    configs = [(f"uniform {c}", "uniform", _choice(f, sens, costs)) for c, f in uniform_choices(sens, costs).items()]
+    configs.append(("fp32", "uniform", _choice({l: "float" for l in sens.scores}, sens, costs)))
+    for key in ("bytes", "latency_s"):
+        for i, c in enumerate(pareto_front(sens, costs, key, points=points)[:-1]):  # the last point is fp32
+            configs.append((f"{key} front {i}", f"{key} front", c))
+    rng = random.Random(seed)
+    for i in range(n_random):
+        formats = {l: rng.choice([c for c, s in sens.scores[l].items() if s is not None and c in costs.table[l]])
+                   for l in sens.scores}
+        configs.append((f"random {i}", "random", _choice(formats, sens, costs)))
+    rows = []
+    for label, kind, choice in configs:
+        print(f"  {name}: {label}", file=sys.stderr, flush=True)
+        row = {"config": label, "kind": kind, "bytes": choice.costs["bytes"], "predicted_s": choice.costs["latency_s"],
+               "damage": choice.damage, **_measure(task, task.model, choice, example, task.calibration, lat.reference_s)}
+        row["error"] = round(row["predicted_s"] * row["drift"] / row["measured_s"] - 1, 4)
+        rows.append(row)
+    metric, drop = DROPS.get(name, (task.metric, 1.0))
+    autos = {}
+    for objective in ("size", "latency"):
+        print(f"  {name}: fewbits.auto {objective}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        out = workdir / f"auto-{name}-{objective}"
+        r = fewbits.auto(task.model, task.calibration, metric_fn=task.evaluate, metric=metric, max_drop=drop,
+                         objective=objective, candidates=CANDIDATES, out=out, latency_path=workdir / f"latency-{name}.json")
+        summary = json.loads((out / "report_data.json").read_text())["summary"]
+        autos[objective] = {"seconds": round(time.perf_counter() - t0, 1), "metric": r.metric, "drop": round(r.drop, 5),
+                            "bytes": r.choice.costs["bytes"], "latency_s": summary.get("latency_s"),
+                            "predicted_s": summary.get("latency_predicted_s"), "trials": len(r.trials),
+                            "task_metric": task.evaluate(fewbits.calibrate(fewbits.prepare(
+                                task.model, fewbits.get_recipe(str(out / "recipe.json"))), task.calibration))[task.metric],
+                            "integer_gemms": r.files.get("onnx_integer_gemms"), "report": str(out / "report.html")}
+    return {"task": name, "metric": task.metric, "fp32": fp32, "auto_metric": metric, "max_drop": drop,
+            "table_seconds": table_seconds, "layers": len(sens.scores), "configs": rows, "auto": autos,
+            "machine": lat.machine}
+
+
+def plot_fronts(data: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = data["tasks"]
+    fig, axes = plt.subplots(len(tasks), 2, figsize=(12, 3.8 * len(tasks)), squeeze=False)
+    for (ax_size, ax_lat), t in zip(axes, tasks):
+        for ax, x, front, unit in ((ax_size, "bytes", "bytes front", 1e-6), (ax_lat, "measured_s", "latency_s front", 1e3)):
+            pts = sorted((r for r in t["configs"] if r["kind"] == front), key=lambda r: r[x])
+            ax.plot([r[x] * unit for r in pts], [r["metric"] for r in pts], "o-", label="mixed (front)")
+            for r in t["configs"]:
+                if r["kind"] == "uniform":
+                    ax.plot(r[x] * unit, r["metric"], "s")
+                    ax.annotate(r["config"].replace("uniform ", ""), (r[x] * unit, r["metric"]), fontsize=8,
+                                xytext=(3, 3), textcoords="offset points")
+            for objective, a in t["auto"].items():
+                value = a["bytes"] if x == "bytes" else a["latency_s"]
+                if value is not None:
+                    ax.plot(value * unit, a["task_metric"], "*", ms=14, label=f"auto ({objective})")
+            ax.set_xlabel("MB" if x == "bytes" else "measured latency, batch 1 (ms)")
+            ax.set_ylabel(t["metric"])
+            ax.set_title(f"{t['task']}: {'size' if x == 'bytes' else 'latency'}")
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def tables_fronts(data: dict) -> None:
+    for t in data["tasks"]:
+        print_table([{"config": r["config"], "MB": round(r["bytes"] / 1e6, 4), t["metric"]: round(r["metric"], 3),
+                      "predicted ms": round(r["predicted_s"] * 1e3, 3), "measured ms": round(r["measured_s"] * 1e3, 3),
+                      "error": f"{100 * r['error']:+.1f}%", "clock drift": round(r["drift"], 3),
+                      "integer GEMMs": r["integer_gemms"]} for r in t["configs"]],
+                    f"{t['task']} (fp32 {t['fp32']}): latency table built in {t['table_seconds']} s")
+        errors = [abs(r["error"]) for r in t["configs"]]
+        print(f"  largest |error| {100 * max(errors):.1f}%, within 15%: {sum(e <= 0.15 for e in errors)}/{len(errors)}")
+        print_table([{"auto": k, t["auto_metric"]: round(a["metric"], 4), "drop": a["drop"], t["metric"]: a["task_metric"],
+                      "MB": round(a["bytes"] / 1e6, 4), "deployed ms": None if a["latency_s"] is None else
+                      round(a["latency_s"] * 1e3, 3), "integer GEMMs": a["integer_gemms"], "trials": a["trials"],
+                      "seconds": a["seconds"]} for k, a in t["auto"].items()])
+
+
 def tables(data: dict) -> None:
     rows = []
     for t in data["tasks"]:
@@ -150,11 +276,30 @@ def main() -> None:
     p.add_argument("--score-batches", type=int, default=2, help="calibration batches the scores use")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tables", action="store_true", help="reprint the tables from the saved JSON")
+    p.add_argument("--sections", default="scores", choices=["scores", "fronts"],
+                   help="scores: rank correlation and equal-size comparison; fronts: latency table, fronts, auto")
+    p.add_argument("--random", type=int, default=4, help="fronts: random mixes checked for latency")
+    p.add_argument("--points", type=int, default=6, help="fronts: points per Pareto front")
     args = p.parse_args()
     if args.tables:
-        tables(json.loads(Path(RESULTS).read_text()))
+        if args.sections == "fronts":
+            tables_fronts(json.loads(Path(FRONTS).read_text()))
+        else:
+            tables(json.loads(Path(RESULTS).read_text()))
         return
     set_threads()
+    if args.sections == "fronts":
+        import tempfile
+
+        start = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            tasks = [bench_fronts(n, args.random, args.points, args.seed, Path(tmp)) for n in args.tasks.split(",")]
+        data = {"environment": environment(), "tasks": tasks, "seconds": round(time.perf_counter() - start, 1)}
+        save_json(data, FRONTS)
+        plot_fronts(data, FRONTS_PLOT)
+        tables_fronts(data)
+        print(f"results: {FRONTS}, {FRONTS_PLOT}")
+        return
     start = time.perf_counter()
     tasks = [bench(n, args.configs, args.score_batches, args.seed) for n in args.tasks.split(",")]
     data = {"tasks": tasks, "seconds": round(time.perf_counter() - start, 1)}

@@ -122,3 +122,14 @@ class Target:
         """The widest weights this target's int8 kernels run exactly without a per-layer proof,
         or None when every width runs exactly (``--fit-cpu`` caps recipes at this)."""
         return NARROW_BITS if self.profile.pair_saturation else None
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"

@@ -88,8 +88,9 @@ def _fake_latency_costs():
         for cell in row.values():
             cell["latency_s"] = float(torch.rand(1, generator=g)) * 1e-3
     costs.constant["latency_s"] = 2e-4
-    for both, neither in zip(costs.chain_savings, costs.float_chain_savings):
-        both["latency_s"], neither["latency_s"] = 4e-4, 1e-4
+    for saving in costs.chain_savings:  # negative ones too: a pair that costs more than its layers alone
+        for k, combo in enumerate(("integer|integer", "float|float", "weight|float", "integer|weight")):
+            saving[combo] = {"latency_s": (4e-4, 1e-4, -2e-4, -1e-4)[k]}
     sens = fewbits.sensitivity(model, batches, ["float", "w8a8", "w8"], method="sqnr", cache_dir=False)
     return sens, costs
 
@@ -118,13 +119,16 @@ def test_the_latency_table_measures_once_and_refuses_what_it_does_not_hold(tmp_p
     assert all({"float", "w8a8"} <= set(s) for s in lat.seconds.values())
     assert all(v >= 0 for s in lat.seconds.values() for v in s.values())
     assert set(lat.chain_savings) == {("a", "b"), ("fc1", "fc2")}
+    assert set(lat.chain_savings[("a", "b")]) == {"float|float", "float|integer", "integer|float", "integer|integer"}
     data = json.loads(path.read_text())
-    assert data["format"] == "fewbits.latency" and data["schema_version"] == 1
+    assert data["format"] == "fewbits.latency" and data["schema_version"] == 2
     assert data["runtime"].startswith("onnxruntime ") and data["profile"] == machine_key(2)["profile"]
     assert any(" >> " in k for k in data["entries"])  # the chain pairs, timed alone
     # every entry there: read back, nothing measured (the fp32 model is timed again)
     again = latency_table(model, batches[0], ["float", "w8a8"], path=path, measure=False, seconds=0.05)
-    assert again.seconds == lat.seconds
+    # the same entries, in seconds of the reference graph timed at each reading (exact but for rounding)
+    assert {(n, f): v / again.reference_s for n, d in again.seconds.items() for f, v in d.items()} == pytest.approx(
+        {(n, f): v / lat.reference_s for n, d in lat.seconds.items() for f, v in d.items()}, rel=1e-12)
     costs = layer_costs(model, batches[0], ["float", "w8a8"], latency=again)
     # by construction the table predicts the fp32 model it was calibrated on
     assert costs.total({n: "float" for n in costs.table}, "latency_s") == pytest.approx(again.fp32_s, rel=1e-9)

@@ -172,7 +172,8 @@ def auto(model, calibration, *, metric_fn: Callable, metric: Optional[str] = Non
         from .summary import auto_report
 
         data = auto_report(result, model, best_model, sens, costs, key, calibration, example, latency,
-                           title or f"fewbits auto: {objective}, max drop {max_drop}", metric, lower_is_better, threads)
+                           title or f"fewbits auto: {objective}, max drop {max_drop}", metric, lower_is_better, threads,
+                           latency_batch)
         result.files.update(_write_report(out, data))
     result.seconds = time.perf_counter() - start
     if out is not None:

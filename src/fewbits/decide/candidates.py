@@ -33,6 +33,16 @@ class Candidate:
     weight_bits: Optional[int]
     act_bits: Optional[int]
 
+    @property
+    def domain(self) -> str:
+        """How the layer runs deployed: ``integer`` (an integer GEMM), ``weight`` (integer
+        weights dequantized at run time, a float GEMM) or ``float`` (float weights: fp32, or
+        levels decoded into float constants)."""
+        if self.act_bits is not None:
+            return "integer"
+        spec = None if self.layer is None else self.layer.weight.spec
+        return "weight" if isinstance(spec, QuantSpec) and isinstance(spec.granularity, PerChannel) else "float"
+
     def recipe(self) -> Recipe:
         """Every layer in this format (embeddings too, where the format has no input grid), no ops
         between layers, no algorithm steps: the format alone."""
@@ -66,6 +76,9 @@ CANDIDATES = {
     "w2-ternary": _from_builtin("w2-ternary", 2, None),
 }
 DEFAULT_CANDIDATES = ("float", "w8a8", "w4a8", "w8", "w4-g128", "w3", "w2")
+DOMAINS = ("float", "integer", "weight")
+# the format a domain's neighbour pairs are timed in (fewbits.decide.latency)
+DOMAIN_FORMATS = {"float": "float", "integer": "w8a8", "weight": "w8"}
 
 
 def get_candidates(names) -> list[Candidate]:

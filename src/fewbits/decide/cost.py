@@ -17,9 +17,10 @@ estimate, and with a measured latency table (:mod:`fewbits.decide.latency`) seco
   format in ONNX Runtime; the whole model's is the float ops between layers (``constant``) plus
   the layers' (an integer linear layer behind a ReLU measured alone has a float output: its
   cell adds the output grid it needs in the model, a quantization and a dequantization), minus
-  on each chain edge (``chains``, :mod:`fewbits.decide.graph`) with both ends integer the
-  conversions it saves (``chain_savings``): the head's dequantization (and a linear head's
-  quantization) and the reader's input quantization.
+  on each chain edge (``chains``, :mod:`fewbits.decide.graph`) what the pair, timed alone in the
+  two layers' domains, saves against the two alone (``chain_savings``): the conversions two integer
+  layers skip, the layout changes two float ones share, the reorders a weight-only neighbour adds
+  (a negative saving).
 """
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ class Costs:
     layer and candidate: ``bytes``, ``bops``, ``energy_pj`` and, when measured, ``latency_s``
     (absent: the layer cannot take that format). ``heads``: the layers that need a quantized
     output to run on integers; ``chains``: the edges ``(a, b)`` of such a layer ``a`` read by layer
-    ``b`` alone; ``chain_savings[i]``: what edge ``i`` saves per cost key when both are integer,
-    ``float_chain_savings[i]`` when both stay float; ``constant``: the part of a cost no layer's format changes."""
+    ``b`` alone; ``chain_savings[i]``: what edge ``i`` saves per domain pair (``"integer|float"``:
+    ``a`` integer, ``b`` float; :attr:`Candidate.domain`) and cost key against its two layers
+    alone (negative: the pair costs more); ``constant``: the part of a cost no layer's format changes."""
 
     candidates: list[str]
     macs: dict[str, int] = field(default_factory=dict)
@@ -57,30 +59,31 @@ class Costs:
     heads: list = field(default_factory=list)
     chains: list = field(default_factory=list)
     chain_savings: list = field(default_factory=list)
-    float_chain_savings: list = field(default_factory=list)
     constant: dict = field(default_factory=dict)
 
     def total(self, choice: dict[str, str], key: str) -> float:
         """``key`` of the model with the layers in the formats ``choice`` gives them (the
         constant part and the chains' savings included)."""
         value = self.constant.get(key, 0.0) + sum(self.table[name][cand][key] for name, cand in choice.items())
-        for (a, b), both, neither in zip(self.chains, self.chain_savings, self.float_chain_savings):
-            if all(n in choice for n in (a, b)):
-                if all(is_integer(choice[n]) for n in (a, b)):
-                    value -= both.get(key, 0.0)
-                elif choice[a] == choice[b] == "float":
-                    value -= neither.get(key, 0.0)
+        for (a, b), saving in zip(self.chains, self.chain_savings):
+            if a in choice and b in choice:
+                value -= saving.get(f"{domain(choice[a])}|{domain(choice[b])}", {}).get(key, 0.0)
         return value
 
     def to_dict(self) -> dict:
         return {"candidates": self.candidates, "macs": self.macs, "inputs": self.inputs, "table": self.table,
                 "types": self.types, "heads": self.heads, "chains": [list(c) for c in self.chains], "chain_savings": self.chain_savings,
-                "float_chain_savings": self.float_chain_savings, "constant": self.constant}
+                "constant": self.constant}
 
 
 def is_integer(candidate: str) -> bool:
     """Whether a format runs the layer on an integer kernel (its inputs quantized)."""
     return CANDIDATES[candidate].act_bits is not None
+
+
+def domain(candidate: str) -> str:
+    """How a format runs deployed (:attr:`Candidate.domain`)."""
+    return CANDIDATES[candidate].domain
 
 
 def layer_energy_pj(macs: int, inputs: int, weight_bytes: int, weight_bits, act_bits) -> float:
@@ -149,7 +152,6 @@ def layer_costs(model: nn.Module, batch, candidates=DEFAULT_CANDIDATES, latency=
     readers = layer_readers(float_model, names, batch)
     costs.heads, costs.chains = sorted(readers.heads()), readers.chains()
     costs.chain_savings = [{} for _ in costs.chains]
-    costs.float_chain_savings = [{} for _ in costs.chains]
     for name in names:
         layer = float_model.get_submodule(name)
         weight = layer.weight.numel()
@@ -187,9 +189,10 @@ def _add_latency(costs: Costs, latency) -> None:
         for c, cell in row.items():
             cell["latency_s"] = latency.seconds[n][c] + (own_grid(n) if n in costs.heads and is_integer(c) else 0.0)
     costs.constant["latency_s"] = latency.rest_s
-    for (a, b), both, neither in zip(costs.chains, costs.chain_savings, costs.float_chain_savings):
-        measured = latency.chain_savings.get((a, b), {})
-        # a pair not measured (its ops not replayable): the conversions it skips
-        both["latency_s"] = own_grid(a) + measured.get(
-            "integer", conv[a]["dequantize_output"] + conv[b]["quantize_input"])
-        neither["latency_s"] = measured.get("float", 0.0)
+    for (a, b), saving in zip(costs.chains, costs.chain_savings):
+        measured = dict(latency.chain_savings.get((a, b), {}))
+        # a pair not measured (its ops not replayable): two integer layers skip the conversions between them
+        measured.setdefault("integer|integer", conv[a]["dequantize_output"] + conv[b]["quantize_input"])
+        for combo, value in measured.items():
+            # an integer head handing on loses the output grid its cell carries
+            saving.setdefault(combo, {})["latency_s"] = value + (own_grid(a) if combo == "integer|integer" else 0.0)

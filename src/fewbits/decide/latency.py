@@ -14,20 +14,24 @@ call:
   ``dequantize_output``: of its output to uint8 and back — the conversions at a format boundary.
 
 Each time is the median of interleaved rounds (:func:`fewbits.export.timing.interleaved_medians`)
-minus the cost of running an empty graph. Entries missing from the table are measured when
+minus the cost of running an empty graph, divided by the time of a fixed reference graph
+(``REFERENCE``) timed in the same rounds; a table in use is scaled back to seconds by the
+reference timed then, beside the whole fp32 model — the clock of a shared machine drifts by tens
+of percent between minutes, a ratio taken in one run does not. Entries missing from the table are measured when
 ``measure=True`` and otherwise an error naming them, never a guess.
 
 **The prediction** of a configuration (``Costs.total(formats, "latency_s")``): the float ops between
-layers (``rest_s``: the whole fp32 model measured, minus its layers' float entries) plus each
-layer's entry in its format, minus, on every chain edge ``(a, b)`` (``fewbits.decide.graph``:
-convolution ``a`` read by ``b`` alone) where both are integer, the conversions the chain saves:
-``a`` hands uint8 on at ``b``'s grid, so ``a``'s dequantization and ``b``'s quantization go.
+layers (``rest_s``: the whole fp32 model measured, minus its layers' float entries, plus what its
+float chain pairs save) plus each layer's entry in its format, minus, on every chain edge
+``(a, b)`` (``fewbits.decide.graph``: a layer read by ``b`` alone), what the pair timed alone in
+the two layers' domains saves against the two alone: two integer layers skip the conversions
+between them (``a`` hands uint8 on at ``b``'s grid), two float ones share layout changes, a
+weight-only neighbour adds reorders (a negative saving).
 """
 from __future__ import annotations
 
 import copy
 import json
-import platform
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,24 +44,17 @@ from ..files import write_json_atomic
 from ..flow import calibrate, prepare
 from ..progress import Progress
 from ..recipe import _ACT_STATIC, LayerRecipe, Recipe
-from ..target import int8_kernel_profile
+from ..target import cpu_name, int8_kernel_profile
 from ..wrap.handle import as_call
-from .candidates import CANDIDATES, Candidate, get_candidates
+from .candidates import CANDIDATES, DOMAIN_FORMATS, DOMAINS, Candidate, get_candidates
 from .graph import CONV_TYPES, layer_readers, replay
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: entries in units of the reference graph's time (REFERENCE)
+# the yardstick every entry is timed against, interleaved: a table measured while the machine ran
+# slow or fast is scaled by the reference timed when the table is used
+REFERENCE = "MatMul 32x256 by a constant 256x256, then Relu"
 CONVERSIONS = ("quantize_input", "quantize_output", "dequantize_output")
-
-
-def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), or the platform's processor string."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+PAIR_FORMATS = tuple(f"{a}|{b}" for a in DOMAINS for b in DOMAINS)  # head's domain | reader's
 
 
 def machine_key(threads: int) -> dict:
@@ -144,9 +141,9 @@ class LatencyTable:
 @dataclass
 class LayerLatency:
     """One model's layers in the table: ``seconds[layer][format]``, the two conversions per layer
-    (``conversions[layer]``), what each chain edge saves against its two layers alone when both
-    are float (not weight-only: those dequantize their weight at run time and lay out differently)
-    or both integer (``chain_savings``: the pair measured alone, float and ``w8a8``),
+    (``conversions[layer]``), what each chain edge saves against its two layers alone in each pair
+    of domains (``chain_savings[(a, b)]["integer|weight"]``: the pair timed alone, ``a`` in
+    ``w8a8``, ``b`` in ``w8``; ``DOMAIN_FORMATS``; negative where the pair costs more),
     and ``rest_s``: the whole fp32 model measured (``fp32_s``) minus its layers' float entries
     and plus the float chains' savings — the float ops between layers, which no format changes."""
 
@@ -159,12 +156,13 @@ class LayerLatency:
     machine: dict
     path: Optional[str] = None
     fused: dict = field(default_factory=dict)
-    chain_savings: dict = field(default_factory=dict)  # (a, b) → {"float": s, "integer": s} the pair saves
+    chain_savings: dict = field(default_factory=dict)  # (a, b) → {"float|integer": s, …} the pair saves
+    reference_s: float = 0.0  # the reference graph's seconds when the table was read (the unit of its entries)
 
     def to_dict(self) -> dict:
         return {"seconds": self.seconds, "conversions": self.conversions, "keys": self.keys, "rest_s": self.rest_s,
                 "fp32_s": self.fp32_s, "batch_size": self.batch_size, "machine": self.machine, "path": self.path,
-                "fused": self.fused, "chain_savings": {f"{a} -> {b}": v for (a, b), v in self.chain_savings.items()}}
+                "fused": self.fused, "reference_s": self.reference_s, "chain_savings": {f"{a} -> {b}": v for (a, b), v in self.chain_savings.items()}}
 
 
 class _Bank(nn.Module):
@@ -261,11 +259,15 @@ def _conversion_graphs(shape_in: tuple, shape_out: tuple, tmp: Path, tag: str) -
 
 def _empty_run_seconds(tmp: Path, threads: int) -> float:
     """What calling a session costs with no work in it (an Identity on one value)."""
+    from ..export.timing import interleaved_medians
+
+    return interleaved_medians({"empty": _empty_runner(tmp, threads)}, seconds_per_engine=0.5)["empty"]["median_s"]
+
+
+def _empty_runner(tmp: Path, threads: int):
     import numpy as np
     import onnx
     from onnx import TensorProto, helper
-
-    from ..export.timing import interleaved_medians
 
     g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "empty",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
@@ -274,12 +276,28 @@ def _empty_run_seconds(tmp: Path, threads: int) -> float:
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
     s = _session(str(path), threads)
     feed = {"x": np.zeros(1, np.float32)}
-    return interleaved_medians({"empty": lambda: s.run(feed)}, seconds_per_engine=0.5)["empty"]["median_s"]
+    return lambda: s.run(feed)
 
 
-def _bank_file(modules: list, xs: list, recipe: Optional[Recipe], path: Path) -> tuple:
+def _reference_runner(tmp: Path, threads: int):
+    """The reference graph (``REFERENCE``) as a zero-argument call."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32), "w")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["h"]), helper.make_node("Relu", ["h"], ["y"])],
+                          "reference", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 256])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 256])], [w])
+    path = tmp / "reference.onnx"
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+    return _runner(str(path), threads, torch.randn(32, 256, generator=torch.Generator().manual_seed(0)))
+
+
+def _bank_file(modules: list, xs: list, recipe: Optional[Recipe], path: Path, expect=None) -> tuple:
     """``modules`` side by side in one ONNX file, float (``recipe`` None) or as ``recipe``
-    deploys them; and the indices of the modules it quantized (all of a module's layers)."""
+    deploys them; and the indices of the modules it quantized as asked (every layer inside, or
+    the children named in ``expect``)."""
     import warnings
 
     import onnx
@@ -294,7 +312,7 @@ def _bank_file(modules: list, xs: list, recipe: Optional[Recipe], path: Path) ->
     quantized = set(q.quantized_layers())
     done = {i for i, m in enumerate(modules)
             if all(f"layers.{i}.{n}".rstrip(".") in quantized for n, c in m.named_modules()
-                   if isinstance(c, _LAYERS))}
+                   if isinstance(c, _LAYERS) and (expect is None or n in expect))}
     if not done:
         return None, done
     with warnings.catch_warnings():
@@ -315,14 +333,17 @@ def _cut_runner(model, i: int, x: torch.Tensor, tmp: Path, tag: str, threads: in
     return _runner(path, threads, x), fused
 
 
-def _medians(runs: dict, seconds: float, empty: float) -> dict:
+def _medians(runs: dict, reference, seconds: float, empty: float) -> dict:
+    """Each run's median less the empty call, in units of ``reference`` timed in the same rounds."""
     from ..export.timing import interleaved_medians
 
-    medians = interleaved_medians(runs, seconds_per_engine=seconds, sample_seconds=0.01, min_rounds=7, max_rounds=25)
-    return {f: max(0.0, m["median_s"] - empty) for f, m in medians.items()}
+    medians = interleaved_medians({**runs, "__reference__": reference}, seconds_per_engine=seconds,
+                                  sample_seconds=0.01, min_rounds=7, max_rounds=25)
+    unit = medians.pop("__reference__")["median_s"] - empty
+    return {f: max(0.0, m["median_s"] - empty) / unit for f, m in medians.items()}
 
 
-def _measure(table: LatencyTable, todo: dict, pairs: dict, chosen: list[Candidate], threads: int,
+def _measure(table: LatencyTable, todo: dict, pairs: dict, chosen: list[Candidate], combos: list, threads: int,
              seconds: float) -> None:
     """Time every shape key in ``todo`` (key → (layer, input shape, input, output shape)) in every
     format with its conversions, and every chain pair in ``pairs`` (key → (pair module, input
@@ -332,7 +353,8 @@ def _measure(table: LatencyTable, todo: dict, pairs: dict, chosen: list[Candidat
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
         files = {}  # format → the ONNX file of every layer in it, and which layers it quantized
-        with Progress("latency: exporting format", len(chosen) + (2 if pairs else 0)) as progress:
+        combos = combos if pairs else []
+        with Progress("latency: exporting format", len(chosen) + len(combos)) as progress:
             for cand in chosen:
                 progress.step(cand.name)
                 if keys:
@@ -341,10 +363,13 @@ def _measure(table: LatencyTable, todo: dict, pairs: dict, chosen: list[Candidat
             pair_keys = list(pairs)
             pair_xs = [_example(pairs[k][1], pairs[k][2], pairs[k][0].a) for k in pair_keys]
             pair_files = {}
-            for fmt, recipe in (("float", None), ("integer", _pair_recipe())) if pairs else ():
-                progress.step(f"{fmt} pairs")
-                pair_files[fmt] = _bank_file([pairs[k][0] for k in pair_keys], pair_xs, recipe, tmp / f"pair-{fmt}.onnx")
+            for fmt in combos:
+                da, db = fmt.split("|")
+                progress.step(f"pairs {fmt}")
+                pair_files[fmt] = _bank_file([pairs[k][0] for k in pair_keys], pair_xs, _pair_recipe(da, db),
+                                             tmp / f"pair-{da}-{db}.onnx", expect=("a",) * (da != "float") + ("b",) * (db != "float"))
         empty = _empty_run_seconds(tmp, threads)
+        reference = _reference_runner(tmp, threads)
         with Progress("latency: timing layer shape", len(keys) + len(pairs)) as progress:
             for i, key in enumerate(keys):
                 progress.step()
@@ -358,16 +383,16 @@ def _measure(table: LatencyTable, todo: dict, pairs: dict, chosen: list[Candidat
                 runs["quantize_input"] = _runner(q_path, threads, xs[i].float())
                 runs["quantize_output"] = _runner(qo_path, threads, torch.randn(todo[key][3]))
                 runs["dequantize_output"] = _runner(dq_path, threads, torch.zeros(todo[key][3], dtype=torch.uint8))
-                table.entries[key] = {**table.entries.get(key, {}), **_medians(runs, seconds, empty)}
+                table.entries[key] = {**table.entries.get(key, {}), **_medians(runs, reference, seconds, empty)}
                 table.fused[key] = sorted(set(table.fused.get(key, [])) | set(fused))
                 table.unavailable[key] = sorted(set(table.unavailable.get(key, []))
                                                 | {c.name for c in chosen if c.name not in runs})
             for i, key in enumerate(pair_keys):
                 progress.step()
-                runs = {fmt: _cut_runner(model, i, pair_xs[i], tmp, f"pair-{fmt}", threads)[0]
+                runs = {fmt: _cut_runner(model, i, pair_xs[i], tmp, f"pair-{fmt.replace('|', '-')}", threads)[0]
                         for fmt, (model, done) in pair_files.items() if i in done}
-                table.entries[key] = _medians(runs, seconds, empty)
-                table.unavailable[key] = sorted({"float", "integer"} - set(runs))
+                table.entries[key] = {**table.entries.get(key, {}), **_medians(runs, reference, seconds, empty)}
+                table.unavailable[key] = sorted(set(table.unavailable.get(key, [])) | (set(pair_files) - set(runs)))
 
 
 class _Pair(nn.Module):
@@ -382,13 +407,21 @@ class _Pair(nn.Module):
         return self.b(replay(self.path, self.a(x)))
 
 
-def _pair_recipe() -> Recipe:
-    """Both layers of a pair in ``w8a8``, the head handing its output on, the reader as alone (a
-    convolution with its own output grid)."""
-    w8a8 = CANDIDATES["w8a8"].layer
-    by_type = tuple((t, LayerRecipe(w8a8.weight, w8a8.input, _ACT_STATIC) if t in CONV_TYPES else w8a8)
-                    for t in ("Linear", *CONV_TYPES))
-    return Recipe("latency-pairs", by_type, (("layers.*.a", w8a8),))
+def _pair_recipe(da: str, db: str) -> Optional[Recipe]:
+    """A pair's head in domain ``da``'s format, its reader in ``db``'s (``DOMAIN_FORMATS``); an
+    integer head hands its output on to an integer reader and otherwise has its own output grid,
+    an integer convolution reader its own too (as alone). ``None``: both float."""
+    if da == db == "float":
+        return None
+
+    def layer(domain: str, own_output: bool):
+        cand = CANDIDATES[DOMAIN_FORMATS[domain]]
+        if cand.layer is None or not own_output or cand.act_bits is None:
+            return cand.layer
+        return LayerRecipe(cand.layer.weight, cand.layer.input, _ACT_STATIC)
+
+    by_type = () if db == "float" else tuple((t, layer(db, t in CONV_TYPES)) for t in ("Linear", *CONV_TYPES))
+    return Recipe(f"latency-pairs-{da}-{db}", by_type, (("layers.*.a", layer(da, db != "integer")),))
 
 
 def pair_key(a_key: str, path: tuple, b_key: str) -> str:
@@ -418,9 +451,11 @@ def _slice(batch, batch_size: int):
         lambda v: v[:batch_size] if isinstance(v, torch.Tensor) and v.dim() else v, batch)
 
 
-def model_latency(qmodel, example, threads: int = 2, seconds: float = 4.0) -> tuple[float, dict]:
+def model_latency(qmodel, example, threads: int = 2, seconds: float = 4.0, reference: bool = False):
     """Measured seconds per call of ``qmodel`` (from :func:`fewbits.prepare`, calibrated)
-    exported to ONNX and run by ONNX Runtime on ``example``; and the export's kernel report."""
+    exported to ONNX and run by ONNX Runtime on ``example``; and the export's kernel report.
+    ``reference``: also the reference graph's and an empty call's seconds, timed in the same
+    rounds (a third and fourth value)."""
     import warnings
 
     from ..export.onnx import export_onnx
@@ -432,8 +467,14 @@ def model_latency(qmodel, example, threads: int = 2, seconds: float = 4.0) -> tu
         s = _session(exported.path, threads)
         args, kwargs = as_call(example, 0)
         feeds = s.feeds(*args, **kwargs)
-        seconds_per_call = interleaved_medians({"model": lambda: s.run(feeds)}, seconds_per_engine=seconds)
-    return seconds_per_call["model"]["median_s"], exported.kernels.to_dict()
+        runs = {"model": lambda: s.run(feeds)}
+        if reference:
+            runs["reference"] = _reference_runner(Path(tmpdir), threads)
+            runs["empty"] = _empty_runner(Path(tmpdir), threads)
+        medians = {k: m["median_s"] for k, m in interleaved_medians(runs, seconds_per_engine=seconds).items()}
+    if reference:
+        return medians["model"], exported.kernels.to_dict(), medians["reference"], medians["empty"]
+    return medians["model"], exported.kernels.to_dict()
 
 
 def latency_table(model: nn.Module, batch, candidates, *, path=None, batch_size: int = 1, threads: int = 2,
@@ -470,30 +511,35 @@ def latency_table(model: nn.Module, batch, candidates, *, path=None, batch_size:
                                               float_model.get_submodule(b)), tuple(seen[a][0].shape), seen[a][0])
     formats = [c.name for c in chosen]
     missing = table.missing(keys, formats)
+    domains = {c.domain for c in chosen}  # float is always among them
+    combos = [f for f in PAIR_FORMATS if set(f.split("|")) <= domains]
     missing_pairs = [k for k in pairs if not all(f in table.entries.get(k, {}) or f in table.unavailable.get(k, [])
-                                                 for f in ("float", "integer"))]
+                                                 for f in combos)]
     if (missing or missing_pairs) and not measure:
         raise ValueError(f"latency table {path}: {len(missing) + len(missing_pairs)} entries missing, e.g. "
                          f"{(missing + [f'{k} | pair' for k in missing_pairs])[:3]}; measure them (measure=True) on "
                          "this machine")
     if missing or missing_pairs:
         needed = {k for k in todo if any(m.startswith(k + " | ") for m in missing)}
-        _measure(table, {k: todo[k] for k in needed}, {k: pairs[k] for k in missing_pairs}, chosen, threads, seconds)
+        _measure(table, {k: todo[k] for k in needed}, {k: pairs[k] for k in missing_pairs}, chosen, combos, threads,
+                 seconds)
         table.save(path)
+    fp32_s, _, ref_s, empty_s = model_latency(float_q, example, threads, reference=True)
+    unit = ref_s - empty_s  # seconds of one reference, now
     # formats a layer cannot take (not quantized by it) have no entry: costs leave them out
-    seconds_by_layer = {n: {f: table.entries[keys[n]][f] for f in formats if f in table.entries[keys[n]]}
+    seconds_by_layer = {n: {f: unit * table.entries[keys[n]][f] for f in formats if f in table.entries[keys[n]]}
                         for n in names}
-    conversions = {n: {c: table.entries[keys[n]][c] for c in CONVERSIONS} for n in names}
+    conversions = {n: {c: unit * table.entries[keys[n]][c] for c in CONVERSIONS} for n in names}
     chain_savings = {}
     for (a, b), key in pair_keys.items():
-        measured = table.entries.get(key, {})
+        measured = {f: unit * v for f, v in table.entries.get(key, {}).items()}
         saving = {}
-        for domain, fmt in (("float", "float"), ("integer", "w8a8")):
-            if domain in measured and fmt in seconds_by_layer[a] and fmt in seconds_by_layer[b]:
-                saving[domain] = seconds_by_layer[a][fmt] + seconds_by_layer[b][fmt] - measured[domain]
+        for combo in PAIR_FORMATS:
+            fa, fb = (DOMAIN_FORMATS[d] for d in combo.split("|"))
+            if combo in measured and fa in seconds_by_layer[a] and fb in seconds_by_layer[b]:
+                saving[combo] = seconds_by_layer[a][fa] + seconds_by_layer[b][fb] - measured[combo]
         chain_savings[(a, b)] = saving
-    fp32_s, _ = model_latency(float_q, example, threads)
     rest = fp32_s - sum(s["float"] for s in seconds_by_layer.values()) \
-        + sum(s.get("float", 0.0) for s in chain_savings.values())
+        + sum(s.get("float|float", 0.0) for s in chain_savings.values())
     return LayerLatency(seconds_by_layer, conversions, keys, rest, fp32_s, batch_size, table.machine, str(path),
-                        {n: table.fused.get(keys[n], []) for n in names}, chain_savings)
+                        {n: table.fused.get(keys[n], []) for n in names}, chain_savings, unit)

@@ -4,10 +4,10 @@ and the costs (as HAWQ-v3 does), and the Pareto front of damage against a cost.
 Variables ``x[l, c] ∈ {0, 1}`` (layer ``l`` in candidate ``c``), one per layer and candidate the
 layer can take; constraints ``Σ_c x[l, c] = 1`` per layer and ``Σ cost[key] · x ≤ budget[key]``
 per budget; objective ``min Σ damage · x``. A cost with chain savings (latency: two integer
-neighbours skip the conversions between them, two float ones the layout changes) adds per chain
-edge ``e = (a, b)`` a variable ``z[e] ≤ Σ_int x[a, c]``, ``z[e] ≤ Σ_int x[b, c]`` (both integer)
-and one ``z'[e] ≤ x[a, float]``, ``z'[e] ≤ x[b, float]`` (both float), with
-``− saving · z`` in that cost's row. Solved by ``scipy.optimize.milp`` (HiGHS): the
+neighbours skip the conversions between them, two float ones share layout changes) adds per
+chain edge ``e = (a, b)`` and domain pair ``(da, db)`` a variable ``z = x[a ∈ da] ∧ x[b ∈ db]``
+(``z ≤ X[a, da]``, ``z ≤ X[b, db]``, ``z ≥ X[a, da] + X[b, db] − 1``, ``X`` the sum of ``x``
+over a domain's formats), with ``− saving · z`` in that cost's row. Solved by ``scipy.optimize.milp`` (HiGHS): the
 optimum, not a greedy approximation. Damages are assumed additive over layers (each layer's
 score measured alone), which is the model HAWQ and the papers after it use; how far that holds
 is for the caller to check by quantizing the chosen configuration.
@@ -20,7 +20,7 @@ import numpy as np
 
 from ..recipe import _ACT_STATIC, Recipe
 from .candidates import CANDIDATES
-from .cost import Costs, is_integer
+from .cost import Costs, domain, is_integer
 from .graph import own_output_grids
 from .sensitivity import Sensitivity
 
@@ -91,10 +91,9 @@ def _program(sens: Sensitivity, costs: Costs, budgets: dict, objective=None):
             raise ValueError(f"cost {key!r} is not known for {lacking[:3]}{' …' if len(lacking) > 3 else ''}"
                              + ("; build a latency table (latency_table) and pass it to layer_costs"
                                 if key == "latency_s" else ""))
-    # one variable per chain edge and domain: z ≤ (a integer), z ≤ (b integer) for "both integer";
-    # z ≤ (a float), z ≤ (b float) for "both float"
-    edges = [(i, e, both) for i, e in enumerate(costs.chains) for both in (True, False)
-             if any(k in (costs.chain_savings if both else costs.float_chain_savings)[i] for k in keys)]
+    # one variable per chain edge and domain pair with a saving: z = (a in domain da) AND (b in db)
+    edges = [(i, e, combo) for i, e in enumerate(costs.chains) for combo, saving in costs.chain_savings[i].items()
+             if any(k in saving for k in keys)]
     n, m = len(pairs), len(edges)
     row_of = {layer: i for i, layer in enumerate(sens.scores)}
     one_each = np.zeros((len(row_of), n + m))
@@ -102,26 +101,31 @@ def _program(sens: Sensitivity, costs: Costs, budgets: dict, objective=None):
         one_each[row_of[l], j] = 1.0
     constraints = [LinearConstraint(one_each, 1.0, 1.0)]
     if m:
-        links = np.zeros((2 * m, n + m))
-        for k, (_, (a, b), both) in enumerate(edges):
-            for r, layer in ((2 * k, a), (2 * k + 1, b)):
-                links[r, n + k] = 1.0
+        upper, lower = np.zeros((2 * m, n + m)), np.zeros((m, n + m))
+        for k, (_, (a, b), combo) in enumerate(edges):
+            da, db = combo.split("|")
+            lower[k, n + k] = 1.0
+            for r, layer, d in ((2 * k, a, da), (2 * k + 1, b, db)):
+                upper[r, n + k] = 1.0
                 for j, (l, c) in enumerate(pairs):
-                    if l == layer and (is_integer(c) if both else c == "float"):
-                        links[r, j] = -1.0
-        constraints.append(LinearConstraint(links, -np.inf, 0.0))
+                    if l == layer and domain(c) == d:
+                        upper[r, j] = -1.0  # z ≤ x[layer in d]
+                        lower[k, j] = -1.0  # z ≥ x[a in da] + x[b in db] − 1
+        constraints += [LinearConstraint(upper, -np.inf, 0.0), LinearConstraint(lower, -1.0, np.inf)]
 
     def row(key: str) -> np.ndarray:
         values = [costs.table[l][c][key] for l, c in pairs]
-        values += [-(costs.chain_savings if both else costs.float_chain_savings)[i].get(key, 0.0)
-                   for i, _, both in edges]
+        values += [-costs.chain_savings[i][combo].get(key, 0.0) for i, _, combo in edges]
         return np.array(values, dtype=float)
 
     for key, limit in budgets.items():
+        values = row(key)
+        scale = float(np.abs(values).max()) or 1.0  # rows near 1: the solver's tolerances are absolute
         limit = float(limit) - costs.constant.get(key, 0.0)
-        constraints.append(LinearConstraint(row(key)[None, :], -np.inf, limit))
+        constraints.append(LinearConstraint(values[None, :] / scale, -np.inf, limit / scale))
     if objective:
         target = row(objective)
+        target = target / (float(np.abs(target).max()) or 1.0)
     else:
         target = np.array([sens.scores[l][c] for l, c in pairs] + [0.0] * m, dtype=float)
     return pairs, target, constraints

@@ -33,9 +33,9 @@ def _why_float(layer: str, sens) -> str:
 
 
 def auto_report(result, model, qmodel, sens, costs, key: str, calibration: list, example, latency, title: str,
-                metric, lower_is_better: bool, threads: int) -> dict:
+                metric, lower_is_better: bool, threads: int, latency_batch: int = 1) -> dict:
     """The report data of a finished :func:`fewbits.auto` run (``qmodel``: the chosen model)."""
-    from .latency import model_latency
+    from .latency import _slice, model_latency
 
     choice = result.choice
     all_float = {l: "float" for l in sens.scores}
@@ -47,7 +47,7 @@ def auto_report(result, model, qmodel, sens, costs, key: str, calibration: list,
     notes, check = [], []
     if onnx_file:
         def measured(q) -> float:
-            return model_latency(q, _first(example, latency), threads)[0]
+            return model_latency(q, _slice(example, latency_batch), threads)[0]
 
         try:
             summary["latency_s"] = measured(qmodel)
@@ -97,10 +97,3 @@ def auto_report(result, model, qmodel, sens, costs, key: str, calibration: list,
         except Exception as err:  # noqa: BLE001
             notes.append(f"simulated-vs-deployed parity not measured: {type(err).__name__}: {str(err)[:200]}")
     return data
-
-
-def _first(example, latency):
-    """The example at the latency table's batch size (the whole example without a table)."""
-    from .latency import _slice
-
-    return _slice(example, latency.batch_size) if latency is not None else example
