@@ -291,11 +291,12 @@ def main() -> None:
     if args.sections == "fronts":
         import tempfile
 
-        start = time.perf_counter()
+        start, tasks = time.perf_counter(), []
         with tempfile.TemporaryDirectory() as tmp:
-            tasks = [bench_fronts(n, args.random, args.points, args.seed, Path(tmp)) for n in args.tasks.split(",")]
-        data = {"environment": environment(), "tasks": tasks, "seconds": round(time.perf_counter() - start, 1)}
-        save_json(data, FRONTS)
+            for n in args.tasks.split(","):  # saved after each task: a late failure keeps the earlier ones
+                tasks.append(bench_fronts(n, args.random, args.points, args.seed, Path(tmp)))
+                data = {"environment": environment(), "tasks": tasks, "seconds": round(time.perf_counter() - start, 1)}
+                save_json(data, FRONTS)
         plot_fronts(data, FRONTS_PLOT)
         tables_fronts(data)
         print(f"results: {FRONTS}, {FRONTS_PLOT}")

@@ -27,6 +27,19 @@ def test_quantize_a_task_writes_the_json_contract(tmp_path, capsys):
     assert "| digits" in capsys.readouterr().out
 
 
+def test_quantize_report_writes_a_page_with_the_layers_and_the_parity(tmp_path):
+    out = tmp_path / "out"
+    assert main(["quantize", "--task", "digits", "--small", "--report", "--out", str(out), "--onnx",
+                 str(tmp_path / "d.onnx")]) == 0
+    data = json.loads((out / "report_data.json").read_text())
+    assert data["format"] == "fewbits.report" and data["summary"]["metric"] == "accuracy"
+    assert data["layers"] and all(r["sqnr_db"] is not None for r in data["layers"] if r["format"] != "float")
+    assert data["histograms"] and len(data["parity"]["simulated"]) == len(data["parity"]["deployed"])
+    page = (out / "report.html").read_text()
+    assert page.count("<img class=plot") == 2  # histograms and parity: a quantize run has no front or latency
+    assert main(["quantize", "--task", "digits", "--small", "--report"]) == 2  # --report needs --out
+
+
 def test_quantize_with_algo_reports_what_the_step_did(tmp_path):
     path = tmp_path / "r.json"
     assert main(["quantize", "--task", "digits", "--recipe", "w8a8", "--algo", "smoothquant", "--json", str(path),

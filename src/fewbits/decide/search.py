@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from ..recipe import _ACT_STATIC, Recipe
+from ..recipe import _ACT_STATIC, LayerRecipe, Recipe
 from .candidates import CANDIDATES
 from .cost import Costs, domain, is_integer
 from .graph import own_output_grids
@@ -37,10 +37,11 @@ class Choice:
     damage: float
     costs: dict
     outputs: tuple = ()
+    embeddings: tuple = ()  # the layers that are embeddings: their format's weights only (indices in)
 
     def to_dict(self) -> dict:
         return {"formats": dict(self.formats), "damage": self.damage, "costs": dict(self.costs),
-                "outputs": list(self.outputs)}
+                "outputs": list(self.outputs), "embeddings": list(self.embeddings)}
 
     def recipe(self, name: str = "mixed") -> Recipe:
         """A recipe giving each layer its format by exact name (``fewbits.prepare`` takes it,
@@ -49,7 +50,9 @@ class Choice:
         by_name = []
         for layer, cand in self.formats.items():
             recipe = CANDIDATES[cand].layer
-            if layer in self.outputs:
+            if layer in self.embeddings and recipe is not None:
+                recipe = LayerRecipe(weight=recipe.weight)
+            elif layer in self.outputs:
                 recipe = replace(recipe, output=_ACT_STATIC)
             by_name.append((_exact_pattern(layer), recipe))
         return Recipe(name, (), tuple(by_name))
@@ -150,11 +153,14 @@ def solve(sens: Sensitivity, costs: Costs, budgets: dict) -> Choice:
     return _choice(formats, sens, costs)
 
 
-def _cheapest(costs: Costs, sens: Sensitivity, key: str) -> float:
-    """The smallest value of cost ``key`` any configuration reaches (solved exactly: chains' savings
-    make it more than a per-layer minimum)."""
-    pairs, target, constraints = _program(sens, costs, {}, objective=key)
+def _cheapest(costs: Costs, sens: Sensitivity, key: str, budgets: dict | None = None) -> float:
+    """The smallest value of cost ``key`` any configuration within the other ``budgets`` reaches
+    (solved exactly: chains' savings make it more than a per-layer minimum)."""
+    others = {k: v for k, v in (budgets or {}).items() if k != key}
+    pairs, target, constraints = _program(sens, costs, others, objective=key)
     result = _run(target, constraints)
+    if result.status != 0 or result.x is None:
+        raise ValueError(f"no configuration fits the budgets {others}")
     formats = {l: c for (l, c), x in zip(pairs, result.x) if x > 0.5}
     return float(costs.total(formats, key))
 
@@ -164,7 +170,8 @@ def _choice(formats: dict, sens: Sensitivity, costs: Costs) -> Choice:
     return Choice(formats, float(sum(sens.scores[l][c] for l, c in formats.items())),
                   {k: float(costs.total(formats, k)) for k in COST_KEYS
                    if all(k in costs.table[l][c] for l, c in formats.items())},
-                  tuple(own_output_grids(integer, set(costs.heads), costs.chains)))
+                  tuple(own_output_grids(integer, set(costs.heads), costs.chains)),
+                  tuple(sorted(l for l in formats if costs.types.get(l) == "Embedding")))
 
 
 def pareto_front(sens: Sensitivity, costs: Costs, key: str = "bytes", points: int = 16,
@@ -179,7 +186,7 @@ def pareto_front(sens: Sensitivity, costs: Costs, key: str = "bytes", points: in
         raise ValueError(f"pareto_front needs at least 2 points, got {points}")
     budgets = dict(budgets or {})
     best = solve(sens, costs, budgets)
-    lo, hi = _cheapest(costs, sens, key), best.costs[key]
+    lo, hi = _cheapest(costs, sens, key, budgets), best.costs[key]
     if key in budgets:
         hi = min(hi, budgets[key])
     front = []
