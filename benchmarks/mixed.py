@@ -30,13 +30,13 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import environment, print_table, save_json, set_threads  # noqa: E402
+from common import cpu_name, environment, print_table, save_json, set_threads  # noqa: E402
 
 import torch  # noqa: E402
 
 import fewbits  # noqa: E402
 from fewbits.decide import METHODS, layer_costs, sensitivity  # noqa: E402
-from fewbits.decide.search import Choice, solve  # noqa: E402
+from fewbits.decide.search import _choice, solve  # noqa: E402
 from fewbits.tasks import load_task  # noqa: E402
 from fewbits.wrap import as_call  # noqa: E402
 
@@ -103,7 +103,7 @@ def bench(name: str, n_configs: int, score_batches: int, seed: int) -> dict:
     rows = []
     for k, formats in enumerate(configs):
         print(f"  {name}: configuration {k + 1}/{len(configs)}", file=sys.stderr, flush=True)
-        q = fewbits.calibrate(fewbits.prepare(task.model, Choice(formats, 0.0, {}).recipe()), task.calibration)
+        q = fewbits.calibrate(fewbits.prepare(task.model, _choice(formats, scores['loss'], costs).recipe()), task.calibration)
         metric = task.evaluate(q)[task.metric]
         rows.append({"formats": formats, "metric": metric, "drop": round(fp32 - metric, 3),
                      "output_error": _relative_error(q, reference, held),
@@ -118,20 +118,22 @@ def bench(name: str, n_configs: int, score_batches: int, seed: int) -> dict:
         row = {"uniform": cand, "bytes": budget}
         for label, f in (("uniform", formats), ("mixed", mixed)):
             print(f"  {name}: {label} at the size of {cand}", file=sys.stderr, flush=True)
-            q = fewbits.calibrate(fewbits.prepare(task.model, Choice(f, 0.0, {}).recipe()), task.calibration)
+            q = fewbits.calibrate(fewbits.prepare(task.model, _choice(f, scores['loss'], costs).recipe()), task.calibration)
             row[f"{label}_metric"] = task.evaluate(q)[task.metric]
             row[f"{label}_bytes"] = costs.total(f, "bytes")
         uniform.append(row)
     print(f"  {name}: fewbits.auto max_drop 1.0", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
-    chosen = fewbits.auto(task.model, task.calibration, metric_fn=task.evaluate, metric=task.metric, max_drop=1.0,
+    auto_metric, auto_drop = DROPS.get(name, (task.metric, 1.0))
+    chosen = fewbits.auto(task.model, task.calibration, metric_fn=task.evaluate, metric=auto_metric, max_drop=auto_drop,
                           candidates=CANDIDATES, cache_dir=False)
     auto_row = {"seconds": round(time.perf_counter() - t0, 1), "metric": chosen.metric, "drop": round(chosen.drop, 3),
                 "bytes": chosen.choice.costs["bytes"], "trials": len(chosen.trials)}
     correlation = {m: {"drop": _spearman([r["predicted"][m] for r in rows], [r["drop"] for r in rows]),
                        "output_error": _spearman([r["predicted"][m] for r in rows], [r["output_error"] for r in rows])}
                    for m in METHODS}
-    return {"task": name, "metric": task.metric, "fp32": fp32, "layers": len(scores["sqnr"].scores),
+    return {"task": name, "metric": task.metric, "fp32": fp32, "layers": len(scores["sqnr"].scores), "cpu": cpu_name(),
+            "date": time.strftime("%Y-%m-%d"),
             "candidates": list(CANDIDATES), "score_batches": score_batches, "seconds": seconds,
             "correlation": correlation, "configs": rows, "uniform_vs_mixed": uniform, "auto": auto_row}
 
@@ -303,6 +305,9 @@ def main() -> None:
         return
     start = time.perf_counter()
     tasks = [bench(n, args.configs, args.score_batches, args.seed) for n in args.tasks.split(",")]
+    if Path(RESULTS).is_file():  # the other tasks of an earlier run stay (each row records its own run)
+        kept = [t for t in json.loads(Path(RESULTS).read_text())["tasks"] if t["task"] not in {x["task"] for x in tasks}]
+        tasks = kept + tasks
     data = {"tasks": tasks, "seconds": round(time.perf_counter() - start, 1)}
     save_json(data, RESULTS)
     tables({"environment": environment(), **data})

@@ -133,3 +133,24 @@ def test_bad_options_are_named():
         fewbits.sensitivity(model, _batches(), ["w8", "w5"])
     with pytest.raises(ValueError, match="no batches"):
         fewbits.sensitivity(model, [], ["w8"])
+
+
+class _UnusedHead(torch.nn.Module):
+    """A layer whose output the model computes and drops (a pooler nobody reads)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.pooler = torch.nn.Linear(6, 6), torch.nn.Linear(6, 6)
+
+    def forward(self, x):
+        y = self.body(x)
+        self.pooler(y)  # computed, unused
+        return y
+
+
+@pytest.mark.parametrize("method", ["hessian", "fisher"])
+def test_curvature_scores_a_layer_the_output_does_not_depend_on_as_harmless(method):
+    torch.manual_seed(0)
+    batches = [torch.randn(8, 6) for _ in range(2)]
+    sens = fewbits.sensitivity(_UnusedHead().eval(), batches, ["float", "w8a8", "w3"], method=method, cache_dir=False)
+    assert sens.scores["pooler"]["w3"] == 0.0 and sens.scores["body"]["w3"] > 0

@@ -237,9 +237,16 @@ def _cut(model, inputs: list[str], outputs: list[str], path: Path) -> str:
     return str(path)
 
 
+def _save_graph(graph, path: Path) -> None:
+    """A hand-built graph (conversions, the empty call, the reference) as an opset-21 file."""
+    import onnx
+    from onnx import helper
+
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+
+
 def _conversion_graphs(shape_in: tuple, shape_out: tuple, tmp: Path, tag: str) -> tuple[str, str, str]:
     """``QuantizeLinear`` of the input and of the output to uint8, ``DequantizeLinear`` of a uint8 output."""
-    import onnx
     from onnx import TensorProto, helper
 
     def graph(name, op, shape_, dtype_in, dtype_out) -> str:
@@ -249,7 +256,7 @@ def _conversion_graphs(shape_in: tuple, shape_out: tuple, tmp: Path, tag: str) -
         g = helper.make_graph([node], name, [helper.make_tensor_value_info("x", dtype_in, list(shape_))],
                               [helper.make_tensor_value_info("y", dtype_out, list(shape_))], [scale, zp])
         path = tmp / f"{tag}-{name}.onnx"
-        onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+        _save_graph(g, path)
         return str(path)
 
     return (graph("q", "QuantizeLinear", shape_in, TensorProto.FLOAT, TensorProto.UINT8),
@@ -266,14 +273,13 @@ def _empty_run_seconds(tmp: Path, threads: int) -> float:
 
 def _empty_runner(tmp: Path, threads: int):
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper
 
     g = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "empty",
                           [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])
     path = tmp / "empty.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+    _save_graph(g, path)
     s = _session(str(path), threads)
     feed = {"x": np.zeros(1, np.float32)}
     return lambda: s.run(feed)
@@ -282,7 +288,6 @@ def _empty_runner(tmp: Path, threads: int):
 def _reference_runner(tmp: Path, threads: int):
     """The reference graph (``REFERENCE``) as a zero-argument call."""
     import numpy as np
-    import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     w = numpy_helper.from_array(np.random.default_rng(0).standard_normal((256, 256)).astype(np.float32), "w")
@@ -290,7 +295,7 @@ def _reference_runner(tmp: Path, threads: int):
                           "reference", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [32, 256])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [32, 256])], [w])
     path = tmp / "reference.onnx"
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+    _save_graph(g, path)
     return _runner(str(path), threads, torch.randn(32, 256, generator=torch.Generator().manual_seed(0)))
 
 

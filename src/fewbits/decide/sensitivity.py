@@ -294,17 +294,23 @@ def _hutchinson_trace(float_model, weights: dict, batches, loss_fn, samples: int
     """``Tr(H_l) / n_l`` per layer: ``E[vᵀ H v]`` over Rademacher ``v``, averaged over batches."""
     generator = torch.Generator().manual_seed(seed)
     loss = _curvature_loss(float_model, batches, loss_fn, generator)
-    params = list(weights.values())
+    names, params = list(weights), list(weights.values())
     sums = {n: 0.0 for n in weights}
     with Progress("sensitivity (hessian): batch", len(batches)) as progress:
         for i in range(len(batches)):
             progress.step()
-            grads = torch.autograd.grad(loss(i), params, create_graph=True)
+            # a weight the loss does not depend on (a pooler whose output is unused) has no gradient:
+            # zero curvature; so has a gradient that is constant in the weights
+            grads = torch.autograd.grad(loss(i), params, create_graph=True, allow_unused=True)
+            used = [k for k, g in enumerate(grads) if g is not None and g.requires_grad]
             for s in range(samples):
                 vs = [torch.randint(0, 2, p.shape, generator=generator).to(p.dtype) * 2 - 1 for p in params]
-                hv = torch.autograd.grad(grads, params, grad_outputs=vs, retain_graph=s < samples - 1)
-                for n, v, h in zip(weights, vs, hv):
-                    sums[n] += float((v * h).sum())
+                hv = torch.autograd.grad([grads[k] for k in used], [params[k] for k in used],
+                                         grad_outputs=[vs[k] for k in used], retain_graph=s < samples - 1,
+                                         allow_unused=True)
+                for k, h in zip(used, hv):
+                    if h is not None:
+                        sums[names[k]] += float((vs[k] * h).sum())
     count = len(batches) * samples
     return {n: sums[n] / count / weights[n].numel() for n in weights}
 
@@ -322,6 +328,7 @@ def _fisher_diagonal(float_model, weights: dict, batches, loss_fn, samples: int,
             progress.step()
             for _ in range(draws):
                 value = loss(i) if loss_fn is not None else loss(i, noisy=True)
-                for n, g in zip(weights, torch.autograd.grad(value, params)):
-                    sums[n] += g.detach().double().pow(2)
+                for n, g in zip(weights, torch.autograd.grad(value, params, allow_unused=True)):
+                    if g is not None:  # None: the loss does not depend on that weight (zero Fisher)
+                        sums[n] += g.detach().double().pow(2)
     return {n: s / (len(batches) * draws) for n, s in sums.items()}
