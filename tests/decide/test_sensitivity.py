@@ -154,3 +154,12 @@ def test_curvature_scores_a_layer_the_output_does_not_depend_on_as_harmless(meth
     batches = [torch.randn(8, 6) for _ in range(2)]
     sens = fewbits.sensitivity(_UnusedHead().eval(), batches, ["float", "w8a8", "w3"], method=method, cache_dir=False)
     assert sens.scores["pooler"]["w3"] == 0.0 and sens.scores["body"]["w3"] > 0
+
+
+def test_hessian_runs_through_attention():
+    # Hessian-vector products need attention's second derivative: the fused CPU kernel has none
+    torch.manual_seed(0)
+    model = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 2, 32, batch_first=True), 1).eval()
+    batches = [torch.randn(2, 5, 16) for _ in range(2)]
+    sens = fewbits.sensitivity(model, batches, ["float", "w3"], method="hessian", cache_dir=False)
+    assert all(s["w3"] > 0 for s in sens.scores.values())

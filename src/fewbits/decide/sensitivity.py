@@ -259,8 +259,12 @@ def _score_curvature(model, quantized: dict, batches, loss_fn, method: str, samp
     try:
         for w in weights.values():
             w.requires_grad_(True)
-        stats = (_hutchinson_trace(float_model, weights, batches, loss_fn, samples, seed) if method == "hessian" else
-                 _fisher_diagonal(float_model, weights, batches, loss_fn, samples, seed))
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        # the math attention kernel: the fused CPU kernels have no second derivative (Hessian-vector products)
+        with sdpa_kernel([SDPBackend.MATH]):
+            stats = (_hutchinson_trace(float_model, weights, batches, loss_fn, samples, seed) if method == "hessian"
+                     else _fisher_diagonal(float_model, weights, batches, loss_fn, samples, seed))
     finally:
         for n, w in weights.items():
             w.requires_grad_(before[n])
