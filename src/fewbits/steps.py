@@ -8,8 +8,32 @@ steps without importing torch.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 from dataclasses import dataclass
 from typing import Optional
+
+# A step's ``layers``: one glob of layer names, or a list of them (a layer is chosen when any
+# matches; ``fewbits.auto`` names the layers it gives an algorithm one by one).
+Layers = str | tuple
+
+
+def layer_globs(layers) -> tuple:
+    """``layers`` as a tuple of globs, checked (a step's ``layers`` field, a string or a list)."""
+    globs = (layers,) if isinstance(layers, str) else tuple(layers) if isinstance(layers, (list, tuple)) else None
+    if not globs or not all(isinstance(g, str) and g for g in globs):
+        raise ValueError(f"a step's layers is a glob of layer names or a non-empty list of them, got {layers!r}")
+    return globs
+
+
+def layer_matches(name: str, layers) -> bool:
+    """Whether layer ``name`` is among a step's ``layers``."""
+    return any(fnmatch.fnmatchcase(name, g) for g in layer_globs(layers))
+
+
+def _check_layers(step) -> None:
+    """A list of globs is kept as a tuple (steps are frozen and hashable)."""
+    globs = layer_globs(step.layers)
+    object.__setattr__(step, "layers", globs[0] if isinstance(step.layers, str) else globs)
 
 
 @dataclass(frozen=True)
@@ -21,15 +45,16 @@ class SmoothQuant:
             ``alpha_grid`` per layer for the smallest quantized-output error on calibration rows.
         alpha_grid: candidate strengths for the search.
         samples: input rows kept per layer to score the candidates.
-        layers: glob of layer names to smooth (linear layers with an input quantizer).
+        layers: glob of layer names (or a list of globs) to smooth (linear layers with an input quantizer).
     """
 
     alpha: Optional[float] = 0.5
     alpha_grid: tuple = tuple(i / 20 for i in range(21))
     samples: int = 2048
-    layers: str = "*"
+    layers: Layers = "*"
 
     def __post_init__(self) -> None:
+        _check_layers(self)
         object.__setattr__(self, "alpha_grid", tuple(float(a) for a in self.alpha_grid))
         for a in ((self.alpha,) if self.alpha is not None else ()) + self.alpha_grid:
             if not 0.0 <= a <= 1.0:
@@ -55,7 +80,7 @@ class BiasCorrection:
     ReLU / ReLU6; layers whose input has no such BatchNorm are listed and left alone.
 
     Args:
-        layers: glob of layer names to correct.
+        layers: glob of layer names (or a list of globs) to correct.
         mode: ``"empirical"`` (calibration data) or ``"analytic"`` (BatchNorm statistics).
         types: the layer types to correct (``"Linear"``, ``"Conv1d"``, ``"Conv2d"``,
             ``"Conv3d"``); empty: all of them.
@@ -65,13 +90,14 @@ class BiasCorrection:
             found no layer to correct.
     """
 
-    layers: str = "*"
+    layers: Layers = "*"
     mode: str = "empirical"
     types: tuple = ()
     required: bool = True
     needs_ranges = True  # class attribute: runs after the activation ranges are calibrated
 
     def __post_init__(self) -> None:
+        _check_layers(self)
         if self.mode not in ("empirical", "analytic"):
             raise ValueError(f"bc mode must be 'empirical' or 'analytic', got {self.mode!r}")
         types = (self.types,) if isinstance(self.types, str) else tuple(self.types)
@@ -96,16 +122,17 @@ class CrossLayerEqualization:
         high_bias_absorption: absorb ``max(0, mean − 3 std)`` of each ReLU input into the next layer.
         relu6: ``"relu"`` replaces ReLU6 between equalized layers by ReLU (the paper's choice: ReLU6
             is not positively homogeneous); ``"keep"`` leaves such pairs alone.
-        layers: glob of layer names; a pair is equalized when both of its layers match.
+        layers: glob of layer names (or a list of globs); a pair is equalized when both of its layers match.
     """
 
     iterations: int = 100
     tolerance: float = 1e-6
     high_bias_absorption: bool = True
     relu6: str = "relu"
-    layers: str = "*"
+    layers: Layers = "*"
 
     def __post_init__(self) -> None:
+        _check_layers(self)
         if self.iterations < 1:
             raise ValueError(f"cle iterations must be >= 1, got {self.iterations}")
         if not self.tolerance > 0:
@@ -128,7 +155,7 @@ class AdaRound:
         beta_start, beta_end: the annealed exponent β of the regulariser.
         warmup: share of the iterations without the regulariser.
         seed: the sampling of batches.
-        layers: glob of layer names.
+        layers: glob of layer names (or a list of globs).
     """
 
     iterations: int = 10000
@@ -139,10 +166,11 @@ class AdaRound:
     beta_end: float = 2.0
     warmup: float = 0.2
     seed: int = 0
-    layers: str = "*"
+    layers: Layers = "*"
     needs_ranges = True
 
     def __post_init__(self) -> None:
+        _check_layers(self)
         if self.iterations < 1 or self.batch_size < 1:
             raise ValueError(f"adaround iterations and batch_size must be >= 1, got {self.iterations}, {self.batch_size}")
         if not 0.0 <= self.warmup < 1.0:
@@ -162,16 +190,17 @@ class GPTQ:
         damp: dampening λ, as a share of the mean Hessian diagonal.
         block_size: columns per lazy batch update.
         act_order: quantize columns in order of decreasing Hessian diagonal.
-        layers: glob of layer names (linear layers and ungrouped 2-d convolutions).
+        layers: glob of layer names (or a list of globs) (linear layers and ungrouped 2-d convolutions).
     """
 
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
-    layers: str = "*"
+    layers: Layers = "*"
     needs_ranges = True
 
     def __post_init__(self) -> None:
+        _check_layers(self)
         if not self.damp > 0 or self.block_size < 1:
             raise ValueError(f"gptq needs damp > 0 and block_size >= 1, got {self.damp}, {self.block_size}")
 
@@ -185,14 +214,15 @@ class AWQ:
     Args:
         grid: number of α values tried in [0, 1] (the paper: 20).
         samples: input rows kept per layer to score the candidates.
-        layers: glob of layer names (linear layers without an input quantizer).
+        layers: glob of layer names (or a list of globs) (linear layers without an input quantizer).
     """
 
     grid: int = 20
     samples: int = 2048
-    layers: str = "*"
+    layers: Layers = "*"
 
     def __post_init__(self) -> None:
+        _check_layers(self)
         if self.grid < 1 or self.samples < 1:
             raise ValueError(f"awq grid and samples must be >= 1, got {self.grid}, {self.samples}")
 
@@ -204,11 +234,14 @@ class StochasticRounding:
 
     Args:
         seed: the draw.
-        layers: glob of layer names.
+        layers: glob of layer names (or a list of globs).
     """
 
     seed: int = 0
-    layers: str = "*"
+    layers: Layers = "*"
+
+    def __post_init__(self) -> None:
+        _check_layers(self)
 
 
 # Names used in recipe files and on the command line; dispatch elsewhere is by type.

@@ -130,3 +130,33 @@ def test_rounded_model_deploys_unchanged(tmp_path):
     assert abs(task.evaluate(fewbits.convert(q))[task.metric] - task.evaluate(q)[task.metric]) <= 0.25
     result = fewbits.export_onnx(q, task.calibration[0][:2], tmp_path / "g.onnx", batches=task.calibration[:2])
     assert result.verification.ok and {e.mode for e in result.layers} == {"int8"}
+
+
+class _Chain(nn.Module):
+    """The same layers called in turn by a forward of its own: no stack to stage, so every layer's
+    inputs come from running the model from its input (the whole-prefix driver)."""
+
+    def __init__(self, layers):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, x):
+        for m in self.layers:
+            x = m(x)
+        return x
+
+
+def test_staged_gptq_equals_the_whole_prefix_driver_and_takes_a_layer_list():
+    torch.manual_seed(4)
+    staged = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 8)).eval()
+    prefix = _Chain([nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 24), nn.ReLU(), nn.Linear(24, 8)]).eval()
+    prefix.layers.load_state_dict(staged.state_dict())
+    batches = [torch.randn(32, 16) for _ in range(3)]
+    out = {}
+    for key, net, names in (("staged", staged, ["0", "4"]), ("prefix", prefix, ["layers.0", "layers.4"])):
+        q = fewbits.calibrate(fewbits.prepare(net, _recipe(3)), batches)
+        result = fewbits.apply(q, GPTQ(layers=names), batches)  # a list of names: the middle layer keeps nearest
+        assert list(result.layers) == names
+        out[key] = [m.weight.detach().clone() for m in q.model.modules() if isinstance(m, nn.Linear)]
+    for a, b in zip(out["staged"], out["prefix"]):
+        assert torch.equal(a, b)  # the same float ops on the same inputs: bit-equal

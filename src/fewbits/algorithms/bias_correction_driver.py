@@ -2,13 +2,11 @@
 analytic (from the folded BatchNorm statistics through ReLU / ReLU6)."""
 from __future__ import annotations
 
-import fnmatch
-
 import torch
 from torch import nn
 
 from ..progress import Progress
-from ..steps import BiasCorrection
+from ..steps import BiasCorrection, layer_matches
 from ..wrap.handle import AlgorithmResult, LeftFloat, QuantizedModel
 from ..wrap.modules import recipe_type
 from . import bias_correction
@@ -18,7 +16,7 @@ from .stages import measure_in_order
 
 @torch.no_grad()
 def run_bias_correction(qmodel: QuantizedModel, step: BiasCorrection, batches: list, result: AlgorithmResult) -> None:
-    wanted = {n: m for n, m in qmodel.quantized_layers().items() if fnmatch.fnmatchcase(n, step.layers)
+    wanted = {n: m for n, m in qmodel.quantized_layers().items() if layer_matches(n, step.layers)
               and (not step.types or recipe_type(m) in step.types)}
     layers = {n: m for n, m in wanted.items() if isinstance(m, LAYERS)}
     for name, m in wanted.items():

@@ -1,14 +1,13 @@
 """Cross-layer equalization's driver: the layer pairs, the sweeps, high-bias absorption."""
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..progress import Progress
-from ..steps import CrossLayerEqualization
+from ..steps import CrossLayerEqualization, layer_matches
 from ..wrap.handle import AlgorithmResult, LeftFloat, QuantizedModel, replace_module
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantLinear
 from ..wrap.standard import shared_parameter_ids
@@ -35,7 +34,7 @@ def _cle_pairs(qmodel: QuantizedModel, step: CrossLayerEqualization, result: Alg
     shared = shared_parameter_ids(qmodel.model)
     pairs = []
     for first_name, second, through in layer_chains(qmodel, result, acts):
-        if not (fnmatch.fnmatchcase(first_name, step.layers) and fnmatch.fnmatchcase(second, step.layers)):
+        if not (layer_matches(first_name, step.layers) and layer_matches(second, step.layers)):
             continue
         first = qmodel.model.get_submodule(first_name)
         relu = any(isinstance(qmodel.model.get_submodule(t), (nn.ReLU, nn.ReLU6)) for t in through)

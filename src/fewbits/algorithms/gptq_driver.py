@@ -15,7 +15,8 @@ from ..steps import GPTQ
 from ..wrap.handle import AlgorithmResult, LeftFloat, QuantizedModel
 from ..wrap.modules import QuantConv2d, QuantLinear
 from . import gptq
-from .hooks import execution_order, feed_until, rounding_layers
+from .hooks import Stop, execution_order, rounding_layers
+from .stages import measure_in_order
 
 
 def _input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -28,16 +29,18 @@ def _input_rows(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return patches.transpose(1, 2).reshape(-1, patches.shape[1])
 
 
-def _layer_hessian(model: nn.Module, name: str, layer: nn.Module, batches: list) -> tuple[torch.Tensor, int]:
+def _hessian(layer: nn.Module, _name: str):
+    """A forward hook summing the layer's input Hessian (then skipping the rest of the forward)
+    and a function reading ``(H, rows)``: the shape :func:`.stages.measure_in_order` measures with."""
     acc = {"h": None, "n": 0}
 
-    def take(x):
-        h, n = gptq.hessian(_input_rows(layer, x))
+    def hook(_module, args, _out):
+        h, n = gptq.hessian(_input_rows(layer, args[0].detach()))
         acc["h"] = h if acc["h"] is None else acc["h"] + h
         acc["n"] += n
+        raise Stop
 
-    feed_until(model, name, batches, take)
-    return acc["h"], acc["n"]
+    return hook, lambda: (acc["h"], acc["n"])
 
 
 @torch.no_grad()
@@ -54,13 +57,13 @@ def run_gptq(qmodel: QuantizedModel, step: GPTQ, batches: list, result: Algorith
             layers[name] = m
     order = execution_order(qmodel.float_model, list(layers), batches[0])
     with Progress("gptq, layer", len(order)) as progress:
-        for name in order:
+        start = time.perf_counter()
+        # each layer's inputs come from the earlier layers already quantized, one stage at a time
+        for name, (h, n) in measure_in_order(qmodel.model, order, batches, _hessian):
             progress.step(name)
-            start = time.perf_counter()
-            layer = layers[name]
-            h, n = _layer_hessian(qmodel.model, name, layer, batches)
-            result.layers[name] = _gptq_layer(layer, h, n, step)
+            result.layers[name] = _gptq_layer(layers[name], h, n, step)
             result.layers[name]["seconds"] = round(time.perf_counter() - start, 2)
+            start = time.perf_counter()
 
 
 def _gptq_layer(layer: nn.Module, h: torch.Tensor, n: int, step: GPTQ) -> dict:

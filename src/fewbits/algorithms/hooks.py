@@ -2,7 +2,6 @@
 a layer, the execution order, the layer chains torch.fx finds, and the layer selections."""
 from __future__ import annotations
 
-import fnmatch
 import math
 from typing import Callable
 
@@ -11,6 +10,7 @@ from torch import nn
 
 from ..progress import Progress
 from ..spec import LevelSpec
+from ..steps import layer_matches
 from ..wrap.handle import AlgorithmResult, LeftFloat, QuantizedModel, quantization_disabled
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
 from ..wrap.standard import shared_parameter_ids
@@ -26,7 +26,7 @@ def scalable_linears(qmodel: QuantizedModel, pattern: str, result: AlgorithmResu
     shared = shared_parameter_ids(qmodel.model)
     chosen = {}
     for name, module in qmodel.quantized_layers().items():
-        if not fnmatch.fnmatchcase(name, pattern):
+        if not layer_matches(name, pattern):
             continue
         wq = module.weight_quantizer
         if not isinstance(module, QuantLinear):
@@ -207,7 +207,7 @@ def layer_chains(qmodel: QuantizedModel, result: AlgorithmResult, through_types:
 def rounding_layers(qmodel: QuantizedModel, pattern: str, result: AlgorithmResult) -> dict:
     chosen = {}
     for name, m in qmodel.quantized_layers().items():
-        if not fnmatch.fnmatchcase(name, pattern):
+        if not layer_matches(name, pattern):
             continue
         if not isinstance(m, LAYERS):
             result.skipped.append(LeftFloat(name, type(m).__name__, "rounding is chosen for linear and conv layers"))
