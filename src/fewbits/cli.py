@@ -241,14 +241,15 @@ def cmd_auto(args) -> dict:
                   latency_batch=args.latency_batch, threads=args.threads, report=args.report)
     print(format_table([{"point": t["point"], "MB": megabytes(int(t["costs"]["bytes"])), "predicted": f"{t['predicted']:.3g}",
                          metric or "metric": round(t["metric"], 3), "drop": round(t["drop"], 3), "within": t["ok"],
-                         "resumed": t.get("resumed", False)} for t in result.trials],
+                         "algorithms": ", ".join(t.get("algorithms", [])) or "-", "resumed": t.get("resumed", False)} for t in result.trials],
                        title=f"fewbits auto: {name} (fp32 {result.fp32:.3f}, max drop {args.max_drop})"))
     counts: dict = {}
     for cand in result.choice.formats.values():
         counts[cand] = counts.get(cand, 0) + 1
     print(format_table([{"chosen": ", ".join(f"{n} {c}" for c, n in counts.items()),
                          "MB": megabytes(int(result.choice.costs["bytes"])), metric or "metric": round(result.metric, 3),
-                         "drop": round(result.drop, 3), "seconds": round(result.seconds, 1), **result.files}]))
+                         "drop": round(result.drop, 3), "algorithms": ", ".join(result.algorithms) or "-",
+                         "seconds": round(result.seconds, 1), **result.files}]))
     data = result.to_dict()
     if args.json:
         _write_json(data, Path(args.json))
@@ -469,7 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--method", default="loss", choices=["sqnr", "loss", "hessian", "fisher"],
                    help="the sensitivity score (default loss: the best predictor in benchmarks/mixed.py)")
     a.add_argument("--algos", default="auto", choices=["auto", "none"],
-                   help="auto: bias correction for the convolutions of every configuration tried")
+                   help="auto: bias correction for the convolutions of every configuration tried, and "
+                        "a retry with GPTQ on the <= 4-bit layers of one that misses the drop")
     a.add_argument("--points", type=int, default=12, help="budgets along the Pareto front (default 12)")
     a.add_argument("--out", help="directory: recipe.json, model.fewbits, model.onnx, trials.jsonl, auto.json "
                                  "(a second run with the same directory resumes)")

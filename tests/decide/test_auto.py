@@ -7,6 +7,7 @@ from torch import nn
 
 import fewbits
 from fewbits.cli import main
+from fewbits.decide.auto import low_bit_layers
 
 
 def _setup():
@@ -44,6 +45,59 @@ def test_auto_picks_a_measured_configuration_within_the_drop_and_resumes(tmp_pat
     again = fewbits.auto(model, calib, metric_fn=agreement, max_drop=2.0, out=tmp_path, cache_dir=False)
     assert all(t.get("resumed") for t in again.trials) and again.choice.formats == r.choice.formats
     assert len((tmp_path / "trials.jsonl").read_text().splitlines()) == len(lines)  # nothing measured twice
+
+
+def test_a_low_bit_point_that_misses_the_drop_is_retried_with_gptq_on_exactly_its_low_bit_layers(tmp_path):
+    model, calib, agreement = _setup()
+    seen = []  # (layers GPTQ treated, layers with weights of <= 4 bits) per quantized model measured
+
+    def only_with_gptq(m):  # a metric that passes a low-bit point only when GPTQ treated its low-bit layers
+        if not isinstance(m, fewbits.QuantizedModel):
+            return {"score": 100.0}
+        applied = [r for r in m.applied if r.step.get("name") == "gptq"]
+        low = sorted(n for n, layer in m.quantized_layers().items()
+                     if layer.weight_quantizer is not None and layer.weight_quantizer.spec.bits <= 4)
+        seen.append((sorted(applied[0].layers) if applied else None, low))
+        return {"score": 0.0 if low and not applied else agreement(m)["agreement"]}
+
+    r = fewbits.auto(model, calib, metric_fn=only_with_gptq, max_drop=50.0, candidates=("float", "w8", "w3"),
+                     out=tmp_path, cache_dir=False, report=False)
+    low = low_bit_layers(r.choice.formats)
+    assert low and r.algorithms == ["gptq"]  # the cheapest point passes only on its retry
+    for t in (t for t in r.trials if t["algorithms"] == ["gptq"]):  # a retry follows a plain miss of its point
+        assert any(p["point"] == t["point"] and not p["ok"] and not p["algorithms"] for p in r.trials)
+    assert any(g for g, _ in seen) and all(g == low_now for g, low_now in seen if g is not None)
+    recipe = fewbits.get_recipe(str(tmp_path / "recipe.json"))
+    assert [type(s).__name__ for s in recipe.steps] == ["GPTQ", "BiasCorrection"]
+    assert tuple(recipe.steps[0].layers) == low  # exact names, not a glob
+    again = fewbits.auto(model, calib, metric_fn=only_with_gptq, max_drop=50.0, candidates=("float", "w8", "w3"),
+                         out=tmp_path, cache_dir=False, report=False)
+    assert all(t.get("resumed") for t in again.trials) and again.algorithms == ["gptq"]
+    assert again.choice.formats == r.choice.formats
+
+
+def test_a_coarse_front_is_refined_between_the_chosen_point_and_its_cheaper_neighbour_that_missed(tmp_path):
+    model, calib, _ = _setup()
+
+    def at_most_one_low_bit_layer(m):  # passes while no more than one layer has weights below 8 bits
+        if not isinstance(m, fewbits.QuantizedModel):
+            return {"score": 100.0}
+        low = [n for n, layer in m.quantized_layers().items()
+               if layer.weight_quantizer is not None and layer.weight_quantizer.spec.bits < 8]
+        return {"score": 100.0 if len(low) <= 1 else 0.0}
+
+    kwargs = dict(metric_fn=at_most_one_low_bit_layer, max_drop=1.0, candidates=("float", "w8", "w3"), algos="none",
+                  points=2, cache_dir=False, report=False)
+    coarse = fewbits.auto(model, calib, refine=0, **kwargs)
+    assert set(coarse.choice.formats.values()) == {"float"}  # two points: all w3 misses, all float is left
+    r = fewbits.auto(model, calib, out=tmp_path, **kwargs)
+    assert r.choice.costs["bytes"] < coarse.choice.costs["bytes"] and r.drop <= 1.0
+    assert sum(f == "w3" for f in r.choice.formats.values()) <= 1
+    costs = [c.costs["bytes"] for c in r.front]
+    assert costs == sorted(costs) and len(r.front) > len(coarse.front)  # points inserted, in order
+    i = next(i for i, c in enumerate(r.front) if c.formats == r.choice.formats)
+    assert any(t["point"] == i - 1 and not t["ok"] for t in r.trials)  # its cheaper neighbour was tried and missed
+    assert all(r.front[t["point"]].formats == t["formats"] for t in r.trials)
 
 
 def test_auto_refuses_what_it_cannot_do(tmp_path):

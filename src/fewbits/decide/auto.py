@@ -9,7 +9,12 @@
 3. a bisection along the front: each point tried is quantized (with the default's bias
    correction for convolutions when ``algos="auto"``) and measured with ``metric_fn``; the
    cheapest point whose measured drop is within ``max_drop`` wins. The last point of the front
-   keeps every layer float and needs no trial.
+   keeps every layer float and needs no trial. With ``algos="auto"`` a point that misses the
+   drop and gives some layers uniform weights of 4 bits or fewer is tried once more with GPTQ on
+   exactly those layers (where the rounding choice pays most); the attempt that passes, or the
+   better one, is the point's trial. When the bisection ends with the cheaper neighbour of the
+   chosen point missing the drop, the front is refined between the two (``refine`` rounds of
+   ``points // 2`` budgets) and bisected again.
 
 Every trial is appended to ``trials.jsonl`` in ``out``; the best configuration so far is always
 on disk (``recipe.json`` — ``fewbits quantize --recipe out/recipe.json`` re-uses it — and
@@ -33,14 +38,26 @@ from typing import Callable, Optional
 from ..files import write_atomic, write_json_atomic
 from ..flow import calibrate, prepare
 from ..recipe import CONV_BIAS_CORRECTION
+from ..spec import QuantSpec
+from ..steps import GPTQ
+from .candidates import CANDIDATES
 from .cost import layer_costs
 from .latency import latency_table
-from .search import COST_KEYS, Choice, pareto_front
+from .search import COST_KEYS, Choice, pareto_front, solve
 from .sensitivity import sensitivity
 
 OBJECTIVES = {"size": "bytes", "latency": "latency_s", "energy": "energy_pj", "bops": "bops"}
 AUTO_CANDIDATES = ("float", "w8a8", "w4a8", "w8", "w4-g128", "w3")
 SCHEMA_VERSION = 1
+LOW_BITS = 4  # uniform weights this narrow or narrower get GPTQ on a retry (algos="auto")
+
+
+def low_bit_layers(formats: dict) -> tuple:
+    """The layers a point gives uniform weights of ``LOW_BITS`` or fewer (GPTQ's layers on a retry)."""
+    def low(fmt: str) -> bool:
+        c = CANDIDATES[fmt]
+        return c.weight_bits is not None and c.weight_bits <= LOW_BITS and isinstance(c.layer.weight.spec, QuantSpec)
+    return tuple(sorted(name for name, fmt in formats.items() if low(fmt)))
 
 
 @dataclass
@@ -56,11 +73,18 @@ class AutoResult:
     trials: list = field(default_factory=list)
     files: dict = field(default_factory=dict)
     seconds: float = 0.0
+    algorithms: list = field(default_factory=list)  # what ran beyond the formats' own steps ("gptq")
 
     def to_dict(self) -> dict:
         return {"schema_version": SCHEMA_VERSION, "choice": self.choice.to_dict(), "metric": self.metric,
                 "drop": self.drop, "fp32": self.fp32, "front": [c.to_dict() for c in self.front],
-                "trials": self.trials, "files": self.files, "seconds": round(self.seconds, 2)}
+                "trials": self.trials, "files": self.files, "seconds": round(self.seconds, 2),
+                "algorithms": self.algorithms}
+
+
+def _tag(formats: dict, algorithms) -> str:
+    """A trial's identity: its formats and the algorithms it ran (what a resumed run looks up)."""
+    return json.dumps({"formats": formats, "algorithms": list(algorithms)}, sort_keys=True)
 
 
 def _read_trials(path: Path) -> dict:
@@ -73,7 +97,7 @@ def _read_trials(path: Path) -> dict:
             continue
         try:
             trial = json.loads(line)
-            trials[json.dumps(trial["formats"], sort_keys=True)] = trial
+            trials[_tag(trial["formats"], trial.get("algorithms", []))] = trial
         except (json.JSONDecodeError, KeyError, TypeError) as err:
             raise ValueError(f"{path} line {i}: not a trial ({type(err).__name__}); delete the file to start over") \
                 from None
@@ -84,13 +108,14 @@ def auto(model, calibration, *, metric_fn: Callable, metric: Optional[str] = Non
          objective: str = "size", budgets: Optional[dict] = None, candidates=AUTO_CANDIDATES, method: str = "loss",
          algos: str = "auto", lower_is_better: bool = False, out=None, points: int = 12, score_batches: int = 4,
          example=None, cache_dir=None, latency_path=None, latency_batch: int = 1, threads: int = 2,
-         title: Optional[str] = None, report: bool = True) -> AutoResult:
+         title: Optional[str] = None, report: bool = True, refine: int = 2) -> AutoResult:
     """The smallest (``objective="size"``; ``"energy"``, ``"bops"``) configuration whose measured
     metric is within ``max_drop`` of fp32 (see the module docstring). ``metric_fn(model) ->
     {name: value}``; ``metric``: the key to read (default: the first); ``lower_is_better`` for
     perplexity-like metrics; ``out``: the run's directory; ``example``: the input the ONNX file
     is exported on (default: the first calibration batch); ``latency_path``, ``latency_batch``,
-    ``threads``: the latency table's file, the batch size and threads it is timed at."""
+    ``threads``: the latency table's file, the batch size and threads it is timed at; ``refine``:
+    rounds of budgets inserted between the chosen point and its cheaper neighbour that missed."""
     start = time.perf_counter()
     if objective not in OBJECTIVES:
         raise ValueError(f"auto objective must be one of {list(OBJECTIVES)}, got {objective!r}")
@@ -125,46 +150,76 @@ def auto(model, calibration, *, metric_fn: Callable, metric: Optional[str] = Non
     known = _read_trials(out / "trials.jsonl") if out is not None else {}
     trials = []
 
-    def recipe_of(i: int):
+    def recipe_of(i: int, gptq: bool = False):
         recipe = front[i].recipe(f"auto-{objective}-{i}")
-        return replace(recipe, steps=(CONV_BIAS_CORRECTION,)) if algos == "auto" else recipe
+        if algos == "none":
+            return recipe
+        low = low_bit_layers(front[i].formats) if gptq else ()
+        return replace(recipe, steps=((GPTQ(layers=low),) if low else ()) + (CONV_BIAS_CORRECTION,))
 
-    def trial(i: int) -> tuple[dict, object]:
-        """The point's record and its quantized model (``None`` when read back from an earlier run)."""
-        tag = json.dumps(front[i].formats, sort_keys=True)
+    def attempt(i: int, gptq: bool) -> tuple[dict, object]:
+        """One quantization of point ``i``: its record and model (``None`` when read back from an
+        earlier run)."""
+        algorithms = ["gptq"] if gptq else []
+        tag = _tag(front[i].formats, algorithms)
         if tag in known:
             trials.append(dict(known[tag], resumed=True))
             return trials[-1], None
         t0 = time.perf_counter()
-        q = calibrate(prepare(model, recipe_of(i)), calibration)
+        q = calibrate(prepare(model, recipe_of(i, gptq)), calibration)
         value = measure(q)
         drop = (value - fp32) if lower_is_better else (fp32 - value)
-        trials.append({"point": i, "formats": front[i].formats, "predicted": front[i].damage, "costs": front[i].costs,
-                       "metric": value, "drop": drop, "ok": drop <= max_drop,
-                       "seconds": round(time.perf_counter() - t0, 2)})
+        trials.append({"point": i, "formats": front[i].formats, "algorithms": algorithms,
+                       "predicted": front[i].damage, "costs": front[i].costs, "metric": value, "drop": drop,
+                       "ok": drop <= max_drop, "seconds": round(time.perf_counter() - t0, 2)})
         if out is not None:
             with open(out / "trials.jsonl", "a") as f:
                 f.write(json.dumps(trials[-1]) + "\n")
         return trials[-1], q
 
+    def trial(i: int) -> tuple[dict, object, bool]:
+        """Point ``i`` quantized as it is, and once more with GPTQ on its low-bit layers when that
+        misses the drop (``algos="auto"``): the passing (or better) attempt, its model, and
+        whether it ran GPTQ."""
+        record, q = attempt(i, False)
+        if record["ok"] or algos == "none" or not low_bit_layers(front[i].formats):
+            return record, q, False
+        again, q2 = attempt(i, True)
+        return (again, q2, True) if again["drop"] < record["drop"] else (record, q, False)
+
     best, best_record, best_model = len(front) - 1, None, None  # the last point keeps every layer float
+    best_gptq, missed = False, set()
     lo, hi = 0, len(front) - 1
-    while lo < hi:  # the cheapest point within max_drop, assuming the measured drop falls along the front
-        mid = (lo + hi) // 2
-        record, q = trial(mid)
-        if record["ok"]:
-            hi = best = mid
-            best_record, best_model = record, q
-            if q is not None and out is not None:  # the best so far on disk (a resumed one is there already)
-                _write_files(out, recipe_of(best), q)
-        else:
-            lo = mid + 1
+    for round_ in range(refine + 1):
+        while lo < hi:  # the cheapest point within max_drop, assuming the measured drop falls along the front
+            mid = (lo + hi) // 2
+            record, q, with_gptq = trial(mid)
+            if record["ok"]:
+                hi = best = mid
+                best_record, best_model, best_gptq = record, q, with_gptq
+                if q is not None and out is not None:  # the best so far on disk (a resumed one is there already)
+                    _write_files(out, recipe_of(best, best_gptq), q)
+            else:
+                missed.add(mid)
+                lo = mid + 1
+        if round_ == refine or best - 1 not in missed:
+            break
+        # the cheaper neighbour missed the drop: budgets between the two, bisected in turn
+        between = _between(front[best - 1], front[best], sens, costs, key, budgets, max(3, points // 2))
+        if not between:
+            break
+        front[best:best] = between
+        missed = {i for i in missed if i < best}
+        lo, hi, best = best, best + len(between), best + len(between)
+    for t in trials:  # the index in the final front (refining inserts points)
+        t["point"] = next(i for i, c in enumerate(front) if c.formats == t["formats"])
     value = best_record["metric"] if best_record else fp32
-    result = AutoResult(front[best], value, (value - fp32) if lower_is_better else (fp32 - value), fp32, front, trials)
+    result = AutoResult(front[best], value, (value - fp32) if lower_is_better else (fp32 - value), fp32, front, trials,
+                        algorithms=["gptq"] if best_gptq else [])
     if out is not None:
         if best_model is None:  # read back, or all float: quantized once more to write it
-            best_model = calibrate(prepare(model, recipe_of(best)), calibration)
-            _write_files(out, recipe_of(best), best_model)
+            best_model = calibrate(prepare(model, recipe_of(best, best_gptq)), calibration)
+            _write_files(out, recipe_of(best, best_gptq), best_model)
         example = example if example is not None else calibration[0]
         result.files = {"recipe": str(out / "recipe.json"), "model": str(out / "model.fewbits"),
                         **_write_onnx(out, best_model, example, calibration)}
@@ -179,6 +234,25 @@ def auto(model, calibration, *, metric_fn: Callable, metric: Optional[str] = Non
     if out is not None:
         write_json_atomic(out / "auto.json", result.to_dict())
     return result
+
+
+def _between(cheaper: Choice, dearer: Choice, sens, costs, key: str, budgets: dict, n: int) -> list:
+    """The optima at ``n`` budgets strictly between two points of a front, each cheaper than
+    ``dearer`` and less damaging than ``cheaper``, repeats and dominated ones dropped, by cost."""
+    import numpy as np
+
+    found = []
+    for budget in np.linspace(cheaper.costs[key], dearer.costs[key], n + 2)[1:-1]:
+        c = solve(sens, costs, {**budgets, key: float(budget)})
+        if cheaper.costs[key] < c.costs[key] < dearer.costs[key] and c.damage < cheaper.damage and \
+                all(c.formats != f.formats for f in found):
+            found.append(c)
+    found.sort(key=lambda c: (c.costs[key], c.damage))
+    kept = []
+    for c in found:
+        if (not kept or c.damage < kept[-1].damage - 1e-15) and c.damage > dearer.damage:
+            kept.append(c)
+    return kept
 
 
 def _write_report(out: Path, data: dict) -> dict:
