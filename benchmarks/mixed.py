@@ -19,10 +19,21 @@ metric; and ``fewbits.auto`` (size and latency objectives, max drop 1.0 — Mini
 cosine ≥ 0.995) with its deployed latency against uniform ``w8a8``:
 
     .venv/bin/python benchmarks/mixed.py --sections fronts --tasks fashion-cnn,mobilenetv2-probe,minilm-wordnet
+
+``--sections auto`` (``benchmarks/results/mixed_auto.json``): per task ``fewbits.auto`` (size,
+max drop 1.0 — MiniLM: mean cosine ≥ 0.995 — GPTQ retries and front refinement on) against
+every uniform format given the same algorithms (bias correction of convolutions, and the same
+GPTQ retry for formats of 4 bits or fewer), and against what a user would pick instead where it
+runs here: NNCF's data-aware mixed int4/int8 weight compression (``nncf.compress_weights``,
+Hessian-trace criterion, at several int4 ratios) beside fewbits' exact choice at the same size
+and on the same candidates (float, w8, w4-g128), both round-to-nearest:
+
+    .venv/bin/python benchmarks/mixed.py --sections auto --tasks fashion-cnn,mobilenetv2-probe,minilm-wordnet
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import sys
@@ -43,6 +54,8 @@ from fewbits.wrap import as_call  # noqa: E402
 RESULTS = "benchmarks/results/mixed.json"
 FRONTS = "benchmarks/results/mixed_fronts.json"
 FRONTS_PLOT = "docs/img/mixed_fronts.png"
+AUTO = "benchmarks/results/mixed_auto.json"
+NNCF_RATIOS = (0.25, 0.5, 0.75, 1.0)
 # the drop auto is allowed, and the metric it reads, per task (MiniLM: the embedding's mean cosine to fp32)
 DROPS = {"minilm-wordnet": ("cosine_mean", 0.005)}
 CANDIDATES = ("float", "w8a8", "w4a8", "w8", "w4-g128", "w3")
@@ -205,6 +218,143 @@ def bench_fronts(name: str, n_random: int, points: int, seed: int, workdir: Path
             "machine": lat.machine}
 
 
+def _metrics(task, recipe) -> tuple[dict, object]:
+    q = fewbits.calibrate(fewbits.prepare(task.model, recipe), task.calibration)
+    return task.evaluate(q), q
+
+
+def _nncf_formats(model, compressed) -> dict:
+    """NNCF's per-layer choice read off the compressed model: a uint8 weight of the layer's own
+    shape is int8 per channel (``w8``), a packed one int4 in groups (``w4-g128``)."""
+    shapes = {n: tuple(p.shape) for n, p in model.named_parameters()}
+    formats = {}
+    for n, p in compressed.state_dict().items():
+        if n.endswith(".weight") and p.dtype == torch.uint8:
+            formats[n[:-len(".weight")]] = "w8" if tuple(p.shape) == shapes.get(n) else "w4-g128"
+    return formats
+
+
+def _nncf_rows(task, metric: str, fp32: dict) -> list | str:
+    """NNCF's mixed int4/int8 weight compression at each ratio beside fewbits' exact choice at the
+    same size on the same candidates (both round-to-nearest), or why it could not run."""
+    import copy
+
+    try:
+        import nncf
+    except ImportError as err:
+        return f"nncf not importable ({err}): pip install nncf"
+    candidates = ("float", "w8", "w4-g128")
+    sens = sensitivity(task.model, task.calibration[:4], candidates, "loss")
+    costs = layer_costs(task.model, task.calibration[0], candidates)
+    rows = []
+    for ratio in NNCF_RATIOS:
+        print(f"  {task.name}: nncf ratio {ratio}", file=sys.stderr, flush=True)
+        t0 = time.perf_counter()
+        try:
+            compressed = nncf.compress_weights(
+                copy.deepcopy(task.model), mode=nncf.CompressWeightsMode.INT4_SYM, ratio=ratio, group_size=128,
+                dataset=nncf.Dataset(task.calibration[:4]), subset_size=len(task.calibration[:4]),
+                sensitivity_metric=nncf.SensitivityMetric.HESSIAN_INPUT_ACTIVATION)
+        except Exception as err:  # noqa: BLE001 — the anchor's own failure is the result
+            return f"nncf.compress_weights failed: {type(err).__name__}: {str(err)[:300]}"
+        seconds = round(time.perf_counter() - t0, 1)
+        chosen = _nncf_formats(task.model, compressed)
+        formats = {l: chosen.get(l, "float") for l in sens.scores}
+        formats = {l: (f if f in costs.table[l] else "float") for l, f in formats.items()}
+        unknown = sorted(set(chosen) - set(sens.scores))
+        budget = costs.total(formats, "bytes")
+        ours = solve(sens, costs, {"bytes": budget})
+        values, _ = _metrics(task, _choice(ours.formats, sens, costs).recipe())
+        theirs = task.evaluate(compressed)
+        rows.append({"ratio": ratio, "bytes": budget, "nncf_layers": len(chosen), "nncf_outside_ours": unknown,
+                     "nncf_w4": sum(f == "w4-g128" for f in formats.values()), "nncf": theirs[metric],
+                     "nncf_task_metric": theirs[task.metric], "nncf_seconds": seconds, "fewbits_bytes": ours.costs["bytes"],
+                     "fewbits_w4": sum(f == "w4-g128" for f in ours.formats.values()), "fewbits": values[metric],
+                     "fewbits_task_metric": values[task.metric]})
+    return rows
+
+
+def bench_auto(name: str, workdir: Path) -> dict:
+    """``fewbits.auto`` against uniform formats with the same algorithms, and the NNCF anchor."""
+    from fewbits.decide.auto import low_bit_layers
+    from fewbits.decide.summary import uniform_choices
+    from fewbits.recipe import CONV_BIAS_CORRECTION
+    from fewbits.steps import GPTQ
+
+    print(f"  {name}: loading", file=sys.stderr, flush=True)
+    task = load_task(name)
+    metric, drop = DROPS.get(name, (task.metric, 1.0))
+    fp32 = task.evaluate(task.model)
+    print(f"  {name}: fewbits.auto", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()
+    out = workdir / f"auto-{name}"
+    r = fewbits.auto(task.model, task.calibration, metric_fn=task.evaluate, metric=metric, max_drop=drop,
+                     candidates=CANDIDATES, out=out, report=False)
+    seconds = round(time.perf_counter() - t0, 1)
+    values, _ = _metrics(task, fewbits.get_recipe(str(out / "recipe.json")))
+    counts: dict = {}
+    for f in r.choice.formats.values():
+        counts[f] = counts.get(f, 0) + 1
+    auto_row = {"bytes": r.choice.costs["bytes"], "metric": values[metric], "task_metric": values[task.metric],
+                "drop": round(fp32[metric] - values[metric], 5), "algorithms": r.algorithms, "formats": counts,
+                "trials": len(r.trials), "seconds": seconds, "integer_gemms": r.files.get("onnx_integer_gemms")}
+    sens = sensitivity(task.model, task.calibration[:4], CANDIDATES, "loss")  # auto's scores, from the cache
+    costs = layer_costs(task.model, task.calibration[0], CANDIDATES)
+    uniform = []
+    for cand, formats in uniform_choices(sens, costs).items():
+        base = _choice(formats, sens, costs).recipe(f"uniform-{cand}")
+        low = low_bit_layers(formats)
+        row = {"uniform": cand, "bytes": costs.total(formats, "bytes")}
+        for label, steps in (("plain", (CONV_BIAS_CORRECTION,)),
+                             ("gptq", (GPTQ(layers=low), CONV_BIAS_CORRECTION) if low else None)):
+            if steps is None:
+                continue
+            print(f"  {name}: uniform {cand} ({label})", file=sys.stderr, flush=True)
+            values, _ = _metrics(task, dataclasses.replace(base, steps=steps))
+            row[label] = {"metric": values[metric], "task_metric": values[task.metric],
+                          "drop": round(fp32[metric] - values[metric], 5)}
+        best = min((row[k] for k in ("plain", "gptq") if k in row), key=lambda v: v["drop"])
+        row["within"] = best["drop"] <= drop
+        uniform.append(row)
+    within = [u for u in uniform if u["within"]]
+    smallest = min(within, key=lambda u: u["bytes"]) if within else None
+    return {"task": name, "metric": metric, "task_metric": task.metric, "max_drop": drop, "fp32": fp32[metric],
+            "fp32_task_metric": fp32[task.metric], "auto": auto_row, "uniform": uniform,
+            "smallest_uniform_within": smallest and smallest["uniform"],
+            "auto_smaller": bool(smallest is None or auto_row["bytes"] < smallest["bytes"]),
+            "auto_over_smallest_uniform": smallest and round(auto_row["bytes"] / smallest["bytes"], 4),
+            "nncf": _nncf_rows(task, metric, fp32)}
+
+
+def tables_auto(data: dict) -> None:
+    for t in data["tasks"]:
+        a = t["auto"]
+        rows = [{"config": "auto (" + ", ".join(f"{n} {c}" for c, n in a["formats"].items()) + ")",
+                 "MB": round(a["bytes"] / 1e6, 4), t["metric"]: round(a["metric"], 4), "drop": a["drop"],
+                 t["task_metric"]: a["task_metric"], "algorithms": ", ".join(a["algorithms"]) or "bc",
+                 "within": a["drop"] <= t["max_drop"]}]
+        for u in t["uniform"]:
+            for k in ("plain", "gptq"):
+                if k in u:
+                    rows.append({"config": f"uniform {u['uniform']}", "MB": round(u["bytes"] / 1e6, 4),
+                                 t["metric"]: round(u[k]["metric"], 4), "drop": u[k]["drop"],
+                                 t["task_metric"]: u[k]["task_metric"], "algorithms": "bc" if k == "plain" else "gptq, bc",
+                                 "within": u[k]["drop"] <= t["max_drop"]})
+        print_table(rows, f"{t['task']} (fp32 {t['metric']} {round(t['fp32'], 4)}, {t['task_metric']} "
+                          f"{t['fp32_task_metric']}): auto {a['trials']} trials, {a['seconds']} s; smallest uniform "
+                          f"within {t['max_drop']}: {t['smallest_uniform_within']}; auto smaller: {t['auto_smaller']} "
+                          f"({t['auto_over_smallest_uniform']}× its size)")
+        if isinstance(t["nncf"], str):
+            print(f"  NNCF: {t['nncf']}")
+        else:
+            print_table([{"nncf ratio": n["ratio"], "MB": round(n["bytes"] / 1e6, 4), "nncf w4 layers": n["nncf_w4"],
+                          f"nncf {t['metric']}": round(n["nncf"], 4), f"nncf {t['task_metric']}": n["nncf_task_metric"],
+                          "fewbits MB": round(n["fewbits_bytes"] / 1e6, 4), "fewbits w4 layers": n["fewbits_w4"],
+                          f"fewbits {t['metric']}": round(n["fewbits"], 4),
+                          f"fewbits {t['task_metric']}": n["fewbits_task_metric"]} for n in t["nncf"]],
+                        f"{t['task']}: NNCF mixed int4/int8 (hessian criterion) vs fewbits' exact choice at the same size")
+
+
 def plot_fronts(data: dict, path: str) -> None:
     import matplotlib
 
@@ -278,18 +428,33 @@ def main() -> None:
     p.add_argument("--score-batches", type=int, default=2, help="calibration batches the scores use")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--tables", action="store_true", help="reprint the tables from the saved JSON")
-    p.add_argument("--sections", default="scores", choices=["scores", "fronts"],
-                   help="scores: rank correlation and equal-size comparison; fronts: latency table, fronts, auto")
+    p.add_argument("--sections", default="scores", choices=["scores", "fronts", "auto"],
+                   help="scores: rank correlation and equal-size comparison; fronts: latency table, fronts, auto; "
+                        "auto: auto against uniform formats with the same algorithms, and NNCF")
     p.add_argument("--random", type=int, default=4, help="fronts: random mixes checked for latency")
     p.add_argument("--points", type=int, default=6, help="fronts: points per Pareto front")
     args = p.parse_args()
     if args.tables:
-        if args.sections == "fronts":
+        if args.sections == "auto":
+            tables_auto(json.loads(Path(AUTO).read_text()))
+        elif args.sections == "fronts":
             tables_fronts(json.loads(Path(FRONTS).read_text()))
         else:
             tables(json.loads(Path(RESULTS).read_text()))
         return
     set_threads()
+    if args.sections == "auto":
+        import tempfile
+
+        start, tasks = time.perf_counter(), []
+        with tempfile.TemporaryDirectory() as tmp:
+            for n in args.tasks.split(","):  # saved after each task
+                tasks.append(bench_auto(n, Path(tmp)))
+                data = {"environment": environment(), "tasks": tasks, "seconds": round(time.perf_counter() - start, 1)}
+                save_json(data, AUTO)
+        tables_auto(data)
+        print(f"results: {AUTO}")
+        return
     if args.sections == "fronts":
         import tempfile
 
