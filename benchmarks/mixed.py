@@ -26,9 +26,13 @@ every uniform format given the same algorithms (bias correction of convolutions,
 GPTQ retry for formats of 4 bits or fewer), and against what a user would pick instead where it
 runs here: NNCF's data-aware mixed int4/int8 weight compression (``nncf.compress_weights``,
 Hessian-trace criterion, at several int4 ratios) beside fewbits' exact choice at the same size
-and on the same candidates (float, w8, w4-g128), both round-to-nearest:
+and on the same candidates (float, w8, w4-g128), both round-to-nearest; and AIMET's automatic
+mixed precision (``choose_mixed_precision`` over w8a8 / w4a8 within the drop; needs
+``make compare-install``) beside fewbits' exact choice at its size (float, w8a8, w4a8).
+``--anchors-only`` runs the two anchors again into the saved JSON:
 
     .venv/bin/python benchmarks/mixed.py --sections auto --tasks fashion-cnn,mobilenetv2-probe,minilm-wordnet
+    .venv/bin/python benchmarks/mixed.py --sections auto --anchors-only --tasks fashion-cnn,mobilenetv2-probe
 """
 from __future__ import annotations
 
@@ -274,6 +278,74 @@ def _nncf_rows(task, metric: str, fp32: dict) -> list | str:
     return rows
 
 
+def _aimet_amp_rows(task, metric: str, drop: float) -> dict | str:
+    """AIMET's automatic mixed precision (``choose_mixed_precision``: per-layer sensitivity, then
+    a binary search of its Pareto list) over w8a8 / w4a8 within the drop, beside fewbits' exact
+    choice at the same size on the same candidates; or why it could not run."""
+    import copy
+    import importlib.util
+    import json as json_
+    import os
+    import tempfile
+
+    if importlib.util.find_spec("aimet_torch") is None:
+        return "aimet-torch not installed (make compare-install)"
+    if not isinstance(task.calibration[0], torch.Tensor):
+        return "not run: AIMET's QuantSim is given one input tensor here (this task's model takes keyword inputs)"
+    from ptq_algorithms import _AIMET_CONFIG, _stub_torchvision
+
+    _stub_torchvision()
+    from aimet_common.defs import QuantizationDataType, QuantScheme
+    from aimet_torch.batch_norm_fold import fold_all_batch_norms
+    from aimet_torch.common.defs import CallbackFunc
+    from aimet_torch.mixed_precision import choose_mixed_precision
+    from aimet_torch.quantsim import QuantizationSimModel
+
+    workdir = tempfile.mkdtemp(prefix="fewbits-aimet-amp-")
+    config = os.path.join(workdir, "config.json")
+    with open(config, "w") as f:
+        json_.dump(_AIMET_CONFIG, f)
+    dummy = task.calibration[0][:1]
+    model = copy.deepcopy(task.model).eval()
+    fold_all_batch_norms(model, tuple(dummy.shape))
+
+    def forward(m, _=None):
+        with torch.no_grad():
+            for x in task.calibration:
+                m(x)
+
+    t0 = time.perf_counter()
+    sim = QuantizationSimModel(model, dummy, quant_scheme=QuantScheme.post_training_tf, default_param_bw=8,
+                               default_output_bw=8, config_file=config)
+    sim.compute_encodings(forward, None)
+    evaluate = lambda m, _=None: float(task.evaluate(m)[metric])  # noqa: E731 — AIMET's callback shape
+    candidates = [((8, QuantizationDataType.int), (8, QuantizationDataType.int)),
+                  ((8, QuantizationDataType.int), (4, QuantizationDataType.int))]
+    evaluate, forward = CallbackFunc(evaluate), CallbackFunc(forward)
+    choose_mixed_precision(sim, dummy, candidates, evaluate, evaluate, drop, os.path.join(workdir, "amp"), True,
+                           forward)
+    seconds = round(time.perf_counter() - t0, 1)
+    values = task.evaluate(sim.model)
+    bits = {}
+    for name, m in sim.model.named_modules():
+        quantizers = getattr(m, "param_quantizers", None)
+        q = quantizers["weight"] if quantizers is not None and "weight" in quantizers else None
+        if q is not None:
+            bits[name] = int(q.bitwidth)
+    candidates_ = ("float", "w8a8", "w4a8")
+    sens = sensitivity(task.model, task.calibration[:4], candidates_, "loss")
+    costs = layer_costs(task.model, task.calibration[0], candidates_)
+    formats = {l: {8: "w8a8", 4: "w4a8"}.get(bits.get(l), "float") for l in sens.scores}
+    budget = costs.total(formats, "bytes")
+    ours = solve(sens, costs, {"bytes": budget})
+    mine, _ = _metrics(task, _choice(ours.formats, sens, costs).recipe())
+    return {"bytes": budget, "aimet_w4": sum(f == "w4a8" for f in formats.values()), "aimet_layers": len(bits),
+            "aimet_outside_ours": sorted(set(bits) - set(sens.scores)), "aimet": values[metric],
+            "aimet_task_metric": values[task.metric], "aimet_seconds": seconds, "fewbits_bytes": ours.costs["bytes"],
+            "fewbits_w4": sum(f == "w4a8" for f in ours.formats.values()), "fewbits": mine[metric],
+            "fewbits_task_metric": mine[task.metric]}
+
+
 def bench_auto(name: str, workdir: Path) -> dict:
     """``fewbits.auto`` against uniform formats with the same algorithms, and the NNCF anchor."""
     from fewbits.decide.auto import low_bit_layers
@@ -323,7 +395,12 @@ def bench_auto(name: str, workdir: Path) -> dict:
             "smallest_uniform_within": smallest and smallest["uniform"],
             "auto_smaller": bool(smallest is None or auto_row["bytes"] < smallest["bytes"]),
             "auto_over_smallest_uniform": smallest and round(auto_row["bytes"] / smallest["bytes"], 4),
-            "nncf": _nncf_rows(task, metric, fp32)}
+            **anchors(task, metric, drop, fp32)}
+
+
+def anchors(task, metric: str, drop: float, fp32: dict) -> dict:
+    """What a user would pick instead: NNCF's and AIMET's mixed precision on this task."""
+    return {"nncf": _nncf_rows(task, metric, fp32), "aimet": _aimet_amp_rows(task, metric, drop)}
 
 
 def tables_auto(data: dict) -> None:
@@ -353,6 +430,18 @@ def tables_auto(data: dict) -> None:
                           f"fewbits {t['metric']}": round(n["fewbits"], 4),
                           f"fewbits {t['task_metric']}": n["fewbits_task_metric"]} for n in t["nncf"]],
                         f"{t['task']}: NNCF mixed int4/int8 (hessian criterion) vs fewbits' exact choice at the same size")
+        am = t.get("aimet")
+        if isinstance(am, str) or am is None:
+            print(f"  AIMET: {am or 'not run'}")
+        else:
+            print_table([{"AIMET AMP MB": round(am["bytes"] / 1e6, 4), "AIMET w4a8 layers": f"{am['aimet_w4']}/{am['aimet_layers']}",
+                          f"AIMET {t['metric']}": round(am["aimet"], 4),
+                          "AIMET within": round(t["fp32"] - am["aimet"], 5) <= t["max_drop"],
+                          "AIMET seconds": am["aimet_seconds"],
+                          "fewbits MB": round(am["fewbits_bytes"] / 1e6, 4), "fewbits w4a8 layers": am["fewbits_w4"],
+                          f"fewbits {t['metric']}": round(am["fewbits"], 4)}],
+                        f"{t['task']}: AIMET automatic mixed precision (w8a8/w4a8, drop {t['max_drop']}) vs fewbits' "
+                        "exact choice at the same size")
 
 
 def plot_fronts(data: dict, path: str) -> None:
@@ -431,6 +520,8 @@ def main() -> None:
     p.add_argument("--sections", default="scores", choices=["scores", "fronts", "auto"],
                    help="scores: rank correlation and equal-size comparison; fronts: latency table, fronts, auto; "
                         "auto: auto against uniform formats with the same algorithms, and NNCF")
+    p.add_argument("--anchors-only", action="store_true",
+                   help="auto: run only NNCF and AIMET again and put them into the saved JSON")
     p.add_argument("--random", type=int, default=4, help="fronts: random mixes checked for latency")
     p.add_argument("--points", type=int, default=6, help="fronts: points per Pareto front")
     args = p.parse_args()
@@ -443,6 +534,15 @@ def main() -> None:
             tables(json.loads(Path(RESULTS).read_text()))
         return
     set_threads()
+    if args.sections == "auto" and args.anchors_only:  # the anchors again, into the saved run
+        data = json.loads(Path(AUTO).read_text())
+        for t in data["tasks"]:
+            if t["task"] in args.tasks.split(","):
+                t.update(anchors(load_task(t["task"]), t["metric"], t["max_drop"],
+                                 {t["metric"]: t["fp32"], t["task_metric"]: t["fp32_task_metric"]}))
+                save_json(data, AUTO)
+        tables_auto(data)
+        return
     if args.sections == "auto":
         import tempfile
 
