@@ -43,7 +43,7 @@ from ..steps import GPTQ
 from .candidates import CANDIDATES
 from .cost import layer_costs
 from .latency import latency_table
-from .search import COST_KEYS, Choice, pareto_front, solve
+from .search import COST_KEYS, Choice, pareto_front
 from .sensitivity import sensitivity
 
 OBJECTIVES = {"size": "bytes", "latency": "latency_s", "energy": "energy_pj", "bops": "bops"}
@@ -237,22 +237,11 @@ def auto(model, calibration, *, metric_fn: Callable, metric: Optional[str] = Non
 
 
 def _between(cheaper: Choice, dearer: Choice, sens, costs, key: str, budgets: dict, n: int) -> list:
-    """The optima at ``n`` budgets strictly between two points of a front, each cheaper than
-    ``dearer`` and less damaging than ``cheaper``, repeats and dominated ones dropped, by cost."""
-    import numpy as np
-
-    found = []
-    for budget in np.linspace(cheaper.costs[key], dearer.costs[key], n + 2)[1:-1]:
-        c = solve(sens, costs, {**budgets, key: float(budget)})
-        if cheaper.costs[key] < c.costs[key] < dearer.costs[key] and c.damage < cheaper.damage and \
-                all(c.formats != f.formats for f in found):
-            found.append(c)
-    found.sort(key=lambda c: (c.costs[key], c.damage))
-    kept = []
-    for c in found:
-        if (not kept or c.damage < kept[-1].damage - 1e-15) and c.damage > dearer.damage:
-            kept.append(c)
-    return kept
+    """The front's points at ``n`` budgets strictly between two of its points, by cost."""
+    front = pareto_front(sens, costs, key, points=n + 2, budgets={**budgets, key: dearer.costs[key]},
+                         lower=cheaper.costs[key])
+    return [c for c in front if cheaper.costs[key] < c.costs[key] < dearer.costs[key]
+            and dearer.damage < c.damage < cheaper.damage]
 
 
 def _write_report(out: Path, data: dict) -> dict:

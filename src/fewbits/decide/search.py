@@ -175,18 +175,18 @@ def _choice(formats: dict, sens: Sensitivity, costs: Costs) -> Choice:
 
 
 def pareto_front(sens: Sensitivity, costs: Costs, key: str = "bytes", points: int = 16,
-                 budgets: dict | None = None) -> list[Choice]:
+                 budgets: dict | None = None, lower: float | None = None) -> list[Choice]:
     """Configurations from the cheapest to the least damaging in ``key``, each the optimum at its
-    budget (budgets spaced evenly between the cheapest and the least damaging configuration's
-    cost; every point also within ``budgets``), dominated and repeated points removed; sorted by
-    cost."""
+    budget (budgets spaced evenly between the cheapest — or ``lower`` — and the least damaging
+    configuration's cost; every point also within ``budgets``), dominated and repeated points
+    removed; sorted by cost."""
     if key not in COST_KEYS:
         raise ValueError(f"pareto_front key must be one of {list(COST_KEYS)}, got {key!r}")
     if points < 2:
         raise ValueError(f"pareto_front needs at least 2 points, got {points}")
     budgets = dict(budgets or {})
     best = solve(sens, costs, budgets)
-    lo, hi = _cheapest(costs, sens, key, budgets), best.costs[key]
+    lo, hi = (_cheapest(costs, sens, key, budgets) if lower is None else lower), best.costs[key]
     if key in budgets:
         hi = min(hi, budgets[key])
     front = []
