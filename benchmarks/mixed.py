@@ -300,27 +300,21 @@ def _aimet_amp_rows(task, metric: str, drop: float) -> dict | str:
     choice at the same size on the same candidates; or why it could not run."""
     import copy
     import importlib.util
-    import json as json_
     import os
-    import tempfile
 
     if importlib.util.find_spec("aimet_torch") is None:
         return "aimet-torch not installed (make compare-install)"
     if not isinstance(task.calibration[0], torch.Tensor):
         return "not run: AIMET's QuantSim is given one input tensor here (this task's model takes keyword inputs)"
-    from ptq_algorithms import _AIMET_CONFIG, _stub_torchvision
+    from ptq_algorithms import aimet_setup
 
-    _stub_torchvision()
+    workdir, config = aimet_setup(task)
     from aimet_common.defs import QuantizationDataType, QuantScheme
     from aimet_torch.batch_norm_fold import fold_all_batch_norms
     from aimet_torch.common.defs import CallbackFunc
     from aimet_torch.mixed_precision import choose_mixed_precision
     from aimet_torch.quantsim import QuantizationSimModel
 
-    workdir = tempfile.mkdtemp(prefix="fewbits-aimet-amp-")
-    config = os.path.join(workdir, "config.json")
-    with open(config, "w") as f:
-        json_.dump(_AIMET_CONFIG, f)
     dummy = task.calibration[0][:1]
     model = copy.deepcopy(task.model).eval()
     fold_all_batch_norms(model, tuple(dummy.shape))

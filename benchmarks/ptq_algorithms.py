@@ -172,25 +172,35 @@ def compare_rows(small: bool, iterations: int) -> list[dict]:
     return rows
 
 
-def _aimet_rows(task, bits: int, iterations: int) -> list[dict]:
-    """AIMET's QuantSim with nearest rounding and with its AdaRound at ``iterations``."""
-    import copy
+def aimet_setup(task, per_channel: bool = True) -> tuple[str, str]:
+    """AIMET made importable (:func:`_stub_torchvision`), a work directory and the QuantSim
+    config file (``_AIMET_CONFIG``, per-channel or per-tensor weights) in it: ``(workdir, config)``."""
     import json
     import os
     import tempfile
 
+    _stub_torchvision()
+    workdir = tempfile.mkdtemp(prefix=f"fewbits-aimet-{task.name}-")
+    config = os.path.join(workdir, "config.json")
+    with open(config, "w") as f:
+        json.dump({**_AIMET_CONFIG, "defaults": {**_AIMET_CONFIG["defaults"],
+                                                 "per_channel_quantization": str(per_channel)}}, f)
+    return workdir, config
+
+
+def _aimet_rows(task, bits: int, iterations: int) -> list[dict]:
+    """AIMET's QuantSim with nearest rounding and with its AdaRound at ``iterations``."""
+    import copy
+    import os
+
     import torch
 
-    _stub_torchvision()
+    workdir, config = aimet_setup(task)
     from aimet_common.defs import QuantScheme
     from aimet_torch.adaround.adaround_weight import Adaround, AdaroundParameters
     from aimet_torch.batch_norm_fold import fold_all_batch_norms
     from aimet_torch.quantsim import QuantizationSimModel
 
-    workdir = tempfile.mkdtemp(prefix="fewbits-aimet-")
-    config = os.path.join(workdir, "config.json")
-    with open(config, "w") as f:
-        json.dump(_AIMET_CONFIG, f)
     dummy = task.calibration[0][:1]
 
     def forward(model, _):
@@ -303,24 +313,18 @@ def compare_dfq_rows(small: bool, _iterations: int) -> list[dict]:
     equalization and bias correction, beside fewbits', in one run."""
     import copy
     import importlib.util
-    import json
-    import os
-    import tempfile
 
     import torch
 
     task = load_task("mobilenetv2-probe", small=small)
     rows = []
     if importlib.util.find_spec("aimet_torch") is not None:
-        _stub_torchvision()
+        _, config = aimet_setup(task, per_channel=False)
         from aimet_common.defs import QuantScheme
         from aimet_torch.batch_norm_fold import fold_all_batch_norms
         from aimet_torch.cross_layer_equalization import equalize_model
         from aimet_torch.quantsim import QuantizationSimModel
 
-        config = os.path.join(tempfile.mkdtemp(prefix="fewbits-aimet-"), "config.json")
-        with open(config, "w") as f:
-            json.dump({**_AIMET_CONFIG, "defaults": {**_AIMET_CONFIG["defaults"], "per_channel_quantization": "False"}}, f)
         dummy = task.calibration[0][:1]
         for label in ("AIMET nearest", "AIMET CLE"):
             print(f"  compare-dfq: {label} ...", file=sys.stderr, flush=True)
