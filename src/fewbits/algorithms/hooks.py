@@ -10,19 +10,19 @@ from torch import nn
 
 from ..progress import Progress
 from ..spec import LevelSpec
-from ..steps import layer_matches
+from ..steps import Layers, layer_matches
 from ..wrap.handle import AlgorithmResult, LeftFloat, QuantizedModel, quantization_disabled
 from ..wrap.modules import QuantConv1d, QuantConv2d, QuantConv3d, QuantLinear
 from ..wrap.standard import shared_parameter_ids
 from . import bias_correction, smoothquant
 
 
-def scalable_linears(qmodel: QuantizedModel, pattern: str, result: AlgorithmResult, algorithm: str,
+def scalable_linears(qmodel: QuantizedModel, pattern: Layers, result: AlgorithmResult, algorithm: str,
                      why_not: Callable[[nn.Module], str]) -> dict:
-    """The linear layers matching ``pattern`` that ``algorithm`` may rescale per input channel:
-    ``why_not(layer)`` is the algorithm's own reason to skip one (empty: none); on top, the layer
-    must be linear, on a uniform weight grid, with a weight no other module shares. The others
-    are listed in ``result`` with the reason."""
+    """The linear layers matching ``pattern`` (a glob or a list of them) that ``algorithm`` may
+    rescale per input channel: ``why_not(layer)`` is the algorithm's own reason to skip one
+    (empty: none); on top, the layer must be linear, on a uniform weight grid, with a weight no
+    other module shares. The others are listed in ``result`` with the reason."""
     shared = shared_parameter_ids(qmodel.model)
     chosen = {}
     for name, module in qmodel.quantized_layers().items():
@@ -204,7 +204,7 @@ def layer_chains(qmodel: QuantizedModel, result: AlgorithmResult, through_types:
     return chains
 
 
-def rounding_layers(qmodel: QuantizedModel, pattern: str, result: AlgorithmResult) -> dict:
+def rounding_layers(qmodel: QuantizedModel, pattern: Layers, result: AlgorithmResult) -> dict:
     chosen = {}
     for name, m in qmodel.quantized_layers().items():
         if not layer_matches(name, pattern):
