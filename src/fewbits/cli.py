@@ -238,7 +238,7 @@ def cmd_auto(args) -> dict:
     result = auto(model, calibration, metric_fn=metric_fn, metric=metric, max_drop=args.max_drop,
                   objective=args.objective, budgets=budgets, candidates=args.candidates, method=args.method,
                   algos=args.algos, out=args.out, points=args.points, latency_path=args.latency_table,
-                  latency_batch=args.latency_batch, threads=args.threads, report=args.report)
+                  latency_batch=args.latency_batch, threads=args.threads, report=args.report, workers=args.workers)
     print(format_table([{"point": t["point"], "MB": megabytes(int(t["costs"]["bytes"])), "predicted": f"{t['predicted']:.3g}",
                          metric or "metric": round(t["metric"], 3), "drop": round(t["drop"], 3), "within": t["ok"],
                          "algorithms": ", ".join(t.get("algorithms", [])) or "-", "resumed": t.get("resumed", False)} for t in result.trials],
@@ -473,6 +473,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto: bias correction for the convolutions of every configuration tried, and "
                         "a retry with GPTQ on the <= 4-bit layers of one that misses the drop")
     a.add_argument("--points", type=int, default=12, help="budgets along the Pareto front (default 12)")
+    a.add_argument("--workers", type=int, default=1,
+                   help="processes the sensitivity scores are computed in, one thread each (default 1)")
     a.add_argument("--out", help="directory: recipe.json, model.fewbits, model.onnx, trials.jsonl, auto.json "
                                  "(a second run with the same directory resumes)")
     a.add_argument("--json", help="write the result as JSON")

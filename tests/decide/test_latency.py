@@ -91,6 +91,9 @@ def _fake_latency_costs():
     for saving in costs.chain_savings:  # negative ones too: a pair that costs more than its layers alone
         for k, combo in enumerate(("integer|integer", "float|float", "weight|float", "integer|weight")):
             saving[combo] = {"latency_s": (4e-4, 1e-4, -2e-4, -1e-4)[k]}
+    # groups (layout regions, siblings): a saving when every member is in one of its domains
+    costs.groups = [{"members": {"a": ["integer"], "b": ["integer"], "c": ["integer"]}, "latency_s": 3e-4},
+                    {"members": {"b": ["float", "weight"], "c": ["float", "weight"]}, "latency_s": 1e-4}]
     sens = fewbits.sensitivity(model, batches, ["float", "w8a8", "w8"], method="sqnr", cache_dir=False)
     return sens, costs
 
@@ -106,7 +109,7 @@ def test_the_ilp_with_chain_savings_finds_the_brute_force_optimum():
         best = min(sum(sens.scores[l][c] for l, c in f.items()) for f in configs
                    if costs.total(f, "latency_s") <= budget + 1e-15)
         choice = solve(sens, costs, {"latency_s": budget + 1e-15})
-        # the ILP's cost is the same sum as Costs.total (savings on chain edges whose ends agree)
+        # the ILP's cost is the same sum as Costs.total (savings on chain edges whose ends agree, and on groups)
         assert choice.costs["latency_s"] <= budget + 1e-12
         assert choice.damage == pytest.approx(best, rel=1e-9, abs=1e-15)  # HiGHS is exact on problems this small
 
@@ -121,7 +124,7 @@ def test_the_latency_table_measures_once_and_refuses_what_it_does_not_hold(tmp_p
     assert set(lat.chain_savings) == {("a", "b"), ("fc1", "fc2")}
     assert set(lat.chain_savings[("a", "b")]) == {"float|float", "float|integer", "integer|float", "integer|integer"}
     data = json.loads(path.read_text())
-    assert data["format"] == "fewbits.latency" and data["schema_version"] == 2
+    assert data["format"] == "fewbits.latency" and data["schema_version"] == 3
     assert data["runtime"].startswith("onnxruntime ") and data["profile"] == machine_key(2)["profile"]
     assert any(" >> " in k for k in data["entries"])  # the chain pairs, timed alone
     # every entry there: read back, nothing measured (the fp32 model is timed again)
@@ -171,3 +174,65 @@ def test_auto_minimises_measured_latency_and_writes_its_report(tmp_path, monkeyp
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0 and (out / "report.html").is_file()
     assert main(["report", str(tmp_path / "nothing-here")]) == 2
+
+
+class _Stream(nn.Module):
+    """A residual stream of 1×1 convolutions (one layout region), then a float mean read by three
+    sibling linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 16, 3, padding=1)
+        self.p1, self.p2, self.head = nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1), nn.Conv2d(16, 16, 1)
+        self.q, self.k, self.v = nn.Linear(16, 8), nn.Linear(16, 8), nn.Linear(16, 8)
+
+    def forward(self, x):
+        s = torch.relu(self.stem(x))
+        s = s + self.p1(s)
+        s = s + self.p2(s)
+        t = self.head(s).mean((2, 3))
+        return self.q(t) + self.k(t) * self.v(t)
+
+
+def test_layout_regions_and_siblings_are_found_measured_and_priced(tmp_path):
+    torch.manual_seed(0)
+    model = _Stream().eval()
+    x = torch.randn(1, 3, 12, 12)
+    names = ["stem", "p1", "p2", "head", "q", "k", "v"]
+    r = layer_readers(model, names, x)
+    assert r.layout_regions() == [{"producers": ["p1", "p2", "stem"], "consumers": ["head", "p1", "p2"],
+                                   "float_op": False}]
+    assert r.siblings == [["q", "k", "v"]]
+    lat = latency_table(model, x, ["float", "w8a8"], path=tmp_path / "lat.json", seconds=0.05)
+    # alone, an integer convolution has a uint8 transpose on each side, a float one a reorder
+    for n in ("stem", "p1", "p2", "head"):
+        assert set(lat.layout[n]["w8a8"]) == {"layout_in", "layout_out"} and min(lat.layout[n]["w8a8"].values()) > 0
+    region = {"stem": ["integer"], "p1": ["integer"], "p2": ["integer"], "head": ["integer"]}
+    (integer,) = [g for g in lat.groups if g["why"] == "layout region" and g["members"] == region]
+    assert integer["latency_s"] == pytest.approx(
+        sum(lat.layout[p]["w8a8"]["layout_out"] for p in ("stem", "p1", "p2"))
+        + sum(lat.layout[c]["w8a8"]["layout_in"] for c in ("p1", "p2", "head")), rel=1e-12)  # the same sum
+    (siblings,) = [g for g in lat.groups if g["why"] == "siblings"]
+    assert siblings["members"] == {s: ["float", "weight"] for s in ("q", "k", "v")}
+    assert all(lat.shared_input[s] == siblings["latency_s"] for s in ("q", "k", "v"))
+    costs = layer_costs(model, x, ["float", "w8a8"], latency=lat)
+    # still exact on the fp32 model; three integer siblings pay one input quantization, not three
+    assert costs.total({n: "float" for n in names}, "latency_s") == pytest.approx(lat.fp32_s, rel=1e-9)
+    one = {**{n: "float" for n in names}, "q": "w8a8"}
+    three = {**one, "k": "w8a8", "v": "w8a8"}
+    cell = {s: lat.seconds[s]["w8a8"] - lat.seconds[s]["float"] for s in ("k", "v")}
+    q_in = siblings["latency_s"]
+    assert costs.total(three, "latency_s") - costs.total(one, "latency_s") == pytest.approx(
+        cell["k"] + cell["v"] - 2 * q_in, rel=1e-9, abs=1e-12)  # float sums in another order
+    # what the model assumes of ONNX Runtime: in one integer region the transposes cancel
+    from fewbits.decide.latency import _optimized_ops
+
+    sens = fewbits.sensitivity(model, [x], ["float", "w8a8"], method="sqnr", cache_dir=False)
+    q = fewbits.calibrate(fewbits.prepare(model, _choice({n: "w8a8" for n in names}, sens, costs).recipe()), [x])
+    exported = export_onnx(q, x, tmp_path / "all.onnx", verify=False, dynamic="none")
+    ops = _optimized_ops(exported.path, 2, tmp_path / "all-opt.onnx")
+    assert ops.count("Transpose") <= 2 < 2 * 4  # the 4 convolutions alone carry 8
+    import onnx
+
+    gemms = [n for n in onnx.load(str(tmp_path / "all-opt.onnx")).graph.node if n.op_type == "QGemm"]
+    assert len(gemms) == 3 and len({n.input[0] for n in gemms}) == 1  # one quantized input for the three siblings

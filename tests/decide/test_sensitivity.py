@@ -163,3 +163,35 @@ def test_hessian_runs_through_attention():
     batches = [torch.randn(2, 5, 16) for _ in range(2)]
     sens = fewbits.sensitivity(model, batches, ["float", "w3"], method="hessian", cache_dir=False)
     assert all(s["w3"] > 0 for s in sens.scores.values())
+
+
+@pytest.mark.parametrize("method", ["sqnr", "loss"])
+def test_scores_in_two_worker_processes_equal_one_process(method):
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(16, 12), nn.ReLU(), nn.Linear(12, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+    batches = _batches()
+    labels = torch.randint(0, 4, (8,), generator=torch.Generator().manual_seed(0))
+    # a closure: the workers are forked, nothing is pickled but each (format, layer) job and its score
+    loss_fn = (lambda out, batch: nn.functional.cross_entropy(out, labels)) if method == "loss" else None
+    one = fewbits.sensitivity(model, batches, ["float", "w8a8", "w3"], method=method, loss_fn=loss_fn,
+                              cache_dir=False)
+    two = fewbits.sensitivity(model, batches, ["float", "w8a8", "w3"], method=method, loss_fn=loss_fn,
+                              cache_dir=False, workers=2)
+    # the same operations on the same inputs, one torch thread in every process (conftest, _start_worker)
+    assert two.scores == one.scores and two.sqnr_db == one.sqnr_db
+    assert all(one.scores[n]["w3"] != 0.0 for n in ("0", "2", "4"))  # a task loss may also fall
+
+
+def test_a_failing_job_in_a_worker_is_named():
+    from fewbits.parallel import run_jobs
+
+    def work(job):
+        if job == "b":
+            raise ValueError("no such layer")
+        return job * 2
+
+    assert run_jobs(work, ["a", "c"], workers=2) == ["aa", "cc"]
+    with pytest.raises(RuntimeError, match="layer b: ValueError: no such layer"):
+        run_jobs(work, ["a", "b", "c"], workers=2, label="layer")
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        run_jobs(work, ["a"], workers=0)

@@ -108,14 +108,15 @@ def auto(model, calibration, *, metric_fn: Callable, metric: Optional[str] = Non
          objective: str = "size", budgets: Optional[dict] = None, candidates=AUTO_CANDIDATES, method: str = "loss",
          algos: str = "auto", lower_is_better: bool = False, out=None, points: int = 12, score_batches: int = 4,
          example=None, cache_dir=None, latency_path=None, latency_batch: int = 1, threads: int = 2,
-         title: Optional[str] = None, report: bool = True, refine: int = 2) -> AutoResult:
+         title: Optional[str] = None, report: bool = True, refine: int = 2, workers: int = 1) -> AutoResult:
     """The smallest (``objective="size"``; ``"energy"``, ``"bops"``) configuration whose measured
     metric is within ``max_drop`` of fp32 (see the module docstring). ``metric_fn(model) ->
     {name: value}``; ``metric``: the key to read (default: the first); ``lower_is_better`` for
     perplexity-like metrics; ``out``: the run's directory; ``example``: the input the ONNX file
     is exported on (default: the first calibration batch); ``latency_path``, ``latency_batch``,
     ``threads``: the latency table's file, the batch size and threads it is timed at; ``refine``:
-    rounds of budgets inserted between the chosen point and its cheaper neighbour that missed."""
+    rounds of budgets inserted between the chosen point and its cheaper neighbour that missed;
+    ``workers``: processes the sensitivity is scored in (:func:`~fewbits.decide.sensitivity`)."""
     start = time.perf_counter()
     if objective not in OBJECTIVES:
         raise ValueError(f"auto objective must be one of {list(OBJECTIVES)}, got {objective!r}")
@@ -140,7 +141,7 @@ def auto(model, calibration, *, metric_fn: Callable, metric: Optional[str] = Non
         return float(values[metric] if metric else next(iter(values.values())))
 
     fp32 = measure(model)
-    sens = sensitivity(model, calibration[:score_batches], candidates, method, cache_dir=cache_dir)
+    sens = sensitivity(model, calibration[:score_batches], candidates, method, cache_dir=cache_dir, workers=workers)
     latency = None
     if key == "latency_s" or "latency_s" in budgets:
         latency = latency_table(model, calibration[0], candidates, path=latency_path, batch_size=latency_batch,

@@ -60,20 +60,24 @@ class Costs:
     chains: list = field(default_factory=list)
     chain_savings: list = field(default_factory=list)
     constant: dict = field(default_factory=dict)
+    groups: list = field(default_factory=list)  # {"members": {layer: [domains]}, key: saving}: fewbits.decide.layout
 
     def total(self, choice: dict[str, str], key: str) -> float:
         """``key`` of the model with the layers in the formats ``choice`` gives them (the
-        constant part and the chains' savings included)."""
+        constant part, the chains' and the groups' savings included)."""
         value = self.constant.get(key, 0.0) + sum(self.table[name][cand][key] for name, cand in choice.items())
         for (a, b), saving in zip(self.chains, self.chain_savings):
             if a in choice and b in choice:
                 value -= saving.get(f"{domain(choice[a])}|{domain(choice[b])}", {}).get(key, 0.0)
+        for group in self.groups:
+            if all(m in choice and domain(choice[m]) in doms for m, doms in group["members"].items()):
+                value -= group.get(key, 0.0)
         return value
 
     def to_dict(self) -> dict:
         return {"candidates": self.candidates, "macs": self.macs, "inputs": self.inputs, "table": self.table,
                 "types": self.types, "heads": self.heads, "chains": [list(c) for c in self.chains], "chain_savings": self.chain_savings,
-                "constant": self.constant}
+                "constant": self.constant, "groups": self.groups}
 
 
 def is_integer(candidate: str) -> bool:
@@ -187,7 +191,10 @@ def _add_latency(costs: Costs, latency) -> None:
 
     for n, row in costs.table.items():
         for c, cell in row.items():
-            cell["latency_s"] = latency.seconds[n][c] + (own_grid(n) if n in costs.heads and is_integer(c) else 0.0)
+            # an integer sibling's input quantization is its group's (fewbits.decide.layout)
+            cell["latency_s"] = latency.seconds[n][c] + ((own_grid(n) if n in costs.heads else 0.0)
+                                                         - latency.shared_input.get(n, 0.0) if is_integer(c) else 0.0)
+    costs.groups = [dict(g) for g in latency.groups]
     costs.constant["latency_s"] = latency.rest_s
     for (a, b), saving in zip(costs.chains, costs.chain_savings):
         measured = dict(latency.chain_savings.get((a, b), {}))

@@ -34,6 +34,13 @@ TRANSPARENT = frozenset({
     "max_pool2d_with_indices", "max_pool3d_with_indices", "dropout", "identity", "clone", "detach"})
 CONV_TYPES = ("Conv1d", "Conv2d", "Conv3d")  # the layers ONNX Runtime fuses only with a quantized output
 ACTIVATIONS = frozenset({"relu", "relu_", "relu6", "hardtanh", "hardtanh_"})
+# ops ONNX Runtime runs in whatever layout its neighbours use (its transpose optimizer pushes
+# layout changes through them): a region of tensors joined by them is one layout region
+LAYOUT_FREE = frozenset({
+    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "max_pool1d", "max_pool2d", "max_pool3d",
+    "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices", "dropout", "identity", "clone",
+    "detach", "contiguous", "add", "add_", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "mul", "mul_", "__mul__",
+    "__rmul__", "sigmoid", "silu", "gelu", "tanh", "hardswish", "hardsigmoid", "leaky_relu", "elu"})
 FLOAT_OP = "<float op>"
 MODEL_OUTPUT = "<output>"
 
@@ -50,6 +57,8 @@ class Readers:
     activated: set = field(default_factory=set)
     types: dict = field(default_factory=dict)
     paths: dict = field(default_factory=dict)  # (a, b) → the ops from a's output to b's input (see replay)
+    regions: list = field(default_factory=list)  # layout regions: {"producers", "consumers", "float_op"}
+    siblings: list = field(default_factory=list)  # groups of layers reading one same tensor
 
     def heads(self) -> set:
         """The layers that need a quantized output to run on an integer kernel."""
@@ -61,10 +70,19 @@ class Readers:
         return sorted((a, next(iter(r))) for a, r in self.readers.items()
                       if a in heads and len(r) == 1 and self.sources.get(next(iter(r))) == {a})
 
+    def layout_regions(self) -> list[dict]:
+        """The layout regions (tensors joined by ``LAYOUT_FREE`` ops between layers) that touch
+        no float op, the model's input or output, and are not one chain edge (timed as a pair):
+        ``{"producers": [...], "consumers": [...]}``."""
+        chains = set(self.chains())
+        return [r for r in self.regions if not r["float_op"] and r["producers"] and r["consumers"]
+                and not (len(r["producers"]) == len(r["consumers"]) == 1
+                         and (r["producers"][0], r["consumers"][0]) in chains)]
+
     def to_dict(self) -> dict:
         return {"readers": {k: sorted(v) for k, v in self.readers.items()},
                 "sources": {k: sorted(v) for k, v in self.sources.items()}, "activated": sorted(self.activated),
-                "types": self.types}
+                "types": self.types, "regions": self.regions, "siblings": self.siblings}
 
 
 def _tensors(value) -> list:
@@ -82,6 +100,37 @@ class _Follow(TorchFunctionMode):
         self.path: dict[int, Optional[tuple]] = {}  # the ops from the producing layer's output, to replay them
         self.keep: list = []  # the tensors whose ids are keys, alive until the pass ends
         self.inside = 0  # > 0 while a layer's own forward runs: its internals are not followed
+        self.region: dict[int, int] = {}  # tensor id → its layout region (union-find below)
+        self.parent: list[int] = []
+        self.members: list[dict] = []  # per region root: producers, consumers, float_op
+
+    def new_region(self, tensor: torch.Tensor, producer: Optional[str]) -> None:
+        self.parent.append(len(self.parent))
+        self.members.append({"producers": {producer} - {None}, "consumers": set(), "float_op": producer is None})
+        self.region[id(tensor)] = len(self.parent) - 1
+        self.keep.append(tensor)
+
+    def root(self, r: int) -> int:
+        while self.parent[r] != r:
+            self.parent[r] = self.parent[self.parent[r]]
+            r = self.parent[r]
+        return r
+
+    def regions_of(self, value) -> set:
+        return {self.root(self.region[id(t)]) for t in _tensors(value) if id(t) in self.region}
+
+    def join(self, roots: set) -> int:
+        first, *rest = sorted(roots)
+        for r in rest:
+            self.parent[r] = first
+            for k in ("producers", "consumers"):
+                self.members[first][k] |= self.members[r][k]
+            self.members[first]["float_op"] |= self.members[r]["float_op"]
+        return first
+
+    def mark_float_op(self, value) -> None:
+        for r in self.regions_of(value):
+            self.members[r]["float_op"] = True
 
     def mark(self, tensor: torch.Tensor, origin: frozenset, path: Optional[tuple] = ()) -> None:
         self.origin[id(tensor)] = origin
@@ -96,6 +145,7 @@ class _Follow(TorchFunctionMode):
         out = func(*args, **kwargs)
         if self.inside:
             return out
+        self._follow_layout(func, args, kwargs, out)
         sources = self.sources_of((args, kwargs))
         if not sources:
             return out
@@ -117,15 +167,35 @@ class _Follow(TorchFunctionMode):
         return out
 
 
+    def _follow_layout(self, func, args, kwargs, out) -> None:
+        roots = self.regions_of((args, kwargs))
+        if not roots:
+            return
+        name = getattr(func, "__name__", "")
+        if name in LAYOUT_FREE:
+            root = self.join(roots)
+            for t in _tensors(out):
+                self.region[id(t)] = root
+                self.keep.append(t)
+        elif not (name.startswith("__get") or name in ("size", "dim", "shape", "numel")):
+            self.mark_float_op((args, kwargs))
+
+
 def layer_readers(model: nn.Module, names: list[str], batch) -> Readers:
     """What reads each layer in ``names`` of ``model`` (see the module docstring), from one
     forward of ``batch``. A layer that never ran has no entry in ``sources``."""
     found = Readers({n: set() for n in names}, {}, set(), {n: type(model.get_submodule(n)).__name__ for n in names})
     mode = _Follow(found)
+    readers_of_input: dict[int, list] = {}  # tensor id → the layers reading it (siblings)
 
     def pre(name):
         def hook(module, args, kwargs):
             if mode.inside == 0:
+                for r in mode.regions_of((args, kwargs)):
+                    mode.members[r]["consumers"].add(name)
+                if args and isinstance(args[0], torch.Tensor):
+                    readers_of_input.setdefault(id(args[0]), []).append(name)
+                    mode.keep.append(args[0])
                 sources = mode.sources_of((args, kwargs))
                 found.sources.setdefault(name, set()).update(sources)
                 for s in sources:
@@ -141,6 +211,7 @@ def layer_readers(model: nn.Module, names: list[str], batch) -> Readers:
             if mode.inside == 0:
                 for t in _tensors(out):
                     mode.mark(t, frozenset({name}))
+                    mode.new_region(t, name)
         return hook
 
     handles = []
@@ -151,12 +222,20 @@ def layer_readers(model: nn.Module, names: list[str], batch) -> Readers:
     args, kwargs = as_call(batch, 0)
     try:
         with torch.no_grad(), mode:
+            for t in _tensors((args, kwargs)):
+                mode.new_region(t, None)  # the model's input: ONNX Runtime's layout, a boundary
             out = model(*args, **kwargs)
             for s in mode.sources_of(out):
                 found.readers[s].add(MODEL_OUTPUT)
+            mode.mark_float_op(out)
     finally:
         for h in handles:
             h.remove()
+    roots = sorted({mode.root(r) for r in range(len(mode.parent))})
+    found.regions = [{"producers": sorted(mode.members[r]["producers"]), "consumers": sorted(mode.members[r]["consumers"]),
+                      "float_op": mode.members[r]["float_op"]} for r in roots
+                     if mode.members[r]["producers"] or mode.members[r]["consumers"]]
+    found.siblings = [g for g in (list(dict.fromkeys(group)) for group in readers_of_input.values()) if len(g) > 1]
     return found
 
 

@@ -26,7 +26,11 @@ float chain pairs save) plus each layer's entry in its format, minus, on every c
 ``(a, b)`` (``fewbits.decide.graph``: a layer read by ``b`` alone), what the pair timed alone in
 the two layers' domains saves against the two alone: two integer layers skip the conversions
 between them (``a`` hands uint8 on at ``b``'s grid), two float ones share layout changes, a
-weight-only neighbour adds reorders (a negative saving).
+weight-only neighbour adds reorders (a negative saving); and minus what the groups of
+:mod:`fewbits.decide.layout` save — the layout changes a layer alone carries (``layout_in`` /
+``layout_out`` per format, each timed alone as the nodes ONNX Runtime put there) across a
+residual stream whose layers all run in one layout, and the input quantization integer siblings
+share.
 """
 from __future__ import annotations
 
@@ -48,8 +52,9 @@ from ..target import cpu_name, int8_kernel_profile
 from ..wrap.handle import as_call
 from .candidates import CANDIDATES, DOMAIN_FORMATS, DOMAINS, Candidate, get_candidates
 from .graph import CONV_TYPES, layer_readers, replay
+from .layout import SIDES, latency_groups, layout_graphs
 
-SCHEMA_VERSION = 2  # 2: entries in units of the reference graph's time (REFERENCE)
+SCHEMA_VERSION = 3  # 2: entries in units of the reference graph's time (REFERENCE); 3: layout changes
 # the yardstick every entry is timed against, interleaved: a table measured while the machine ran
 # slow or fast is scaled by the reference timed when the table is used
 REFERENCE = "MatMul 32x256 by a constant 256x256, then Relu"
@@ -97,7 +102,7 @@ class LatencyTable:
             raise ValueError(f"{where}: not a fewbits latency table")
         if data.get("schema_version") != SCHEMA_VERSION:
             raise ValueError(f"{where}: schema version {data.get('schema_version')!r}; this fewbits reads "
-                             f"{SCHEMA_VERSION}")
+                             f"{SCHEMA_VERSION}: delete the file to measure the table again")
         try:
             machine = {k: data[k] for k in ("cpu", "profile", "runtime", "threads")}
             entries = {str(k): {str(f): float(s) for f, s in v.items()} for k, v in data["entries"].items()}
@@ -158,11 +163,15 @@ class LayerLatency:
     fused: dict = field(default_factory=dict)
     chain_savings: dict = field(default_factory=dict)  # (a, b) → {"float|integer": s, …} the pair saves
     reference_s: float = 0.0  # the reference graph's seconds when the table was read (the unit of its entries)
+    layout: dict = field(default_factory=dict)  # layer → format → {"layout_in": s, "layout_out": s} alone
+    groups: list = field(default_factory=list)  # layout regions and siblings (fewbits.decide.layout)
+    shared_input: dict = field(default_factory=dict)  # layer → the input quantization its siblings share
 
     def to_dict(self) -> dict:
         return {"seconds": self.seconds, "conversions": self.conversions, "keys": self.keys, "rest_s": self.rest_s,
                 "fp32_s": self.fp32_s, "batch_size": self.batch_size, "machine": self.machine, "path": self.path,
-                "fused": self.fused, "reference_s": self.reference_s, "chain_savings": {f"{a} -> {b}": v for (a, b), v in self.chain_savings.items()}}
+                "fused": self.fused, "reference_s": self.reference_s, "chain_savings": {f"{a} -> {b}": v for (a, b), v in self.chain_savings.items()},
+                "layout": self.layout, "groups": self.groups, "shared_input": self.shared_input}
 
 
 class _Bank(nn.Module):
@@ -330,12 +339,14 @@ _LAYERS = (nn.Linear, nn.modules.conv._ConvNd, nn.Embedding)
 
 
 def _cut_runner(model, i: int, x: torch.Tensor, tmp: Path, tag: str, threads: int) -> tuple:
-    """The ``i``-th module of a bank file alone: its runner and whether it ran on an integer kernel."""
+    """The ``i``-th module of a bank file alone: its runner, whether it ran on an integer kernel
+    and the file of ONNX Runtime's optimized graph of it."""
     from ..export.kernels import INTEGER_GEMMS
 
     path = _cut(model, [model.graph.input[i].name], [model.graph.output[i].name], tmp / f"{tag}-{i}.onnx")
-    fused = any(op in INTEGER_GEMMS for op in _optimized_ops(path, threads, tmp / f"opt-{tag}-{i}.onnx"))
-    return _runner(path, threads, x), fused
+    optimized = tmp / f"opt-{tag}-{i}.onnx"
+    fused = any(op in INTEGER_GEMMS for op in _optimized_ops(path, threads, optimized))
+    return _runner(path, threads, x), fused, str(optimized)
 
 
 def _medians(runs: dict, reference, seconds: float, empty: float) -> dict:
@@ -381,9 +392,12 @@ def _measure(table: LatencyTable, todo: dict, pairs: dict, chosen: list[Candidat
                 runs, fused = {}, []
                 for fmt, (model, done) in files.items():
                     if i in done:
-                        runs[fmt], ok = _cut_runner(model, i, xs[i], tmp, fmt, threads)
+                        runs[fmt], ok, optimized = _cut_runner(model, i, xs[i], tmp, fmt, threads)
                         if ok:
                             fused.append(fmt)
+                        for side, (path, x) in layout_graphs(optimized, todo[key][1], tuple(todo[key][3]), tmp,
+                                                             f"{fmt}-{i}").items():
+                            runs[f"{side}|{fmt}"] = _array_runner(path, threads, x)
                 q_path, qo_path, dq_path = _conversion_graphs(todo[key][1], tuple(todo[key][3]), tmp, str(i))
                 runs["quantize_input"] = _runner(q_path, threads, xs[i].float())
                 runs["quantize_output"] = _runner(qo_path, threads, torch.randn(todo[key][3]))
@@ -436,8 +450,12 @@ def pair_key(a_key: str, path: tuple, b_key: str) -> str:
 
 
 def _runner(path: str, threads: int, x: torch.Tensor):
+    return _array_runner(path, threads, x.numpy())
+
+
+def _array_runner(path: str, threads: int, x):
     s = _session(path, threads)
-    feed = {s.inputs[0]: x.numpy()}
+    feed = {s.inputs[0]: x}
     return lambda: s.run(feed)
 
 
@@ -544,7 +562,10 @@ def latency_table(model: nn.Module, batch, candidates, *, path=None, batch_size:
             if combo in measured and fa in seconds_by_layer[a] and fb in seconds_by_layer[b]:
                 saving[combo] = seconds_by_layer[a][fa] + seconds_by_layer[b][fb] - measured[combo]
         chain_savings[(a, b)] = saving
+    layout = {n: {f: {side: unit * table.entries[keys[n]][f"{side}|{f}"] for side in SIDES
+                      if f"{side}|{f}" in table.entries[keys[n]]} for f in formats} for n in names}
+    groups, shared, unchanged = latency_groups(readers, seconds_by_layer, layout, conversions, DOMAIN_FORMATS)
     rest = fp32_s - sum(s["float"] for s in seconds_by_layer.values()) \
-        + sum(s.get("float|float", 0.0) for s in chain_savings.values())
+        + sum(s.get("float|float", 0.0) for s in chain_savings.values()) + unchanged
     return LayerLatency(seconds_by_layer, conversions, keys, rest, fp32_s, batch_size, table.machine, str(path),
-                        {n: table.fused.get(keys[n], []) for n in names}, chain_savings, unit)
+                        {n: table.fused.get(keys[n], []) for n in names}, chain_savings, unit, layout, groups, shared)

@@ -7,7 +7,9 @@ per budget; objective ``min Σ damage · x``. A cost with chain savings (latency
 neighbours skip the conversions between them, two float ones share layout changes) adds per
 chain edge ``e = (a, b)`` and domain pair ``(da, db)`` a variable ``z = x[a ∈ da] ∧ x[b ∈ db]``
 (``z ≤ X[a, da]``, ``z ≤ X[b, db]``, ``z ≥ X[a, da] + X[b, db] − 1``, ``X`` the sum of ``x``
-over a domain's formats), with ``− saving · z`` in that cost's row. Solved by ``scipy.optimize.milp`` (HiGHS): the
+over a domain's formats), with ``− saving · z`` in that cost's row; a group of
+:mod:`fewbits.decide.layout` (a layout region, siblings sharing an input quantization) adds one
+such AND over all its members. Solved by ``scipy.optimize.milp`` (HiGHS): the
 optimum, not a greedy approximation. Damages are assumed additive over layers (each layer's
 score measured alone), which is the model HAWQ and the papers after it use; how far that holds
 is for the caller to check by quantizing the chosen configuration.
@@ -97,28 +99,35 @@ def _program(sens: Sensitivity, costs: Costs, budgets: dict, objective=None):
     # one variable per chain edge and domain pair with a saving: z = (a in domain da) AND (b in db)
     edges = [(i, e, combo) for i, e in enumerate(costs.chains) for combo, saving in costs.chain_savings[i].items()
              if any(k in saving for k in keys)]
-    n, m = len(pairs), len(edges)
+    # and one per group with a saving: z = every member in one of its domains
+    groups = [g for g in costs.groups if any(k in g for k in keys)]
+    n, m = len(pairs), len(edges) + len(groups)
     row_of = {layer: i for i, layer in enumerate(sens.scores)}
     one_each = np.zeros((len(row_of), n + m))
     for j, (l, _) in enumerate(pairs):
         one_each[row_of[l], j] = 1.0
     constraints = [LinearConstraint(one_each, 1.0, 1.0)]
     if m:
-        upper, lower = np.zeros((2 * m, n + m)), np.zeros((m, n + m))
-        for k, (_, (a, b), combo) in enumerate(edges):
-            da, db = combo.split("|")
+        ands = [{a: {da}, b: {db}} for _, (a, b), combo in edges for da, db in [combo.split("|")]]
+        ands += [{layer: set(doms) for layer, doms in g["members"].items()} for g in groups]
+        uppers, lower = [], np.zeros((m, n + m))
+        for k, members in enumerate(ands):
             lower[k, n + k] = 1.0
-            for r, layer, d in ((2 * k, a, da), (2 * k + 1, b, db)):
-                upper[r, n + k] = 1.0
+            for layer, doms in members.items():
+                up = np.zeros(n + m)
+                up[n + k] = 1.0
                 for j, (l, c) in enumerate(pairs):
-                    if l == layer and domain(c) == d:
-                        upper[r, j] = -1.0  # z ≤ x[layer in d]
-                        lower[k, j] = -1.0  # z ≥ x[a in da] + x[b in db] − 1
-        constraints += [LinearConstraint(upper, -np.inf, 0.0), LinearConstraint(lower, -1.0, np.inf)]
+                    if l == layer and domain(c) in doms:
+                        up[j] = -1.0  # z ≤ x[layer in its domains]
+                        lower[k, j] = -1.0  # z ≥ Σ x[member in its domains] − (members − 1)
+                uppers.append(up)
+        constraints += [LinearConstraint(np.array(uppers), -np.inf, 0.0),
+                        LinearConstraint(lower, -np.array([len(a) - 1.0 for a in ands]), np.inf)]
 
     def row(key: str) -> np.ndarray:
         values = [costs.table[l][c][key] for l, c in pairs]
         values += [-costs.chain_savings[i][combo].get(key, 0.0) for i, _, combo in edges]
+        values += [-g.get(key, 0.0) for g in groups]
         return np.array(values, dtype=float)
 
     for key, limit in budgets.items():

@@ -42,6 +42,7 @@ from torch import nn
 
 from ..files import write_json_atomic
 from ..flow import calibrate, prepare
+from ..parallel import run_jobs
 from ..progress import Progress
 from ..report.evaluate import layer_isolated_errors
 from ..wrap.handle import as_call
@@ -113,20 +114,24 @@ def default_cache_dir() -> Path:
 
 def sensitivity(model: nn.Module, batches, candidates=DEFAULT_CANDIDATES, method: str = "sqnr", *,
                 loss_fn: Optional[Callable] = None, samples: int = 8, cache_dir=None,
-                seed: int = 0) -> Sensitivity:
+                seed: int = 0, workers: int = 1) -> Sensitivity:
     """Score every quantizable layer of ``model`` in every candidate format (see the module's
     docstring for the methods). ``batches``: calibration batches (ranges and scores; keep them
     few: every candidate runs them); ``loss_fn(output, (args, kwargs)) -> scalar`` for ``loss``,
     ``hessian`` and ``fisher`` (default: the output's error to fp32); ``samples``: Hutchinson
     vectors / Fisher draws per batch; ``cache_dir``: where scores are kept (default
-    ``~/.cache/fewbits/sensitivity``, ``$FEWBITS_CACHE``; ``False``: no cache). ``model`` is not
-    modified."""
+    ``~/.cache/fewbits/sensitivity``, ``$FEWBITS_CACHE``; ``False``: no cache); ``workers``:
+    processes ``sqnr`` (one per format) and ``loss`` (one per layer and format) are scored in,
+    one torch thread each (:func:`fewbits.parallel.run_jobs`; the scores equal one process's).
+    ``model`` is not modified."""
     import time
 
     if method not in METHODS:
         raise ValueError(f"sensitivity method must be one of {list(METHODS)}, got {method!r}")
     if samples < 1:
         raise ValueError(f"sensitivity samples must be >= 1, got {samples}")
+    if not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"sensitivity workers must be an integer >= 1, got {workers!r}")
     chosen = get_candidates(candidates)
     raw = list(batches)
     batches = [as_call(b, i) for i, b in enumerate(raw)]
@@ -150,9 +155,9 @@ def sensitivity(model: nn.Module, batches, candidates=DEFAULT_CANDIDATES, method
     result = Sensitivity(method, names, fingerprint=key)
     quantized = _quantized_per_candidate(model, chosen, raw, result)
     if method == "sqnr":
-        _score_sqnr(quantized, raw, result)
+        _score_sqnr(quantized, raw, result, workers)
     elif method == "loss":
-        _score_loss(model, quantized, batches, loss_fn, result)
+        _score_loss(model, quantized, batches, loss_fn, result, workers)
     else:
         _score_curvature(model, quantized, batches, loss_fn, method, samples, seed, result)
     result.seconds = time.perf_counter() - start
@@ -185,15 +190,15 @@ def _quantized_per_candidate(model, chosen: list[Candidate], batches, result: Se
     return quantized
 
 
-def _score_sqnr(quantized: dict, batches, result: Sensitivity) -> None:
-    with Progress("sensitivity (sqnr): candidate", len(quantized)) as progress:
-        for cand, q in quantized.items():
-            progress.step(cand)
-            for name, (signal, noise) in layer_isolated_errors(q, batches).items():
-                # no noise: no error at all; no signal: nothing to err on
-                ratio = noise / signal if signal > 0 else 0.0
-                result.scores[name][cand] = ratio
-                result.sqnr_db[name][cand] = round(-10 * math.log10(ratio), 3) if ratio > 0 else None
+def _score_sqnr(quantized: dict, batches, result: Sensitivity, workers: int) -> None:
+    errors = run_jobs(lambda cand: layer_isolated_errors(quantized[cand], batches), list(quantized), workers,
+                      "sensitivity (sqnr): candidate")
+    for cand, per_layer in zip(quantized, errors):
+        for name, (signal, noise) in per_layer.items():
+            # no noise: no error at all; no signal: nothing to err on
+            ratio = noise / signal if signal > 0 else 0.0
+            result.scores[name][cand] = ratio
+            result.sqnr_db[name][cand] = round(-10 * math.log10(ratio), 3) if ratio > 0 else None
 
 
 def _default_loss(reference: list):
@@ -223,26 +228,31 @@ def _losses(model, batches, loss) -> float:
     return total / len(batches)
 
 
-@torch.no_grad()
-def _score_loss(model, quantized: dict, batches, loss_fn, result: Sensitivity) -> None:
-    reference = [_tensor_of(model(*a, **k)).detach() for a, k in batches]
+def _score_loss(model, quantized: dict, batches, loss_fn, result: Sensitivity, workers: int) -> None:
+    with torch.no_grad():
+        reference = [_tensor_of(model(*a, **k)).detach() for a, k in batches]
     loss = (lambda out, i: loss_fn(out, batches[i])) if loss_fn else _default_loss(reference)
-    base = _losses(model, batches, loss)
-    total = sum(len(q.quantized_layers()) for q in quantized.values())
-    with Progress("sensitivity (loss): layer", total) as progress:
-        for cand, q in quantized.items():
-            quantizers = list(q.quantizers().values())
-            for name, layer in q.quantized_layers().items():
-                progress.step(f"{cand} {name}")
-                own = {id(m) for m in layer.modules() if isinstance(m, TensorQuantizer)}
-                before = [qz.enabled for qz in quantizers]
-                for qz in quantizers:
-                    qz.enabled = id(qz) in own  # only this layer's weight / input / output grids
-                try:
-                    result.scores[name][cand] = _losses(q.model, batches, loss) - base
-                finally:
-                    for qz, was in zip(quantizers, before):
-                        qz.enabled = was
+    with torch.no_grad():
+        base = _losses(model, batches, loss)
+    quantizers = {cand: list(q.quantizers().values()) for cand, q in quantized.items()}
+
+    @torch.no_grad()
+    def score(job: tuple) -> float:
+        cand, name = job
+        own = {id(m) for m in quantized[cand].model.get_submodule(name).modules() if isinstance(m, TensorQuantizer)}
+        before = [qz.enabled for qz in quantizers[cand]]
+        for qz in quantizers[cand]:
+            qz.enabled = id(qz) in own  # only this layer's weight / input / output grids
+        try:
+            return _losses(quantized[cand].model, batches, loss) - base
+        finally:
+            for qz, was in zip(quantizers[cand], before):
+                qz.enabled = was
+
+    jobs = [(cand, name) for cand, q in quantized.items() for name in q.quantized_layers()]
+    for (cand, name), value in zip(jobs, run_jobs(score, jobs, workers, "sensitivity (loss): layer",
+                                                  note=" ".join)):
+        result.scores[name][cand] = value
 
 
 def _score_curvature(model, quantized: dict, batches, loss_fn, method: str, samples: int, seed: int,
