@@ -7,9 +7,10 @@ regions, siblings sharing an input quantization), and what worker processes buy 
 Per task: the latency table (built fresh in a temporary directory unless --table-dir), then every
 uniform format and ``--random`` random mixes, each quantized, exported and timed in ONNX Runtime
 (batch 1, 2 threads) beside the reference graph; the prediction rescaled by the reference's drift
-since the table was read. "without groups" is the same table and costs with the groups taken out
-(each integer sibling pays its own input quantization, no layout region saves anything): the
-model before fewbits.decide.layout. Then ``loss`` sensitivity in 1 and 2 worker processes,
+since the table was read. "without groups and scale" is the same table and costs with the groups
+taken out (each integer sibling pays its own input quantization, no layout region saves anything)
+and the integer neighbours' savings unscaled: the model before fewbits.decide.layout and the
+integer anchor. "mostly integer" mixes are held out from the anchor (every layer integer). Then ``loss`` sensitivity in 1 and 2 worker processes,
 alternated, scores compared.
 """
 from __future__ import annotations
@@ -37,9 +38,13 @@ CANDIDATES = ["float", "w8a8", "w4a8", "w8", "w4-g128", "w3"]
 
 
 def without_groups(costs, lat):
-    """The costs as the table priced them before layout regions and siblings."""
+    """The costs as the table priced them before layout regions, siblings and the integer anchor."""
     old = copy.deepcopy(costs)
     old.groups = []
+    scale = costs.calibration.get("integer_savings_scale", 1.0)
+    for saving in old.chain_savings:
+        if "integer|integer" in saving and scale > 0:
+            saving["integer|integer"]["latency_s"] /= scale
     # the fp32 model's float regions and one quantization per sibling group were added to the constant
     old.constant["latency_s"] -= sum(g["latency_s"] for g in lat.groups
                                      if g["why"] == "siblings" or "float" in next(iter(g["members"].values())))
@@ -62,6 +67,14 @@ def bench_latency(name: str, n_random: int, seed: int, table_dir: Path) -> dict:
     rng = random.Random(seed)
     configs += [(f"random {i}", {l: rng.choice([c for c in costs.table[l] if sens.scores[l].get(c) is not None])
                                  for l in sens.scores}) for i in range(n_random)]
+    # held out from the integer calibration: mostly integer, each layer w8a8 or w4a8 with probability 0.85
+    for i in range(n_random // 2):
+        formats = {}
+        for l in sens.scores:
+            usable = [c for c in costs.table[l] if sens.scores[l].get(c) is not None]
+            ints = [c for c in usable if is_integer(c)]
+            formats[l] = rng.choice(ints if ints and rng.random() < 0.85 else usable)
+        configs.append((f"mostly integer {i}", formats))
     example, rows = _slice(task.calibration[0], 1), []
     for label, formats in configs:
         print(f"  {name}: {label}", file=sys.stderr, flush=True)
@@ -70,10 +83,11 @@ def bench_latency(name: str, n_random: int, seed: int, table_dir: Path) -> dict:
         drift = (ref - empty) / lat.reference_s
         rows.append({"task": name, "config": label, "measured_ms": round(seconds * 1e3, 4),
                      "error": round(costs.total(formats, "latency_s") * drift / seconds - 1, 4),
-                     "error_without_groups": round(old.total(formats, "latency_s") * drift / seconds - 1, 4),
+                     "error_without_groups_and_scale": round(old.total(formats, "latency_s") * drift / seconds - 1, 4),
                      "drift": round(drift, 3), "integer_gemms": f"{kernels['integer']}/{kernels['integer'] + kernels['float']}"})
     groups = {w: sum(g["why"] == w for g in lat.groups) for w in ("layout region", "siblings")}
-    return {"task": name, "table_seconds": round(table_s, 1), "groups": groups, "configs": rows}
+    return {"task": name, "table_seconds": round(table_s, 1), "groups": groups,
+            "integer_savings_scale": round(costs.calibration.get("integer_savings_scale", 1.0), 3), "configs": rows}
 
 
 def bench_workers(name: str, repeats: int = 2) -> list:
@@ -91,7 +105,8 @@ def bench_workers(name: str, repeats: int = 2) -> list:
 
 def tables(data: dict) -> None:
     for t in data["latency"]:
-        print_table(t["configs"], title=f"{t['task']}: predicted vs measured (groups: {t['groups']})")
+        print_table(t["configs"], title=f"{t['task']}: predicted vs measured (groups: {t['groups']}, integer "
+                                        f"savings scaled by {t['integer_savings_scale']})")
     print_table(data["workers"], title="loss sensitivity: worker processes")
 
 

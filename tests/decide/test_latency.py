@@ -216,8 +216,14 @@ def test_layout_regions_and_siblings_are_found_measured_and_priced(tmp_path):
     assert siblings["members"] == {s: ["float", "weight"] for s in ("q", "k", "v")}
     assert all(lat.shared_input[s] == siblings["latency_s"] for s in ("q", "k", "v"))
     costs = layer_costs(model, x, ["float", "w8a8"], latency=lat)
-    # still exact on the fp32 model; three integer siblings pay one input quantization, not three
+    # exact on the two models measured whole: fp32, and every layer integer (its neighbours' savings scaled)
     assert costs.total({n: "float" for n in names}, "latency_s") == pytest.approx(lat.fp32_s, rel=1e-9)
+    assert lat.integer_anchor["formats"] == {n: "w8a8" for n in names}
+    scale = costs.calibration["integer_savings_scale"]
+    if scale > 0:  # 0: clamped (the integer model measured slower than with no saving at all)
+        assert costs.total(lat.integer_anchor["formats"], "latency_s") == pytest.approx(
+            lat.integer_anchor["seconds"], rel=1e-9)
+    # three integer siblings pay one input quantization, not three
     one = {**{n: "float" for n in names}, "q": "w8a8"}
     three = {**one, "k": "w8a8", "v": "w8a8"}
     cell = {s: lat.seconds[s]["w8a8"] - lat.seconds[s]["float"] for s in ("k", "v")}

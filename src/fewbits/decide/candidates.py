@@ -14,10 +14,10 @@ per output channel unless said otherwise, inputs uint8 per tensor, static):
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
-from ..recipe import BUILTIN_RECIPES, LayerRecipe, Recipe, TensorRecipe
+from ..recipe import _ACT_STATIC, BUILTIN_RECIPES, LayerRecipe, Recipe, TensorRecipe
 from ..spec import PerChannel, QuantSpec
 
 LAYER_KINDS = ("Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "Embedding")
@@ -94,3 +94,23 @@ def get_candidates(names) -> list[Candidate]:
     if not names:
         raise ValueError("no candidate formats given")
     return [CANDIDATES[n] for n in names]
+
+
+def exact_pattern(name: str) -> str:
+    """A glob matching ``name`` only (``[`` is the one metacharacter a module path can hold)."""
+    return name.replace("[", "[[]")
+
+
+def formats_recipe(formats: dict, outputs=(), embeddings=(), name: str = "mixed") -> Recipe:
+    """A recipe giving each layer its format by exact name, the layers in ``outputs`` a uint8
+    output grid of their own (so that ONNX Runtime runs a convolution on integers), the
+    ``embeddings`` their format's weights only; no ops between layers, no algorithm steps."""
+    by_name = []
+    for layer, cand in formats.items():
+        recipe = CANDIDATES[cand].layer
+        if layer in embeddings and recipe is not None:
+            recipe = LayerRecipe(weight=recipe.weight)
+        elif layer in outputs:
+            recipe = replace(recipe, output=_ACT_STATIC)
+        by_name.append((exact_pattern(layer), recipe))
+    return Recipe(name, (), tuple(by_name))

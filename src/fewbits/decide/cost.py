@@ -61,6 +61,7 @@ class Costs:
     chain_savings: list = field(default_factory=list)
     constant: dict = field(default_factory=dict)
     groups: list = field(default_factory=list)  # {"members": {layer: [domains]}, key: saving}: fewbits.decide.layout
+    calibration: dict = field(default_factory=dict)  # {"integer_savings_scale": k} (_calibrate_integer)
 
     def total(self, choice: dict[str, str], key: str) -> float:
         """``key`` of the model with the layers in the formats ``choice`` gives them (the
@@ -77,7 +78,7 @@ class Costs:
     def to_dict(self) -> dict:
         return {"candidates": self.candidates, "macs": self.macs, "inputs": self.inputs, "table": self.table,
                 "types": self.types, "heads": self.heads, "chains": [list(c) for c in self.chains], "chain_savings": self.chain_savings,
-                "constant": self.constant, "groups": self.groups}
+                "constant": self.constant, "groups": self.groups, "calibration": self.calibration}
 
 
 def is_integer(candidate: str) -> bool:
@@ -203,3 +204,31 @@ def _add_latency(costs: Costs, latency) -> None:
         for combo, value in measured.items():
             # an integer head handing on loses the output grid its cell carries
             saving.setdefault(combo, {})["latency_s"] = value + (own_grid(a) if combo == "integer|integer" else 0.0)
+    _calibrate_integer(costs, latency.integer_anchor)
+
+
+def _calibrate_integer(costs: Costs, anchor: dict) -> None:
+    """Scale what integer neighbours save (chain edges ``integer|integer``, integer groups) so that
+    the model with every layer it can be integer predicts its measured time (``anchor``), as the
+    fp32 model measured fixes ``constant``. Timed alone, the conversions and layout changes
+    between two integer layers do not add up to what a whole integer model skips (MobileNetV2
+    probe: every layer ``w8a8`` over-predicted by 19–33% without this); the factor is
+    ``costs.calibration["integer_savings_scale"]``."""
+    if not anchor or set(anchor["formats"]) != set(costs.table):
+        return
+    formats = anchor["formats"]
+    active = [s["integer|integer"] for (a, b), s in zip(costs.chains, costs.chain_savings)
+              if "integer|integer" in s and is_integer(formats[a]) and is_integer(formats[b])]
+    active += [g for g in costs.groups if all(doms == ["integer"] and is_integer(formats[m])
+                                              for m, doms in g["members"].items())]
+    saved = sum(v.get("latency_s", 0.0) for v in active)
+    if saved <= 0:
+        return
+    scale = max(0.0, 1.0 + (costs.total(formats, "latency_s") - anchor["seconds"]) / saved)
+    for s in costs.chain_savings:
+        if "integer|integer" in s:
+            s["integer|integer"]["latency_s"] *= scale
+    for g in costs.groups:
+        if all(doms == ["integer"] for doms in g["members"].values()):
+            g["latency_s"] *= scale
+    costs.calibration["integer_savings_scale"] = scale

@@ -50,8 +50,8 @@ from ..progress import Progress
 from ..recipe import _ACT_STATIC, LayerRecipe, Recipe
 from ..target import cpu_name, int8_kernel_profile
 from ..wrap.handle import as_call
-from .candidates import CANDIDATES, DOMAIN_FORMATS, DOMAINS, Candidate, get_candidates
-from .graph import CONV_TYPES, layer_readers, replay
+from .candidates import CANDIDATES, DOMAIN_FORMATS, DOMAINS, Candidate, formats_recipe, get_candidates
+from .graph import CONV_TYPES, layer_readers, own_output_grids, replay
 from .layout import SIDES, latency_groups, layout_graphs
 
 SCHEMA_VERSION = 3  # 2: entries in units of the reference graph's time (REFERENCE); 3: layout changes
@@ -166,12 +166,14 @@ class LayerLatency:
     layout: dict = field(default_factory=dict)  # layer → format → {"layout_in": s, "layout_out": s} alone
     groups: list = field(default_factory=list)  # layout regions and siblings (fewbits.decide.layout)
     shared_input: dict = field(default_factory=dict)  # layer → the input quantization its siblings share
+    integer_anchor: dict = field(default_factory=dict)  # {"formats": every layer it can be integer, "seconds": measured}
 
     def to_dict(self) -> dict:
         return {"seconds": self.seconds, "conversions": self.conversions, "keys": self.keys, "rest_s": self.rest_s,
                 "fp32_s": self.fp32_s, "batch_size": self.batch_size, "machine": self.machine, "path": self.path,
                 "fused": self.fused, "reference_s": self.reference_s, "chain_savings": {f"{a} -> {b}": v for (a, b), v in self.chain_savings.items()},
-                "layout": self.layout, "groups": self.groups, "shared_input": self.shared_input}
+                "layout": self.layout, "groups": self.groups, "shared_input": self.shared_input,
+                "integer_anchor": self.integer_anchor}
 
 
 class _Bank(nn.Module):
@@ -567,5 +569,24 @@ def latency_table(model: nn.Module, batch, candidates, *, path=None, batch_size:
     groups, shared, unchanged = latency_groups(readers, seconds_by_layer, layout, conversions, DOMAIN_FORMATS)
     rest = fp32_s - sum(s["float"] for s in seconds_by_layer.values()) \
         + sum(s.get("float|float", 0.0) for s in chain_savings.values()) + unchanged
+    anchor = _integer_anchor(model, example, readers, seconds_by_layer, threads, unit)
     return LayerLatency(seconds_by_layer, conversions, keys, rest, fp32_s, batch_size, table.machine, str(path),
-                        {n: table.fused.get(keys[n], []) for n in names}, chain_savings, unit, layout, groups, shared)
+                        {n: table.fused.get(keys[n], []) for n in names}, chain_savings, unit, layout, groups, shared,
+                        anchor)
+
+
+def _integer_anchor(model, example, readers, seconds_by_layer: dict, threads: int, unit: float) -> dict:
+    """The whole model with every layer that can take it in the integer domain's format (the
+    others float), measured now and scaled to the unit the table is read in: what
+    :func:`fewbits.decide.cost.layer_costs` calibrates the integer neighbours' savings on."""
+    fmt = DOMAIN_FORMATS["integer"]
+    integer = {n for n, s in seconds_by_layer.items() if fmt in s}
+    if not integer:
+        return {}
+    formats = {n: fmt if n in integer else "float" for n in seconds_by_layer}
+    embeddings = {n for n, t in readers.types.items() if t == "Embedding"}
+    recipe = formats_recipe(formats, own_output_grids(integer - embeddings, readers.heads(), readers.chains()),
+                            embeddings, "latency-integer-anchor")
+    q = calibrate(prepare(model, recipe), [example])  # ranges only: the time does not depend on them
+    seconds, _, ref_s, empty_s = model_latency(q, example, threads, reference=True)
+    return {"formats": formats, "seconds": seconds * unit / (ref_s - empty_s)}

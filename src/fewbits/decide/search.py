@@ -16,12 +16,12 @@ is for the caller to check by quantizing the chosen configuration.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..recipe import _ACT_STATIC, LayerRecipe, Recipe
-from .candidates import CANDIDATES
+from ..recipe import Recipe
+from .candidates import formats_recipe
 from .cost import Costs, domain, is_integer
 from .graph import own_output_grids
 from .sensitivity import Sensitivity
@@ -49,20 +49,7 @@ class Choice:
         """A recipe giving each layer its format by exact name (``fewbits.prepare`` takes it,
         ``to_json`` writes it), the convolutions in ``outputs`` with a uint8 output grid so
         that ONNX Runtime runs them on integers: no ops between layers, no algorithm steps."""
-        by_name = []
-        for layer, cand in self.formats.items():
-            recipe = CANDIDATES[cand].layer
-            if layer in self.embeddings and recipe is not None:
-                recipe = LayerRecipe(weight=recipe.weight)
-            elif layer in self.outputs:
-                recipe = replace(recipe, output=_ACT_STATIC)
-            by_name.append((_exact_pattern(layer), recipe))
-        return Recipe(name, (), tuple(by_name))
-
-
-def _exact_pattern(name: str) -> str:
-    """A glob matching ``name`` only (``[`` is the one metacharacter a module path can hold)."""
-    return name.replace("[", "[[]")
+        return formats_recipe(self.formats, self.outputs, self.embeddings, name)
 
 
 def _options(sens: Sensitivity, costs: Costs) -> list[tuple[str, str]]:
