@@ -125,6 +125,14 @@ def test_the_latency_table_measures_once_and_refuses_what_it_does_not_hold(tmp_p
     assert set(lat.chain_savings[("a", "b")]) == {"float|float", "float|integer", "integer|float", "integer|integer"}
     data = json.loads(path.read_text())
     assert data["format"] == "fewbits.latency" and data["schema_version"] == 3
+    older = tmp_path / "older.json"  # a table an earlier fewbits wrote: measured again, with a warning
+    older.write_text(json.dumps({**data, "schema_version": 2}))
+    with pytest.warns(UserWarning, match="schema 2.*measuring it again"):
+        assert LatencyTable.load(older, 2).entries == {}
+    newer = tmp_path / "newer.json"
+    newer.write_text(json.dumps({**data, "schema_version": 99}))
+    with pytest.raises(ValueError, match="schema version 99"):
+        LatencyTable.load(newer, 2)
     assert data["runtime"].startswith("onnxruntime ") and data["profile"] == machine_key(2)["profile"]
     assert any(" >> " in k for k in data["entries"])  # the chain pairs, timed alone
     # every entry there: read back, nothing measured (the fp32 model is timed again)

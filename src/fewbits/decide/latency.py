@@ -125,6 +125,13 @@ class LatencyTable:
         except (OSError, ValueError) as err:
             raise ValueError(f"{path}: unreadable latency table ({type(err).__name__}); delete it to measure again") \
                 from None
+        older = data.get("schema_version") if isinstance(data, dict) and data.get("format") == "fewbits.latency" else None
+        if isinstance(older, int) and older < SCHEMA_VERSION:  # a cache of an earlier fewbits: measured again
+            import warnings
+
+            warnings.warn(f"{path}: a latency table of schema {older} (this fewbits writes {SCHEMA_VERSION}): "
+                          "measuring it again", stacklevel=3)
+            return cls(here)
         table = cls.from_dict(data, str(path))
         differs = {k: (table.machine[k], here[k]) for k in here if table.machine[k] != here[k]}
         if differs:
