@@ -8,9 +8,9 @@ Per task: the latency table (built fresh in a temporary directory unless --table
 uniform format and ``--random`` random mixes, each quantized, exported and timed in ONNX Runtime
 (batch 1, 2 threads) beside the reference graph; the prediction rescaled by the reference's drift
 since the table was read. "without groups and scale" is the same table and costs with the groups
-taken out (each integer sibling pays its own input quantization, no layout region saves anything)
-and the integer neighbours' savings unscaled: the model before fewbits.decide.layout and the
-integer anchor. "mostly integer" mixes are held out from the anchor (every layer integer). Then ``loss`` sensitivity in 1 and 2 worker processes,
+taken out (each integer sibling pays its own input quantization, no layout region saves anything),
+the integer neighbours' savings unscaled and each layer's time alone (not scaled to a bank run
+whole): the model before fewbits.decide.layout, the integer anchor and the in-model ratios. "mostly integer" mixes are held out from the anchor (every layer integer). Then ``loss`` sensitivity in 1 and 2 worker processes,
 alternated, scores compared.
 """
 from __future__ import annotations
@@ -28,6 +28,7 @@ from common import environment, print_table, save_json, set_threads
 
 import fewbits
 from fewbits.decide import layer_costs
+from fewbits.decide.candidates import CANDIDATES as CANDIDATES_BY_NAME
 from fewbits.decide.cost import is_integer
 from fewbits.decide.latency import _slice, latency_table, model_latency
 from fewbits.decide.search import _choice
@@ -38,7 +39,8 @@ CANDIDATES = ["float", "w8a8", "w4a8", "w8", "w4-g128", "w3"]
 
 
 def without_groups(costs, lat):
-    """The costs as the table priced them before layout regions, siblings and the integer anchor."""
+    """The costs as the table priced them before layout regions, siblings, the integer anchor and
+    the in-model ratios."""
     old = copy.deepcopy(costs)
     old.groups = []
     scale = costs.calibration.get("integer_savings_scale", 1.0)
@@ -52,6 +54,11 @@ def without_groups(costs, lat):
         for c, cell in row.items():
             if is_integer(c):
                 cell["latency_s"] += lat.shared_input.get(n, 0.0)
+            # each layer alone again, not scaled to its time inside a bank of its domain's layers
+            alone = lat.seconds[n][c] / lat.in_model.get(CANDIDATES_BY_NAME[c].domain, 1.0)
+            if c == "float":  # the fp32 model stays exact: the constant takes the difference
+                old.constant["latency_s"] += lat.seconds[n][c] - alone
+            cell["latency_s"] -= lat.seconds[n][c] - alone
     return old
 
 
@@ -87,6 +94,7 @@ def bench_latency(name: str, n_random: int, seed: int, table_dir: Path) -> dict:
                      "drift": round(drift, 3), "integer_gemms": f"{kernels['integer']}/{kernels['integer'] + kernels['float']}"})
     groups = {w: sum(g["why"] == w for g in lat.groups) for w in ("layout region", "siblings")}
     return {"task": name, "table_seconds": round(table_s, 1), "groups": groups,
+            "in_model": {d: round(r, 3) for d, r in lat.in_model.items()},
             "integer_savings_scale": round(costs.calibration.get("integer_savings_scale", 1.0), 3), "configs": rows}
 
 
@@ -106,7 +114,7 @@ def bench_workers(name: str, repeats: int = 2) -> list:
 def tables(data: dict) -> None:
     for t in data["latency"]:
         print_table(t["configs"], title=f"{t['task']}: predicted vs measured (groups: {t['groups']}, integer "
-                                        f"savings scaled by {t['integer_savings_scale']})")
+                                        f"savings scaled by {t['integer_savings_scale']}, in model {t['in_model']})")
     print_table(data["workers"], title="loss sensitivity: worker processes")
 
 

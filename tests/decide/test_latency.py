@@ -138,8 +138,15 @@ def test_the_latency_table_measures_once_and_refuses_what_it_does_not_hold(tmp_p
     # every entry there: read back, nothing measured (the fp32 model is timed again)
     again = latency_table(model, batches[0], ["float", "w8a8"], path=path, measure=False, seconds=0.05)
     # the same entries, in seconds of the reference graph timed at each reading (exact but for rounding)
-    assert {(n, f): v / again.reference_s for n, d in again.seconds.items() for f, v in d.items()} == pytest.approx(
-        {(n, f): v / lat.reference_s for n, d in lat.seconds.items() for f, v in d.items()}, rel=1e-12)
+    # (each layer's time inside the model: the table's entry times its domain's bank ratio, measured at each reading)
+    from fewbits.decide.candidates import CANDIDATES
+
+    def entries(t):
+        return {(n, f): v / t.reference_s / t.in_model[CANDIDATES[f].domain] for n, d in t.seconds.items()
+                for f, v in d.items()}
+
+    assert set(again.in_model) == {"float", "integer"} and all(r > 0 for r in again.in_model.values())
+    assert entries(again) == pytest.approx(entries(lat), rel=1e-12)
     costs = layer_costs(model, batches[0], ["float", "w8a8"], latency=again)
     # by construction the table predicts the fp32 model it was calibrated on
     assert costs.total({n: "float" for n in costs.table}, "latency_s") == pytest.approx(again.fp32_s, rel=1e-9)
