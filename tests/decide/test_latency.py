@@ -235,9 +235,11 @@ def test_layout_regions_and_siblings_are_found_measured_and_priced(tmp_path):
     assert costs.total({n: "float" for n in names}, "latency_s") == pytest.approx(lat.fp32_s, rel=1e-9)
     assert lat.integer_anchor["formats"] == {n: "w8a8" for n in names}
     scale = costs.calibration["integer_savings_scale"]
-    if scale > 0:  # 0: clamped (the integer model measured slower than with no saving at all)
-        assert costs.total(lat.integer_anchor["formats"], "latency_s") == pytest.approx(
-            lat.integer_anchor["seconds"], rel=1e-9)
+    predicted = costs.total(lat.integer_anchor["formats"], "latency_s")
+    if scale > 0:  # the same sums in another order
+        assert predicted == pytest.approx(lat.integer_anchor["seconds"], rel=1e-9)
+    else:  # clamped: measured slower than predicted even with no integer saving at all
+        assert predicted < lat.integer_anchor["seconds"]
     # three integer siblings pay one input quantization, not three
     one = {**{n: "float" for n in names}, "q": "w8a8"}
     three = {**one, "k": "w8a8", "v": "w8a8"}
@@ -252,7 +254,7 @@ def test_layout_regions_and_siblings_are_found_measured_and_priced(tmp_path):
     q = fewbits.calibrate(fewbits.prepare(model, _choice({n: "w8a8" for n in names}, sens, costs).recipe()), [x])
     exported = export_onnx(q, x, tmp_path / "all.onnx", verify=False, dynamic="none")
     ops = _optimized_ops(exported.path, 2, tmp_path / "all-opt.onnx")
-    assert ops.count("Transpose") <= 2 < 2 * 4  # the 4 convolutions alone carry 8
+    assert ops.count("Transpose") <= 2  # the 4 convolutions alone carry 8
     import onnx
 
     gemms = [n for n in onnx.load(str(tmp_path / "all-opt.onnx")).graph.node if n.op_type == "QGemm"]

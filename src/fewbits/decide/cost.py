@@ -212,15 +212,16 @@ def _calibrate_integer(costs: Costs, anchor: dict) -> None:
     the model with every layer it can be integer predicts its measured time (``anchor``), as the
     fp32 model measured fixes ``constant``. Timed alone, the conversions and layout changes
     between two integer layers do not add up to what a whole integer model skips (MobileNetV2
-    probe: every layer ``w8a8`` over-predicted by 19–33% without this); the factor is
+    probe, every layer ``w8a8``: +18.6% in ``benchmarks/mixed.py --sections fronts``, +34% without
+    this and the in-model ratios in ``benchmarks/latency_model.py``); the factor is
     ``costs.calibration["integer_savings_scale"]``."""
     if not anchor or set(anchor["formats"]) != set(costs.table):
         return
     formats = anchor["formats"]
     active = [s["integer|integer"] for (a, b), s in zip(costs.chains, costs.chain_savings)
               if "integer|integer" in s and is_integer(formats[a]) and is_integer(formats[b])]
-    active += [g for g in costs.groups if all(doms == ["integer"] and is_integer(formats[m])
-                                              for m, doms in g["members"].items())]
+    integer_groups = [g for g in costs.groups if all(doms == ["integer"] for doms in g["members"].values())]
+    active += [g for g in integer_groups if all(is_integer(formats[m]) for m in g["members"])]
     saved = sum(v.get("latency_s", 0.0) for v in active)
     if saved <= 0:
         return
@@ -228,7 +229,6 @@ def _calibrate_integer(costs: Costs, anchor: dict) -> None:
     for s in costs.chain_savings:
         if "integer|integer" in s:
             s["integer|integer"]["latency_s"] *= scale
-    for g in costs.groups:
-        if all(doms == ["integer"] for doms in g["members"].values()):
-            g["latency_s"] *= scale
+    for g in integer_groups:
+        g["latency_s"] *= scale
     costs.calibration["integer_savings_scale"] = scale

@@ -36,11 +36,11 @@ CONV_TYPES = ("Conv1d", "Conv2d", "Conv3d")  # the layers ONNX Runtime fuses onl
 ACTIVATIONS = frozenset({"relu", "relu_", "relu6", "hardtanh", "hardtanh_"})
 # ops ONNX Runtime runs in whatever layout its neighbours use (its transpose optimizer pushes
 # layout changes through them): a region of tensors joined by them is one layout region
-LAYOUT_FREE = frozenset({
-    "relu", "relu_", "relu6", "hardtanh", "hardtanh_", "max_pool1d", "max_pool2d", "max_pool3d",
-    "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices", "dropout", "identity", "clone",
-    "detach", "contiguous", "add", "add_", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "mul", "mul_", "__mul__",
-    "__rmul__", "sigmoid", "silu", "gelu", "tanh", "hardswish", "hardsigmoid", "leaky_relu", "elu"})
+# (the value-preserving ops but those that reshape, plus elementwise arithmetic and activations)
+RESHAPES = frozenset({"flatten", "view", "reshape", "squeeze", "unsqueeze", "permute", "transpose"})
+LAYOUT_FREE = (TRANSPARENT - RESHAPES) | frozenset({
+    "add", "add_", "__add__", "__radd__", "__iadd__", "sub", "__sub__", "mul", "mul_", "__mul__", "__rmul__",
+    "sigmoid", "silu", "gelu", "tanh", "hardswish", "hardsigmoid", "leaky_relu", "elu"})
 FLOAT_OP = "<float op>"
 MODEL_OUTPUT = "<output>"
 
@@ -165,7 +165,6 @@ class _Follow(TorchFunctionMode):
             for s in sources:
                 self.found.readers[s].add(FLOAT_OP)
         return out
-
 
     def _follow_layout(self, func, args, kwargs, out) -> None:
         roots = self.regions_of((args, kwargs))

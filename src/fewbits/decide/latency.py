@@ -516,13 +516,14 @@ def _in_model_ratios(float_model, names: list, seen: dict, seconds_by_layer: dic
     """Per domain: every layer of the model that takes the domain's format, run one after
     another in one session (a bank), against the sum of the layers timed alone. Alone, a layer
     is called again and again and its weights stay in cache; in a model they are read from
-    memory again each call (measured here: MiniLM float 8.23 ms as a bank against 6.60 alone,
-    ``w8a8`` 4.88 against 4.51). Every format of the domain is scaled by its ratio."""
+    memory again each call (``benchmarks/latency_model.py``: ratios 1.3–1.6). Every format of the
+    domain is scaled by its ratio."""
     from ..export.timing import interleaved_medians
 
     ratios = {}
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
+        yardsticks = {"reference": _reference_runner(tmp, threads), "empty": _empty_runner(tmp, threads)}
         for dom, fmt in DOMAIN_FORMATS.items():
             layers = [n for n in names if fmt in seconds_by_layer[n]]
             if not layers:
@@ -535,8 +536,7 @@ def _in_model_ratios(float_model, names: list, seen: dict, seconds_by_layer: dic
                 continue
             s = _session(str(tmp / f"bank-{fmt}.onnx"), threads)
             feeds = {s.inputs[i]: x.numpy() for i, x in enumerate(xs)}
-            medians = interleaved_medians({"bank": lambda: s.run(feeds), "reference": _reference_runner(tmp, threads),
-                                           "empty": _empty_runner(tmp, threads)}, seconds_per_engine=2.0)
+            medians = interleaved_medians({"bank": lambda: s.run(feeds), **yardsticks}, seconds_per_engine=2.0)
             m = {k: v["median_s"] for k, v in medians.items()}
             bank_s = (m["bank"] - m["empty"]) / (m["reference"] - m["empty"]) * unit
             ratios[dom] = bank_s / sum(seconds_by_layer[n][fmt] for n in layers)
@@ -553,7 +553,7 @@ def _integer_anchor(model, example, readers, seconds_by_layer: dict, threads: in
         return {}
     formats = {n: fmt if n in integer else "float" for n in seconds_by_layer}
     embeddings = {n for n, t in readers.types.items() if t == "Embedding"}
-    recipe = formats_recipe(formats, own_output_grids(integer - embeddings, readers.heads(), readers.chains()),
+    recipe = formats_recipe(formats, own_output_grids(integer, readers.heads(), readers.chains()),
                             embeddings, "latency-integer-anchor")
     q = calibrate(prepare(model, recipe), [example])  # ranges only: the time does not depend on them
     seconds, _, ref_s, empty_s = model_latency(q, example, threads, reference=True)

@@ -7,14 +7,12 @@ a weight-only one in the model's own layout. Alone, a layer pays both changes. I
 transpose optimizer pushes them through the ops that do not care about layout
 (:data:`fewbits.decide.graph.LAYOUT_FREE`: additions, activations, max pools), so across a
 *layout region* — the tensors joined by such ops between layers, a residual stream — whose every
-producer and reader runs in one layout none of them is paid. Measured on the MobileNetV2 probe
-(batch 1, AMD EPYC AVX2): with every layer ``w8a8`` ONNX Runtime's optimized graph keeps 2 of the
-106 transposes the layers alone carry; the table without this over-predicted that configuration
-by 18.6%.
+producer and reader runs in one layout none of them is paid (tests/decide/test_latency.py
+checks it on a residual stream: at most 2 transposes where its convolutions alone carry 8).
 
 Sibling layers that read one tensor (a transformer's query, key and value projections) share one
-``QuantizeLinear`` of it when integer: ONNX Runtime merges the identical nodes (MiniLM with every
-layer ``w8a8``: 25 ``QuantizeLinear`` for 37 integer GEMMs).
+``QuantizeLinear`` of it when integer: ONNX Runtime merges the identical nodes (the same test:
+three integer siblings read one quantized input).
 
 Both become *groups* of the cost model: ``{"members": {layer: [domains]}, "latency_s": s}`` —
 ``s`` is saved when every member's format is in one of its domains (one AND variable each in the
@@ -23,6 +21,8 @@ integer program, like a chain edge).
 from __future__ import annotations
 
 from pathlib import Path
+
+from .timed import onnx_model
 
 LAYOUT_OPS = ("Transpose", "ReorderInput", "ReorderOutput")
 _NOT_CORE = LAYOUT_OPS + ("QuantizeLinear", "DequantizeLinear")
@@ -74,7 +74,7 @@ def layout_graphs(optimized: str, shape_in: tuple, shape_out: tuple, tmp: Path, 
                 reorder = helper.make_graph([helper.make_node("ReorderInput", ["x"], ["y"], domain="com.microsoft.nchwc")],
                                             "blocked", [helper.make_tensor_value_info("x", proto, shape)],
                                             [helper.make_tensor_value_info("y", proto, None)])
-                model = _model(reorder)
+                model = onnx_model(reorder)
                 x = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(
                     None, {"x": np.zeros(shape, dtype)})[0]
         names = ["x"] + [f"t{i}" for i in range(len(chain))]
@@ -86,16 +86,10 @@ def layout_graphs(optimized: str, shape_in: tuple, shape_out: tuple, tmp: Path, 
         graph = helper.make_graph(copies, f"{tag}-{side}", [helper.make_tensor_value_info("x", proto, list(x.shape))],
                                   [helper.make_tensor_value_info(names[-1], proto, None)])
         path = tmp / f"{tag}-{side}.onnx"
-        onnx.save(_model(graph), str(path))
+        onnx.save(onnx_model(graph), str(path))
         found[side] = (str(path), x)
     return found
 
-
-def _model(graph):
-    from onnx import helper
-
-    return helper.make_model(graph, ir_version=10, opset_imports=[
-        helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft.nchwc", 1)])
 
 
 def latency_groups(readers, seconds: dict, layout: dict, conversions: dict, domain_formats: dict) -> tuple:

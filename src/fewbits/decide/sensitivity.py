@@ -228,15 +228,14 @@ def _losses(model, batches, loss) -> float:
     return total / len(batches)
 
 
+@torch.no_grad()
 def _score_loss(model, quantized: dict, batches, loss_fn, result: Sensitivity, workers: int) -> None:
-    with torch.no_grad():
-        reference = [_tensor_of(model(*a, **k)).detach() for a, k in batches]
+    reference = [_tensor_of(model(*a, **k)).detach() for a, k in batches]
     loss = (lambda out, i: loss_fn(out, batches[i])) if loss_fn else _default_loss(reference)
-    with torch.no_grad():
-        base = _losses(model, batches, loss)
+    base = _losses(model, batches, loss)
     quantizers = {cand: list(q.quantizers().values()) for cand, q in quantized.items()}
 
-    @torch.no_grad()
+    @torch.no_grad()  # again: a worker process runs it outside this call
     def score(job: tuple) -> float:
         cand, name = job
         own = {id(m) for m in quantized[cand].model.get_submodule(name).modules() if isinstance(m, TensorQuantizer)}

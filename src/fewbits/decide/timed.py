@@ -13,12 +13,19 @@ def _session(path: str, threads: int):
     return OnnxModel(path, threads=threads)
 
 
-def _save_graph(graph, path: Path) -> None:
-    """A hand-built graph (conversions, the empty call, the reference) as an opset-21 file."""
-    import onnx
+def onnx_model(graph):
+    """A hand-built graph (conversions, the empty call, the reference, layout nodes) as an
+    opset-21 model that may use ONNX Runtime's blocked-layout ops."""
     from onnx import helper
 
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)], ir_version=10), str(path))
+    return helper.make_model(graph, ir_version=10, opset_imports=[
+        helper.make_opsetid("", 21), helper.make_opsetid("com.microsoft.nchwc", 1)])
+
+
+def _save_graph(graph, path: Path) -> None:
+    import onnx
+
+    onnx.save(onnx_model(graph), str(path))
 
 
 def _conversion_graphs(shape_in: tuple, shape_out: tuple, tmp: Path, tag: str) -> tuple[str, str, str]:
