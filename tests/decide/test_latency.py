@@ -124,7 +124,7 @@ def test_the_latency_table_measures_once_and_refuses_what_it_does_not_hold(tmp_p
     assert set(lat.chain_savings) == {("a", "b"), ("fc1", "fc2")}
     assert set(lat.chain_savings[("a", "b")]) == {"float|float", "float|integer", "integer|float", "integer|integer"}
     data = json.loads(path.read_text())
-    assert data["format"] == "fewbits.latency" and data["schema_version"] == 3
+    assert data["format"] == "fewbits.latency" and data["schema_version"] == 4
     older = tmp_path / "older.json"  # a table an earlier fewbits wrote: measured again, with a warning
     older.write_text(json.dumps({**data, "schema_version": 2}))
     with pytest.warns(UserWarning, match="schema 2.*measuring it again"):

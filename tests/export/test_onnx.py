@@ -149,7 +149,7 @@ def test_smoothed_layers_divide_before_quantizing(tmp_path):
     assert result.verification.max_abs < 1e-3
 
 
-@pytest.mark.parametrize("recipe, mode", [("w8", "weight-only"), ("w4-g128", "simulated")])
+@pytest.mark.parametrize("recipe, mode", [("w8", "weight-only"), ("w4-kmeans", "decoded")])
 def test_layers_without_integer_kernels_export_as_what_they_compute(tmp_path, recipe, mode):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).eval()

@@ -48,7 +48,7 @@ def _layer(layer_recipe, module=None):
     (LayerRecipe(weight=W8, input=DYN), None, Kind.SIMULATED, Kind.INTEGER_DYNAMIC),
     (LayerRecipe(weight=W8), None, Kind.WEIGHT_ONLY, Kind.WEIGHT_ONLY),
     (LayerRecipe(weight=TensorRecipe(QuantSpec(bits=4, granularity=PerGroup(4)))), None, Kind.WEIGHT_ONLY,
-     Kind.SIMULATED),  # per-group scales need opset 21
+     Kind.WEIGHT_ONLY),  # per-group scales: a blocked DequantizeLinear (opset 21)
     (LayerRecipe(weight=W8, input=A8, output=A8), None, Kind.INTEGER, Kind.INTEGER),  # requantized into its grid
     (LayerRecipe(weight=W8, input=A8, output=DYN), None, Kind.SIMULATED, Kind.SIMULATED),  # no dynamic output grid
     (LayerRecipe(weight=W8, output=A8), None, Kind.SIMULATED, Kind.SIMULATED),  # float inputs: no accumulator

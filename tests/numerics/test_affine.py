@@ -170,6 +170,23 @@ def test_per_group_matches_explicit_loop():
             assert torch.equal(out[i, gi * 8:(gi + 1) * 8], ref)
 
 
+@pytest.mark.parametrize("size", [8, 7, 30])
+def test_a_partial_last_group_is_a_group_of_its_own(size):
+    # 20 columns: groups of 8 end in a group of 4, of 7 in one of 6, of 30 are one partial group
+    spec = QuantSpec(bits=4, symmetric=False, granularity=PerGroup(size, axis=1))
+    x = torch.randn(3, 20, generator=torch.Generator().manual_seed(5))
+    rows = to_rows(x, spec.granularity)
+    n = -(-20 // size)
+    scale, zp = choose_qparams(rows.amin(1).reshape(3, n), rows.amax(1).reshape(3, n), spec)
+    assert scale.shape == (3, n)
+    out = fake_quantize(x, scale, zp, spec)
+    for i in range(3):
+        for gi in range(n):
+            block = x[i, gi * size:(gi + 1) * size]  # the last one shorter
+            s, z = choose_qparams(block.min(), block.max(), QuantSpec(bits=4, symmetric=False))
+            assert torch.equal(out[i, gi * size:(gi + 1) * size], torch.fake_quantize_per_tensor_affine(block, s, z, -8, 7))
+
+
 def test_per_group_on_a_middle_axis():
     spec = QuantSpec(bits=8, granularity=PerGroup(2, axis=1))
     x = torch.randn(2, 6, 3)
@@ -189,7 +206,7 @@ def test_granularity_errors_name_the_field():
     s, z = torch.ones(4), torch.zeros(4, dtype=torch.int32)
     with pytest.raises(ValueError, match=r"PerChannel.axis=2 is out of range .* \(allowed: -2..1\)"):
         quantize(x, s, z, QuantSpec(granularity=PerChannel(2)))
-    with pytest.raises(ValueError, match=r"PerGroup.size=4 does not divide dim 1 of size 6 .* sizes that do: \[1, 2, 3, 6\]"):
+    with pytest.raises(ValueError, match=r"expected \(4, 2\)"):  # 6 columns in groups of 4: two, one partial
         quantize(x, s, z, QuantSpec(granularity=PerGroup(4)))
     with pytest.raises(ValueError, match=r"expected \(6,\)"):
         quantize(x, s, z, QuantSpec(granularity=PerChannel(1)))

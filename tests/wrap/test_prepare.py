@@ -168,11 +168,21 @@ def test_left_float_lists_what_was_not_quantized_and_why():
     assert q(torch.randint(0, 50, (1, 6))).shape == (1, 3)
 
 
-def test_group_size_that_does_not_divide_leaves_the_layer_float():
-    q = fewbits.prepare(nn.Sequential(nn.Linear(200, 4), nn.Linear(4, 4)), "w4-g128")
-    reasons = {lf.name: lf.reason for lf in q.left_float}
-    assert "PerGroup.size=128 does not divide dim 1 of size 200" in reasons["0"]
-    assert "PerGroup.size=128 does not divide dim 1 of size 4" in reasons["1"]
+def test_group_size_that_does_not_divide_quantizes_with_a_partial_last_group():
+    model = nn.Sequential(nn.Linear(200, 4), nn.Linear(4, 4))
+    q = fewbits.prepare(model, "w4-g128")
+    assert q.left_float == []
+    fewbits.calibrate(q, [torch.randn(2, 200)])
+    w = model[0].weight.detach()
+    wq = q.model[0].weight_quantizer
+    assert tuple(wq.scale.shape) == (4, 2)  # columns 0-127 and the partial group 128-199
+    out = wq(w).detach()
+    for lo, hi in ((0, 128), (128, 200)):  # each group: symmetric int4 on its own absolute maximum
+        block = w[:, lo:hi]
+        s = block.abs().amax(1) / 7.5  # fewbits' symmetric signed grid: amax over (qmax - qmin) / 2
+        ref = torch.fake_quantize_per_channel_affine(block, s, torch.zeros(4, dtype=torch.int32), 0, -8, 7)
+        assert torch.allclose(out[:, lo:hi], ref, atol=1e-6)  # float32 division order differs: 1 ulp
+    assert tuple(q.model[1].weight_quantizer.scale.shape) == (4, 1)  # one group, shorter than 128
 
 
 def test_a_block_named_like_a_norm_still_has_its_layers_quantized():

@@ -6,8 +6,8 @@ per output channel unless said otherwise, inputs uint8 per tensor, static):
 
     w8a8, w4a8        int8 / int4 weights, uint8 inputs: integer GEMMs
     w8                int8 weights only
-    w4-g128           int4 weights in groups of 128 along the input, weights only (a layer whose
-                      input is not a multiple of 128 cannot take it, and its score says so)
+    w4-g128           int4 weights in groups of 128 along the input, weights only (the last group
+                      of an input that is no multiple of 128 is shorter)
     w3, w2            3- / 2-bit uniform weights only
     w4-kmeans, w4-apot, w3-pow2, w2-ternary
                       non-uniform weights only (where a layer takes a level grid)

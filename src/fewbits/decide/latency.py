@@ -57,7 +57,8 @@ from .graph import CONV_TYPES, layer_readers, own_output_grids, replay
 from .layout import SIDES, latency_groups, layout_graphs
 from .timed import _array_runner, _conversion_graphs, _empty_run_seconds, _empty_runner, _reference_runner, _runner, _session
 
-SCHEMA_VERSION = 3  # 2: entries in units of the reference graph's time (REFERENCE); 3: layout changes
+SCHEMA_VERSION = 4  # 2: entries in units of the reference graph's time (REFERENCE); 3: layout changes;
+# 4: per-group weights timed on ONNX Runtime's 4-bit kernel (before: simulated as float operations)
 # the yardstick every entry is timed against, interleaved: a table measured while the machine ran
 # slow or fast is scaled by the reference timed when the table is used
 REFERENCE = "MatMul 32x256 by a constant 256x256, then Relu"

@@ -50,7 +50,7 @@ from ..wrap.modules import recipe_type
 from ..wrap.quantizer import TensorQuantizer
 from .candidates import DEFAULT_CANDIDATES, Candidate, get_candidates
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-group formats score every layer (partial last groups); in the cache key
 METHODS = ("sqnr", "loss", "hessian", "fisher")
 
 

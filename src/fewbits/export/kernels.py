@@ -91,6 +91,8 @@ def kernel_report(path, watch: dict | None = None, threads: int = 1) -> KernelRe
             floats.append(node.name or node.op_type)
     ops = collections.Counter(n.op_type for n in graph.node)
     watch = watch or {}
-    # a node ORT fused with an activation keeps the name inside its new one ("fused node_linear")
-    unfused = {n: watch[n.rpartition(" ")[2]] for n in floats if n.rpartition(" ")[2] in watch}
+    # a node ORT fused keeps its name inside the new one: "fused node_linear" (an activation taken
+    # in), "node_matmul/MatMulAddFusion" (a MatMul and Add made a Gemm), or both
+    origin = {n: n.rpartition(" ")[2].partition("/")[0] for n in floats}
+    unfused = {n: watch[o] for n, o in origin.items() if o in watch}
     return KernelReport(integer, len(floats), floats, dict(sorted(ops.items())), unfused)

@@ -14,10 +14,14 @@ reported per layer. Depthwise convolutions are exempt: ONNX Runtime's depthwise 
 int32. The integer reference that :func:`verify` compares against is built from the same
 narrowing.
 
-Layers that have no integer kernel here (weight-only, per-group weights, more than 8 bits,
-output quantizers) are exported as what they compute: weight-only layers keep int8 weights
-behind a DequantizeLinear and compute in float; the others are traced as the simulated layer
-itself (fake quantization as float operations). Layers with dynamic 8-bit asymmetric input
+Layers that have no integer GEMM here (weight-only, more than 8 bits, output quantizers) are
+exported as what they compute: weight-only layers keep int8 weights behind a DequantizeLinear
+and compute in float; per-group weights sit behind a blocked DequantizeLinear (the file is then
+opset 21), as int4 when 4 bits or fewer, and a linear layer's feeds its MatMul directly, which
+ONNX Runtime fuses into its 4-bit kernel (``MatMulNBits``: checked in the optimized graph like
+every integer layer; by default it computes with int8 activations per block, which is where
+its speed comes from); the others are traced as the simulated layer itself (fake quantization
+as float operations). Layers with dynamic 8-bit asymmetric input
 ranges quantize through DynamicQuantizeLinear (mode ``int8-dynamic``). Every layer's mode is
 listed in the :class:`ExportResult`.
 """
@@ -37,15 +41,17 @@ import torch
 from torch import nn
 
 from ..files import write_atomic
-from ..lower import lower, record_summaries
+from ..lower import Kind, lower, record_summaries
 from ..target import NARROW_BITS, WEIGHT_MODES, KernelProfile, Target, int8_kernel_profile, pair_sum_bound
 from ..wrap.handle import QuantizedModel
 from .kernels import KernelReport, kernel_report
 from .plan import EXPORT_FORMAT, EXPORT_VERSION, LayerExport, plan_from, plan_layers
-from .qdq import QDQLayer, export_module, _onnx_dynamic_qdq_u8, _onnx_global_avg_pool, _onnx_per_token_linear, _qd
+from .qdq import (QDQLayer, WeightOnlyLayer, _onnx_blocked_dequantize, _onnx_dynamic_qdq_u8, _onnx_global_avg_pool,
+                  _onnx_per_token_linear, _qd, blocked, export_module, pack_int4_initializers)
 from .verify import OnnxModel, Verification, as_call, verify_onnx
 
 OPSET = 18  # the torch.export based exporter's lowest; ONNX Runtime 1.17+ runs it
+BLOCKED_OPSET = 21  # blocked DequantizeLinear and int4 tensors (per-group weights); ONNX Runtime 1.20+
 
 
 @dataclass
@@ -130,10 +136,12 @@ def export_onnx(qmodel: QuantizedModel, example_inputs, path, *, batches=None, w
     module = export_module(qmodel, lowering)
     if wrap is not None:
         module = wrap(module)
-    data = _torch_onnx_bytes(module, args, kwargs, dynamic)
+    opset = BLOCKED_OPSET if any(blocked(r) and r.kind is Kind.WEIGHT_ONLY for r in lowering.layers.values()) else OPSET
+    data = _torch_onnx_bytes(module, args, kwargs, dynamic, opset)
     import onnx
 
     model = onnx.load_from_string(data)
+    pack_int4_initializers(model)
     meta = {"format": EXPORT_FORMAT, "version": EXPORT_VERSION, "recipe": qmodel.recipe.to_dict(),
             "profile": asdict(profile), "weights": weights, "layers": [asdict(e) for e in plan],
             "lowered": record_summaries(lowering.records()),
@@ -144,6 +152,9 @@ def export_onnx(qmodel: QuantizedModel, example_inputs, path, *, batches=None, w
             meta["input_levels"][node.output[0]] = layer
         else:
             gemms[node.name] = layer
+    # per-group linear layers: their MatMul is to become ONNX Runtime's 4-bit kernel (MatMulNBits)
+    for node, layer in _layer_nodes(model, module, ("MatMul",), _blocked_linear):
+        gemms[node.name] = layer
     for node in model.graph.node:  # the exporter's per-node stack traces: ~1.5 MB on MiniLM
         del node.metadata_props[:]
     # intermediate shape annotations (optional in ONNX; ONNX Runtime infers shapes itself): ~48 kB on MiniLM
@@ -152,12 +163,15 @@ def export_onnx(qmodel: QuantizedModel, example_inputs, path, *, batches=None, w
     entry.key, entry.value = "fewbits", json.dumps(meta, separators=(",", ":"))
     payload = model.SerializeToString()
     write_atomic(path, payload)
-    result = ExportResult(str(path), len(payload), OPSET, profile, plan,
+    result = ExportResult(str(path), len(payload), opset, profile, plan,
                           [i.name for i in model.graph.input], [o.name for o in model.graph.output],
                           time.perf_counter() - t0)
     result.kernels = kernel_report(path, watch=gemms)
     # layers the runtime has no integer kernel for (their records say so) are expected in float
     names = sorted({n for n in result.kernels.unfused.values() if not lowering.layers[n].transposed})
+    if strict and names:
+        raise ValueError(f"export_onnx: {path.name}: {len(names)} layer(s) did not fuse into ONNX Runtime's integer "
+                         f"kernels ({result.kernels.describe()}): {names[:8]}{' …' if len(names) > 8 else ''}")
     if names:
         warnings.warn(f"export_onnx: {path.name}: {len(names)} integer layer(s) did not fuse into an integer kernel in "
                       f"ONNX Runtime and run in float ({result.kernels.describe()}): {names[:8]}"
@@ -175,10 +189,16 @@ def export_onnx(qmodel: QuantizedModel, example_inputs, path, *, batches=None, w
     return result
 
 
-def _layer_nodes(model, module: nn.Module, op_types: tuple) -> list:
+def _blocked_linear(m: nn.Module) -> bool:
+    return isinstance(m, WeightOnlyLayer) and m.blocked and m.linear
+
+
+def _layer_nodes(model, module: nn.Module, op_types: tuple, which=None) -> list:
     """``(node, layer name)`` for every node of one of ``op_types`` written inside an integer (QDQ)
-    layer (the exporter records the module path of every node it wrote)."""
-    paths = {p: m.name for p, m in module.named_modules() if isinstance(m, QDQLayer)}
+    layer, or a module ``which`` accepts (the exporter records the module path of every node it
+    wrote)."""
+    which = which or (lambda m: isinstance(m, QDQLayer))
+    paths = {p: getattr(m, "name", p) for p, m in module.named_modules() if which(m)}
     found = []
     for node in model.graph.node:
         if node.op_type not in op_types:
@@ -195,7 +215,8 @@ def _layer_nodes(model, module: nn.Module, op_types: tuple) -> list:
     return found
 
 
-def _torch_onnx_bytes(module: nn.Module, args: tuple, kwargs: dict, dynamic_mode: str = "auto") -> bytes:
+def _torch_onnx_bytes(module: nn.Module, args: tuple, kwargs: dict, dynamic_mode: str = "auto",
+                      opset: int = OPSET) -> bytes:
     import inspect
 
     _qd()  # the exporter's operator registry only sees quantized_decomposed ops loaded before it
@@ -210,12 +231,13 @@ def _torch_onnx_bytes(module: nn.Module, args: tuple, kwargs: dict, dynamic_mode
     try:
         with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
             warnings.simplefilter("ignore")
-            program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=OPSET,
+            program = torch.onnx.export(module, args, kwargs=kwargs, dynamo=True, opset_version=opset,
                                         dynamic_shapes=dynamic, external_data=False, verbose=False,
                                         custom_translation_table={
                                             torch.ops.fewbits.dynamic_qdq_u8.default: _onnx_dynamic_qdq_u8,
                                             torch.ops.fewbits.per_token_linear.default: _onnx_per_token_linear,
-                                            torch.ops.fewbits.global_avg_pool.default: _onnx_global_avg_pool})
+                                            torch.ops.fewbits.global_avg_pool.default: _onnx_global_avg_pool,
+                                            torch.ops.fewbits.blocked_dequantize.default: _onnx_blocked_dequantize})
     finally:
         for lg, level in zip(quiet, levels):
             lg.setLevel(level)

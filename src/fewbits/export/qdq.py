@@ -20,6 +20,7 @@ QLinearConcat).
 from __future__ import annotations
 
 import copy
+from typing import Optional
 
 import torch
 from torch import nn
@@ -27,6 +28,7 @@ from torch.nn import functional as F
 
 from ..lower import Kind, Lowering, u8_shift
 from ..lower.records import Grid, LayerRecord
+from ..numerics.layout import transposed_from_rows
 from ..wrap.handle import QuantizedModel, replace_module
 from ..wrap.ops import QuantAdd, QuantConcat, QuantMatMul, QuantMul, QuantPool
 
@@ -120,6 +122,85 @@ def _weight_buffers(module: nn.Module, record: LayerRecord) -> None:
     module.w_range = (spec.qmin, spec.qmax)
 
 
+@torch.library.custom_op("fewbits::blocked_dequantize", mutates_args=())
+def blocked_dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: Optional[torch.Tensor], axis: int,
+                       block: int, bits: int) -> torch.Tensor:
+    """``(q − z) · s`` with one scale (and zero point) per ``block`` consecutive elements along
+    ``axis``, the last block partial when ``block`` does not divide that dimension: ONNX's blocked
+    DequantizeLinear (opset 21), with ``q`` stored in ``bits`` ≤ 4 as an int4 / uint4
+    initializer (:func:`pack_int4_initializers`)."""
+    def spread(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat_interleave(block, dim=axis).narrow(axis, 0, q.shape[axis])
+
+    levels = q.to(torch.float32)
+    if zero_point is not None:
+        levels = levels - spread(zero_point).to(torch.float32)
+    return levels * spread(scale.to(torch.float32))
+
+
+@blocked_dequantize.register_fake
+def _(q, scale, zero_point, axis, block, bits):
+    return torch.empty(q.shape, dtype=torch.float32, device=q.device)
+
+
+def _onnx_blocked_dequantize(q, scale, zero_point, axis: int, block: int, bits: int):
+    from onnx import TensorProto
+    from onnxscript import opset21 as op
+
+    if bits <= 4:  # the int8 buffer is cast to 4 bits here; the export folds the cast into the initializer
+        to = TensorProto.INT4 if q.dtype == TensorProto.INT8 else TensorProto.UINT4
+        q = op.Cast(q, to=to)
+        zero_point = None if zero_point is None else op.Cast(zero_point, to=to)
+    if zero_point is None:
+        return op.DequantizeLinear(q, scale, axis=axis, block_size=block)
+    return op.DequantizeLinear(q, scale, zero_point, axis=axis, block_size=block)
+
+
+def blocked(record: LayerRecord) -> bool:
+    """A record whose integer weight has per-group scales: it exports behind a blocked
+    DequantizeLinear (opset 21)."""
+    from ..spec import PerGroup
+
+    return record.qweight is not None and isinstance(getattr(record.weight_spec, "granularity", None), PerGroup)
+
+
+def pack_int4_initializers(model) -> int:
+    """Fold every ``Cast`` of an integer initializer to int4 / uint4 (what
+    :func:`_onnx_blocked_dequantize` writes) into a packed 4-bit initializer, two values a byte,
+    as ONNX stores them. Returns how many were folded."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    folded, keep = 0, []
+    for node in graph.node:
+        to = next((a.i for a in node.attribute if a.name == "to"), None)
+        if node.op_type != "Cast" or to not in (TensorProto.INT4, TensorProto.UINT4) or node.input[0] not in inits:
+            keep.append(node)
+            continue
+        values = numpy_helper.to_array(inits[node.input[0]]).astype(np.int64).reshape(-1)
+        lo, hi = (-8, 7) if to == TensorProto.INT4 else (0, 15)
+        if values.size and (values.min() < lo or values.max() > hi):
+            raise ValueError(f"export_onnx: initializer {node.input[0]!r} holds values outside 4 bits "
+                             f"[{int(values.min())}, {int(values.max())}]")
+        nibbles = (values & 0xF).astype(np.uint8)
+        if nibbles.size % 2:
+            nibbles = np.append(nibbles, np.uint8(0))
+        packed = nibbles[0::2] | (nibbles[1::2] << 4)  # the first value in the low nibble
+        dims = list(inits[node.input[0]].dims)
+        graph.initializer.append(helper.make_tensor(node.output[0], to, dims, packed.tobytes(), raw=True))
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+        used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+        unused = [i for i in graph.initializer if i.name not in used]
+        for init in unused:
+            graph.initializer.remove(init)
+    return folded
+
+
 def u8_grid(grid: Grid) -> tuple:
     """(scale, uint8 zero point, real clamp or None) of a static per-tensor activation grid: a grid
     narrower than uint8 clamps first; the bounds are grid points, so clamping the real value
@@ -199,19 +280,67 @@ class QDQLayer(nn.Module):
 
 
 class WeightOnlyLayer(nn.Module):
-    """Integer weights behind DequantizeLinear; the layer computes in float (its ``compute``)."""
+    """Integer weights behind DequantizeLinear; the layer computes in float (its ``compute``).
+
+    Per-group weights sit behind a blocked DequantizeLinear (4-bit and narrower as int4): a
+    linear layer's transposed, ``[in, out]`` blocked along the input and fed straight to a
+    MatMul, which ONNX Runtime fuses into its 4-bit kernel (``MatMulNBits``); a convolution's in
+    the quantizer's view ``[out, in·k…]``, reshaped to the layer's weight; an embedding gathers
+    the integer rows and their scales, then dequantizes only those."""
 
     def __init__(self, record: LayerRecord, layer: nn.Module) -> None:
         super().__init__()
-        _weight_buffers(self, record)
         self.layer = layer  # its float op (geometry, padding); its own weight and bias are not used
         self.register_buffer("bias", record.bias)
         self.register_buffer("smooth_scale", record.smooth_scale)
         self.embedding = record.op == "embedding"
+        self.blocked = blocked(record)
+        if self.blocked:
+            self._blocked_buffers(record)
+            return
+        _weight_buffers(self, record)
         if self.embedding and not bool(self.w_zero_point.any()):
             self.w_zero_point = None  # symmetric table: no zero points in the file
 
+    def _blocked_buffers(self, record: LayerRecord) -> None:
+        spec = record.weight_spec
+        self.group, self.bits = spec.granularity.size, spec.bits
+        self.weight_shape, self.transposed = tuple(record.weight_shape), record.transposed  # the layer's layout
+        self.conv_groups = record.geometry.get("groups", 1)
+        dtype = torch.int8 if spec.signed else torch.uint8
+        q, s, z = record.qweight.to(dtype), record.w_scale.float(), record.w_zero_point
+        z = None if (spec.symmetric and spec.signed) or not bool(z.any()) else z.to(dtype)
+        self.linear = record.op == "linear"
+        if self.linear:  # [in, out] blocked along axis 0: the MatMul's second factor
+            q, s, z = q.t().contiguous(), s.t().contiguous(), None if z is None else z.t().contiguous()
+        self.register_buffer("qweight", q)
+        self.register_buffer("w_scale", s)
+        self.register_buffer("w_zero_point", z)
+
+    def _blocked_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.embedding:
+            rows = self.qweight[x].to(torch.float32)
+            spread = (lambda t: t.repeat_interleave(self.group, dim=-1)[..., :rows.shape[-1]])
+            if self.w_zero_point is not None:
+                rows = rows - spread(self.w_zero_point[x].to(torch.float32))
+            return rows * spread(self.w_scale[x])
+        if self.smooth_scale is not None:
+            x = x / self.smooth_scale
+        axis = 0 if self.linear else 1
+        w = torch.ops.fewbits.blocked_dequantize(self.qweight, self.w_scale, self.w_zero_point, axis, self.group,
+                                                  self.bits)
+        if self.linear:
+            # a 2-d input goes through the product as [1, rows, in]: ONNX Runtime turns a 2-d
+            # MatMul + Add (+ ReLU) into a float Gemm before its 4-bit fusion could see it
+            y = torch.matmul(x.unsqueeze(0), w).squeeze(0) if x.dim() == 2 else torch.matmul(x, w)
+            return y if self.bias is None else y + self.bias
+        w = (transposed_from_rows(w, self.weight_shape, self.conv_groups) if self.transposed
+             else w.reshape(self.weight_shape))
+        return self.layer.compute(x, w, self.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.blocked:
+            return self._blocked_forward(x)
         qd = _qd()
         dtype = self.qweight.dtype
         if self.embedding:  # gather integer rows, then dequantize only those (cheap per call)

@@ -187,6 +187,10 @@ def verify_onnx(qmodel: QuantizedModel, onnx_path, batches, *, tolerance: float 
     seen, forced, hooks = _teacher_forcing(reference.model, set(probes.values()))
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
+    # 4-bit weights (MatMulNBits) computed in float, as the integer model does: by default ONNX
+    # Runtime quantizes their activations to int8 per block for speed, which is its choice of
+    # kernel, not the file's arithmetic
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
     session = ort.InferenceSession(_level_probe(model, probes), options, providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]
     n_out = len(model.graph.output)

@@ -58,12 +58,13 @@ def _per_output_channel(spec) -> bool:
 
 
 def _dequantizable(w_spec) -> str:
-    """Why integer weights on ``w_spec`` cannot sit behind ONNX's (opset 18) DequantizeLinear."""
+    """Why integer weights on ``w_spec`` cannot sit behind ONNX's DequantizeLinear (per output
+    channel, or blocked along the input — opset 21 — for per-group scales)."""
     g = w_spec.granularity
     if w_spec.bits > 8:
         return f"{w_spec.bits}-bit weights"
-    if isinstance(g, PerGroup):
-        return "per-group weight scales (needs opset 21 blocked DequantizeLinear)"
+    if isinstance(g, PerGroup) and g.axis % 2 != 1:
+        return f"per-group weight scales along axis {g.axis} (ONNX Runtime's kernels take groups along the input)"
     if isinstance(g, PerChannel) and g.axis != 0:
         return f"per-channel weights along axis {g.axis}"
     return ""

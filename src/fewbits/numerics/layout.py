@@ -9,9 +9,15 @@ granularity      qparam shape (x: [O, I])   rows
 ===============  =========================  ===================================
 PerTensor()      ()                         [1, O*I]
 PerChannel(0)    (O,)                       [O, I]
-PerGroup(g, -1)  (O, I // g)                [O * I // g, g]
+PerGroup(g, -1)  (O, ⌈I / g⌉)               [O * ⌈I / g⌉, g]
 PerToken()       (O, 1)                     [O, I]
 ===============  =========================  ===================================
+
+A group size that does not divide its dimension leaves a partial last group (as ONNX's blocked
+``DequantizeLinear`` and ONNX Runtime's 4-bit kernels do: the scale tensor has ``⌈I / g⌉``
+entries along the axis). As a row it is filled up to ``g`` elements by repeating its own
+elements cyclically, so its minimum and maximum are its own and a search over the row sees its
+values in nearly their own proportions (exactly when the partial length divides ``g``).
 """
 from __future__ import annotations
 
@@ -35,12 +41,14 @@ def check_granularity(shape: tuple[int, ...], g: Granularity) -> None:
         resolve_axis(g.axis, len(shape), "PerChannel.axis")
     elif isinstance(g, PerGroup):
         axis = resolve_axis(g.axis, len(shape), "PerGroup.axis")
-        if shape[axis] % g.size:
-            divisors = [d for d in range(1, shape[axis] + 1) if shape[axis] % d == 0]
-            raise ValueError(
-                f"PerGroup.size={g.size} does not divide dim {axis} of size {shape[axis]} "
-                f"(tensor shape {tuple(shape)}); sizes that do: {divisors}"
-            )
+        if shape[axis] == 0:
+            raise ValueError(f"PerGroup along dim {axis} of size 0 (tensor shape {tuple(shape)}): no group to fit")
+
+
+def groups_along(n: int, size: int) -> int:
+    """How many groups of ``size`` cover ``n`` elements (the last one partial when ``size``
+    does not divide ``n``)."""
+    return -(-n // size)
 
 
 def qparam_shape(shape: tuple[int, ...], g: Granularity) -> tuple[int, ...]:
@@ -53,7 +61,7 @@ def qparam_shape(shape: tuple[int, ...], g: Granularity) -> tuple[int, ...]:
     if isinstance(g, PerChannel):
         return (shape[g.axis % len(shape)],)
     axis = g.axis % len(shape)
-    return tuple(n // g.size if d == axis else n for d, n in enumerate(shape))
+    return tuple(groups_along(n, g.size) if d == axis else n for d, n in enumerate(shape))
 
 
 def to_rows(x: torch.Tensor, g: Granularity) -> torch.Tensor:
@@ -66,6 +74,11 @@ def to_rows(x: torch.Tensor, g: Granularity) -> torch.Tensor:
     if isinstance(g, PerChannel):
         return x.movedim(g.axis, 0).reshape(x.shape[g.axis], -1)
     moved = x.movedim(g.axis, -1)
+    n = moved.shape[-1]
+    rest = n % g.size
+    if rest:  # the partial last group filled up by repeating its own elements
+        fill = (n - rest) + torch.arange(g.size - rest, device=x.device) % rest
+        moved = moved[..., torch.cat([torch.arange(n, device=x.device), fill])]
     return moved.reshape(-1, g.size)
 
 
@@ -76,7 +89,7 @@ def from_rows(values: torch.Tensor, shape: tuple[int, ...], g: Granularity) -> t
         return values.reshape(qshape)
     axis = g.axis % len(shape)
     others = [n for d, n in enumerate(shape) if d != axis]
-    return values.reshape(*others, shape[axis] // g.size).movedim(-1, axis)
+    return values.reshape(*others, groups_along(shape[axis], g.size)).movedim(-1, axis)
 
 
 def expand(p: torch.Tensor, shape: tuple[int, ...], g: Granularity) -> torch.Tensor:
@@ -95,7 +108,7 @@ def expand(p: torch.Tensor, shape: tuple[int, ...], g: Granularity) -> torch.Ten
     axis = g.axis % len(shape)
     if isinstance(g, PerChannel):
         return p.reshape([n if d == axis else 1 for d, n in enumerate(shape)])
-    return p.repeat_interleave(g.size, dim=axis)
+    return p.repeat_interleave(g.size, dim=axis).narrow(axis, 0, shape[axis])
 
 
 def transposed_rows(w: torch.Tensor, groups: int) -> torch.Tensor:
