@@ -24,13 +24,7 @@ def _recipe(bits: int, symmetric: bool, group: int = 32) -> Recipe:
 def _exact(path) -> OnnxModel:
     """The file computed in float, as the simulated model does (ONNX Runtime's 4-bit kernel by
     default quantizes its activations to int8 per block)."""
-    model = OnnxModel(path)
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    model.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return model
+    return OnnxModel(path, exact_4bit=True)
 
 
 @pytest.mark.parametrize("shape", [(8,), (2, 5)])  # 2-d inputs (a classifier), 3-d (tokens)

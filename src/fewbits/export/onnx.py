@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from ..files import write_atomic
-from ..lower import Kind, lower, record_summaries
+from ..lower import lower, record_summaries
 from ..target import NARROW_BITS, WEIGHT_MODES, KernelProfile, Target, int8_kernel_profile, pair_sum_bound
 from ..wrap.handle import QuantizedModel
 from .kernels import KernelReport, kernel_report
@@ -136,7 +136,7 @@ def export_onnx(qmodel: QuantizedModel, example_inputs, path, *, batches=None, w
     module = export_module(qmodel, lowering)
     if wrap is not None:
         module = wrap(module)
-    opset = BLOCKED_OPSET if any(blocked(r) and r.kind is Kind.WEIGHT_ONLY for r in lowering.layers.values()) else OPSET
+    opset = BLOCKED_OPSET if any(blocked(r) for r in lowering.layers.values()) else OPSET
     data = _torch_onnx_bytes(module, args, kwargs, dynamic, opset)
     import onnx
 

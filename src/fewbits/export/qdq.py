@@ -28,7 +28,8 @@ from torch.nn import functional as F
 
 from ..lower import Kind, Lowering, u8_shift
 from ..lower.records import Grid, LayerRecord
-from ..numerics.layout import transposed_from_rows
+from ..numerics.layout import expand, transposed_from_rows
+from ..spec import PerGroup
 from ..wrap.handle import QuantizedModel, replace_module
 from ..wrap.ops import QuantAdd, QuantConcat, QuantMatMul, QuantMul, QuantPool
 
@@ -129,13 +130,11 @@ def blocked_dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: Optiona
     ``axis``, the last block partial when ``block`` does not divide that dimension: ONNX's blocked
     DequantizeLinear (opset 21), with ``q`` stored in ``bits`` ≤ 4 as an int4 / uint4
     initializer (:func:`pack_int4_initializers`)."""
-    def spread(t: torch.Tensor) -> torch.Tensor:
-        return t.repeat_interleave(block, dim=axis).narrow(axis, 0, q.shape[axis])
-
+    grid = PerGroup(block, axis)
     levels = q.to(torch.float32)
     if zero_point is not None:
-        levels = levels - spread(zero_point).to(torch.float32)
-    return levels * spread(scale.to(torch.float32))
+        levels = levels - expand(zero_point.to(torch.float32), tuple(q.shape), grid)
+    return levels * expand(scale.to(torch.float32), tuple(q.shape), grid)
 
 
 @blocked_dequantize.register_fake
@@ -157,11 +156,9 @@ def _onnx_blocked_dequantize(q, scale, zero_point, axis: int, block: int, bits: 
 
 
 def blocked(record: LayerRecord) -> bool:
-    """A record whose integer weight has per-group scales: it exports behind a blocked
-    DequantizeLinear (opset 21)."""
-    from ..spec import PerGroup
-
-    return record.qweight is not None and isinstance(getattr(record.weight_spec, "granularity", None), PerGroup)
+    """A weight-only record with per-group scales: it exports behind a blocked DequantizeLinear
+    (opset 21)."""
+    return record.kind is Kind.WEIGHT_ONLY and isinstance(getattr(record.weight_spec, "granularity", None), PerGroup)
 
 
 def pack_int4_initializers(model) -> int:
@@ -320,10 +317,10 @@ class WeightOnlyLayer(nn.Module):
     def _blocked_forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.embedding:
             rows = self.qweight[x].to(torch.float32)
-            spread = (lambda t: t.repeat_interleave(self.group, dim=-1)[..., :rows.shape[-1]])
+            grid = PerGroup(self.group, -1)
             if self.w_zero_point is not None:
-                rows = rows - spread(self.w_zero_point[x].to(torch.float32))
-            return rows * spread(self.w_scale[x])
+                rows = rows - expand(self.w_zero_point[x].to(torch.float32), tuple(rows.shape), grid)
+            return rows * expand(self.w_scale[x], tuple(rows.shape), grid)
         if self.smooth_scale is not None:
             x = x / self.smooth_scale
         axis = 0 if self.linear else 1

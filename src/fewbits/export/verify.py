@@ -41,14 +41,23 @@ def _feeds(names: list[str], args: tuple, kwargs: dict, path) -> dict:
     return {k: (v.detach().numpy() if isinstance(v, torch.Tensor) else v) for k, v in feeds.items()}
 
 
+# 4-bit weights (MatMulNBits) computed in float, as the integer model does: by default ONNX Runtime
+# quantizes their activations to int8 per block for speed, which is its choice of kernel, not the
+# file's arithmetic
+EXACT_4BIT = ("session.qdq_matmulnbits_accuracy_level", "0")
+
+
 class OnnxModel:
     """An ONNX Runtime session called like the torch model it came from (outputs as tensors:
     one tensor, or a tuple when the graph has several outputs)."""
 
-    def __init__(self, path, threads: int = 2, spinning: bool = False, optimized_path=None) -> None:
+    def __init__(self, path, threads: int = 2, spinning: bool = False, optimized_path=None,
+                 exact_4bit: bool = False) -> None:
         import onnxruntime as ort
 
         options = ort.SessionOptions()
+        if exact_4bit:
+            options.add_session_config_entry(*EXACT_4BIT)
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning else "0")
@@ -187,10 +196,7 @@ def verify_onnx(qmodel: QuantizedModel, onnx_path, batches, *, tolerance: float 
     seen, forced, hooks = _teacher_forcing(reference.model, set(probes.values()))
     options = ort.SessionOptions()
     options.intra_op_num_threads = 2
-    # 4-bit weights (MatMulNBits) computed in float, as the integer model does: by default ONNX
-    # Runtime quantizes their activations to int8 per block for speed, which is its choice of
-    # kernel, not the file's arithmetic
-    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    options.add_session_config_entry(*EXACT_4BIT)
     session = ort.InferenceSession(_level_probe(model, probes), options, providers=["CPUExecutionProvider"])
     input_names = [i.name for i in session.get_inputs()]
     n_out = len(model.graph.output)
