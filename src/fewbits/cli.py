@@ -100,15 +100,15 @@ def cmd_tasks(args) -> None:
 
 
 def model_and_data(args) -> tuple:
-    """``(name, model, calibration, metric_fn, metric)`` from ``--task`` or ``--model`` /
-    ``--hf-model`` with their data options."""
+    """``(name, model, calibration, metric_fn, metric, lower_is_better)`` from ``--task`` or
+    ``--model`` / ``--hf-model`` with their data options."""
     if sum(map(bool, (args.task, args.model, args.hf_model))) != 1:
         raise ValueError("give one of --task, --model or --hf-model")
     if args.task:
         from fewbits.tasks import load_task
 
         task = load_task(args.task, small=args.small)
-        return task.name, task.model, task.calibration, task.evaluate, task.metric
+        return task.name, task.model, task.calibration, task.evaluate, task.metric, task.lower_is_better
     if args.calib_text and not args.hf_model:
         raise ValueError("--calib-text needs --hf-model (its tokenizer reads the text)")
     if not (args.calib_data or args.calib_text):
@@ -126,7 +126,7 @@ def model_and_data(args) -> tuple:
         tokenized_batches(args.hf_model, args.calib_text, args.seq_len, args.batch_size)
     metric_fn = accuracy_metric(args.eval_data) if args.eval_data else None
     metric = "accuracy" if args.eval_data else None
-    return name, model, calibration, metric_fn, metric
+    return name, model, calibration, metric_fn, metric, False
 
 
 def cmd_quantize(args) -> dict:
@@ -134,10 +134,10 @@ def cmd_quantize(args) -> dict:
     from fewbits.report.summary import result_json, summary_row
     from fewbits.report.table import format_table
 
-    name, model, calibration, metric_fn, metric = model_and_data(args)
+    name, model, calibration, metric_fn, metric, lower_is_better = model_and_data(args)
     qmodel, report, recipe = quantize_model(model, calibration, args.recipe, metric_fn=metric_fn, metric=metric,
                                             calib=args.calib, algo=args.algo, fit_cpu=args.fit_cpu)
-    result = result_json(name, recipe, report)
+    result = result_json(name, recipe, report, lower_is_better=lower_is_better)
     print(format_table([summary_row(result)], title=f"fewbits quantize: {name}"))
     if report.left_float:
         print(format_table([{"left float": x.name, "type": x.type, "reason": x.reason} for x in report.left_float]))
@@ -169,7 +169,7 @@ def cmd_quantize(args) -> dict:
 
         if not args.out:
             raise ValueError("--report writes OUT/report.html and OUT/report_data.json: give --out")
-        data = quantize_report_data(name, qmodel, report, calibration, result.get("onnx"))
+        data = quantize_report_data(name, qmodel, report, calibration, result.get("onnx"), lower_is_better=lower_is_better)
         write_json_atomic(Path(args.out) / "report_data.json", data)
         result["report"] = str(write_report(data, Path(args.out) / "report.html"))
         print(f"fewbits: report {result['report']}")
@@ -225,7 +225,7 @@ def cmd_auto(args) -> dict:
     from fewbits.report.summary import megabytes
     from fewbits.report.table import format_table
 
-    name, model, calibration, metric_fn, metric = model_and_data(args)
+    name, model, calibration, metric_fn, metric, lower_is_better = model_and_data(args)
     if metric_fn is None:
         raise ValueError("fewbits auto measures every configuration it tries: give --task, or --eval-data with --model")
     budgets = {}
@@ -236,6 +236,7 @@ def cmd_auto(args) -> dict:
         except ValueError:
             raise ValueError(f"--budget takes key=value (bytes, bops, energy_pj, latency_s), got {item!r}") from None
     result = auto(model, calibration, metric_fn=metric_fn, metric=metric, max_drop=args.max_drop,
+                  lower_is_better=lower_is_better,
                   objective=args.objective, budgets=budgets, candidates=args.candidates, method=args.method,
                   algos=args.algos, out=args.out, points=args.points, latency_path=args.latency_table,
                   latency_batch=args.latency_batch, threads=args.threads, report=args.report, workers=args.workers)
@@ -324,7 +325,7 @@ def cmd_train(args) -> dict:
             return {}
         report = fewbits.evaluate(qmodel, task.model, metric_fn=task.evaluate, metric=task.metric,
                                   batches=task.calibration, seconds=seconds)
-        out = result_json(task.name, recipe, report)
+        out = result_json(task.name, recipe, report, lower_is_better=task.lower_is_better)
         out["training"] = {"method": args.method, "estimator": args.estimator, "epochs": args.epochs, "lr": args.lr,
                            "batch_size": args.batch_size if labelled else None, "train_size": size,
                            "distill": (distill.kind if distill else None),
@@ -394,7 +395,7 @@ def cmd_demo(args) -> list:
             print(f"  {recipe_name} {calib or ''} ...", file=sys.stderr, flush=True)
             _, report, recipe = quantize_model(task.model, task.calibration, recipe_name, metric_fn=task.evaluate,
                                                metric=task.metric, calib=calib)
-            result = result_json(task.name, recipe, report)
+            result = result_json(task.name, recipe, report, lower_is_better=task.lower_is_better)
             results.append(result)
             reports[f"{task.name} | {recipe.name} {result['calib']}"] = report
     print(format_table([summary_row(r) for r in results], title="fewbits demo: what quantization cost"))

@@ -104,3 +104,62 @@ def test_a_stack_called_twice_per_forward_is_run_whole():
     names, staged, naive, calls = _run(twice=True)
     for name in names:
         assert torch.equal(staged[name], naive[name]), name
+
+
+def _hf_case(kind, cache=False):
+    from fewbits.hf import HFOutput
+    from fewbits.tasks.models.zoo import ZOO
+
+    case = ZOO[kind]()  # zoo's wrapper keeps HF's default key/value cache; HFOutput turns it off
+    return (case.model if cache else HFOutput(case.model.model)), [((), b) for b in case.batches(2, 0)]
+
+
+def _scale_down(layer, _mean):  # a change the later layers must see (these linears may have no bias)
+    layer.weight.mul_(0.999)
+
+
+@torch.no_grad()
+def _hf_run(kind, cache=False):
+    import copy
+
+    model, batches = _hf_case(kind, cache)
+    twin = copy.deepcopy(model)
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    embed = {"staged": 0, "naive": 0}
+    first = {"staged": model, "naive": twin}
+    for key, m in first.items():
+        emb = next(x for x in m.modules() if isinstance(x, nn.Embedding))
+        emb.register_forward_hook(lambda *_, key=key: embed.__setitem__(key, embed[key] + 1))
+    staged = {}
+    for name, value in measure_in_order(model, names, batches, _mean_of):
+        staged[name] = value
+        _scale_down(model.get_submodule(name), value)
+    return names, staged, _naive(twin, names, batches, _scale_down), embed, len(batches)
+
+
+import pytest  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_a_decoders_layer_list_runs_one_layer_at_a_time(kind):
+    """A Hugging Face decoder's ModuleList of layers (rotary embeddings and the mask passed as
+    keywords to each) is a chain: the same values as the whole model for every layer, with the
+    embedding run a fixed number of times instead of once per layer."""
+    names, staged, naive, embed, batches = _hf_run(kind)
+    assert list(staged) == names
+    for name in names:  # the same float operations on the same inputs: equal to the bit
+        assert torch.equal(staged[name], naive[name]), name
+    assert embed["naive"] == len(names) * batches
+    # the chain check, the first layer's inputs and the LM head (outside the list): 1 + 1 + 1
+    # passes of every batch, not one per layer
+    assert embed["staged"] <= 3 * batches
+
+
+def test_a_layer_list_sharing_a_key_value_cache_runs_whole():
+    """With HF's cache on, every layer appends to one shared cache object: running a layer again
+    on kept inputs would attend to its keys twice, so the list is not a chain and every layer is
+    measured from the model's input (the same values, the quadratic cost)."""
+    names, staged, naive, embed, batches = _hf_run("llama", cache=True)
+    for name in names:
+        assert torch.equal(staged[name], naive[name]), name
+    assert embed["staged"] == embed["naive"] + 1  # one more pass of the first batch: the chain check

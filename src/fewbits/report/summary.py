@@ -16,12 +16,14 @@ def calib_label(recipe) -> str:
     return ",".join(sorted({t.method for t in acts if not t.dynamic}))
 
 
-def result_json(name: str, recipe, report) -> dict:
-    """The JSON record of one quantization (``report`` from :func:`fewbits.evaluate`)."""
+def result_json(name: str, recipe, report, lower_is_better: bool = False) -> dict:
+    """The JSON record of one quantization (``report`` from :func:`fewbits.evaluate`);
+    ``lower_is_better``: the metric improves downwards (perplexity)."""
     m = report.metric
     return {
         "schema_version": CLI_SCHEMA, "task": name, "recipe": recipe.name, "calib": calib_label(recipe),
-        "metric": {"name": m, "fp32": report.fp32.get(m), "quantized": report.quantized.get(m)} if m else None,
+        "metric": {"name": m, "fp32": report.fp32.get(m), "quantized": report.quantized.get(m),
+                   "lower_is_better": lower_is_better} if m else None,
         "metrics": {"fp32": report.fp32, "quantized": report.quantized},
         "size_bytes": report.size_bytes, "seconds": report.seconds,
         "left_float": [{"name": x.name, "type": x.type, "reason": x.reason} for x in report.left_float],

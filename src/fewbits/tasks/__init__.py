@@ -10,6 +10,8 @@ _FACTORIES = {  # name: (module, factory, one line for `fewbits tasks`)
                           "ImageNet MobileNetV2 + linear probe on Fashion-MNIST at 64 px; probe accuracy"),
     "minilm-wordnet": ("minilm_wordnet", "minilm_task",
                        "all-MiniLM-L6-v2, WordNet definition retrieval; Recall@1, cosine to fp32"),
+    "smollm2": ("smollm2", "smollm2_task",
+                "SmolLM2-135M-Instruct (Llama) on held-out WordNet definitions and stdlib docstrings; perplexity"),
     "digits": ("tiny", "digits_task", "tiny CNN on sklearn's 8×8 digits (for tests); top-1"),
     "mnist1d": ("tiny", "mnist1d_task", "1-D CNN on MNIST-1D (for tests); top-1"),
 }

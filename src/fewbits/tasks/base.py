@@ -17,7 +17,8 @@ class Task:
     ``train_data()``, where the task has one, returns its training set ``(inputs, labels)``
     tensors, or ready ``(inputs, None)`` batches for a task trained against its fp32 model only
     (quantization-aware training; never the test set); ``train_forward(model, inputs)`` is the
-    output training compares, where it is not ``model(inputs)``.
+    output training compares, where it is not ``model(inputs)``; ``lower_is_better``: the
+    headline metric improves downwards (perplexity).
     """
 
     name: str
@@ -28,6 +29,7 @@ class Task:
     evaluate: Callable[[nn.Module], dict]
     train_data: Optional[Callable[[], tuple | list]] = None
     train_forward: Optional[Callable] = None
+    lower_is_better: bool = False
 
 
 @torch.no_grad()
