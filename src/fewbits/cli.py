@@ -129,6 +129,18 @@ def model_and_data(args) -> tuple:
     return name, model, calibration, metric_fn, metric, False
 
 
+def left_float_rows(left_float, limit: int = 12) -> list[dict]:
+    """One row per layer left float; beyond ``limit`` layers, one row per type and reason with
+    the count and the first names (an LLM's 61 norms are one row). The JSON keeps every layer."""
+    if len(left_float) <= limit:
+        return [{"left float": x.name, "type": x.type, "reason": x.reason} for x in left_float]
+    groups: dict = {}
+    for x in left_float:
+        groups.setdefault((x.type, x.reason), []).append(x.name)
+    return [{"left float": f"{len(names)} layer(s): {', '.join(names[:2])}{' …' if len(names) > 2 else ''}",
+             "type": kind, "reason": reason} for (kind, reason), names in groups.items()]
+
+
 def cmd_quantize(args) -> dict:
     from fewbits.flow import quantize_model
     from fewbits.report.summary import result_json, summary_row
@@ -136,11 +148,12 @@ def cmd_quantize(args) -> dict:
 
     name, model, calibration, metric_fn, metric, lower_is_better = model_and_data(args)
     qmodel, report, recipe = quantize_model(model, calibration, args.recipe, metric_fn=metric_fn, metric=metric,
-                                            calib=args.calib, algo=args.algo, fit_cpu=args.fit_cpu)
+                                            calib=args.calib, algo=args.algo, fit_cpu=args.fit_cpu,
+                                            exclude=(args.exclude or "").split(","))
     result = result_json(name, recipe, report, lower_is_better=lower_is_better)
     print(format_table([summary_row(result)], title=f"fewbits quantize: {name}"))
     if report.left_float:
-        print(format_table([{"left float": x.name, "type": x.type, "reason": x.reason} for x in report.left_float]))
+        print(format_table(left_float_rows(report.left_float)))
     if result["float_ops"]:  # modules whose additions / pools / concatenations stay float, by reason
         groups: dict = {}
         for x in result["float_ops"]:
@@ -442,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", help="activation calibration method: minmax, ema, percentile, mse, entropy, aciq, octav")
     q.add_argument("--algo", help="post-training algorithms, comma-separated, in order: cle, smoothquant, awq, stochastic "
                    "(before calibration), adaround, gptq, bc (after); an order that undoes a step is refused")
+    q.add_argument("--exclude", help="layers kept float, comma-separated names or globs (e.g. '*lm_head')")
     q.add_argument("--small", action="store_true", help="evaluate on a subset (quick)")
     q.add_argument("--json", help="write the result as JSON")
     q.add_argument("--out", help="directory for report.json and a per-layer SQNR plot")

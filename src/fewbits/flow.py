@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .progress import Progress
-from .recipe import fitted_to, get_recipe, with_calibration
+from .recipe import Recipe, fitted_to, get_recipe, with_calibration
 from .target import Target
 from .wrap.fold import fold_batchnorm
 from .wrap.functional import functional_linears
@@ -172,15 +172,31 @@ def calibrate(qmodel: QuantizedModel, batches: Iterable) -> QuantizedModel:
     return qmodel
 
 
+def excluding(recipe: Recipe, model: nn.Module, patterns) -> Recipe:
+    """``recipe`` keeping the layers ``patterns`` name float too; a pattern naming no module of
+    ``model`` is an error that names it (a typo would otherwise quantize what the user meant to keep)."""
+    import fnmatch
+
+    patterns = tuple(p.strip() for p in patterns if p.strip())
+    names = [n for n, _ in model.named_modules() if n]
+    missing = [p for p in patterns if not any(fnmatch.fnmatchcase(n, p) for n in names)]
+    if missing:
+        raise ValueError(f"--exclude {', '.join(missing)}: no layer of the model has that name "
+                         f"(names look like {', '.join(names[-3:])})")
+    return replace(recipe, name=f"{recipe.name} (excluding {', '.join(patterns)})",
+                   exclude=tuple(recipe.exclude) + patterns)
+
+
 def quantize_model(model: nn.Module, calibration, recipe="w8a8", *, metric_fn=None, metric=None, calib=None, algo=None,
-             fit_cpu: bool = False, target: Target | None = None):
+             fit_cpu: bool = False, target: Target | None = None, exclude=()):
     """prepare → calibrate (running the recipe's steps and ``algo``) → evaluate, the composition
     ``fewbits quantize`` runs; returns ``(qmodel, report, recipe used)``.
 
     ``calib``: an activation calibration method for every static grid; ``algo``: post-training
     algorithms, comma-separated (``"cle,bc"``); ``fit_cpu``: cap GEMM weights at the width
     ``target``'s int8 kernels run exactly (default: ONNX Runtime on this CPU; 7 bits on AVX2
-    without VNNI) before calibration, so the algorithms fit the deployed weights.
+    without VNNI) before calibration, so the algorithms fit the deployed weights; ``exclude``:
+    layer names or glob patterns kept float beside the recipe's own (each must name a layer).
     """
     from .report.evaluate import evaluate
     from .steps import parse_steps, with_steps
@@ -192,6 +208,8 @@ def quantize_model(model: nn.Module, calibration, recipe="w8a8", *, metric_fn=No
         recipe = with_calibration(recipe, calib)
     if algo:
         recipe = replace(recipe, steps=with_steps(recipe.steps, parse_steps(algo)))
+    if any(p.strip() for p in exclude):
+        recipe = excluding(recipe, model, exclude)
     t0 = time.perf_counter()
     qmodel = prepare(model, recipe)
     calibrate(qmodel, calibration)

@@ -13,6 +13,9 @@ overrides (``None`` keeps a layer float) and include / exclude lists. Built-ins:
     w8            int8 per-channel weights only
     w4a8          int4 per-channel weights, uint8 static inputs
     w4-g128       int4 weights in groups of 128 along the input, weights only
+    wB-gN[-asym]  the same family by name (not listed): B = 2…8 bits, groups of N ≥ 2 along the
+                  input, symmetric, or asymmetric with a zero point per group (``w3-g128``,
+                  ``w4-g32-asym``); ONNX Runtime runs 2…4-bit groups on its 4-bit kernel
     w4-kmeans, w4-apot, w3-pow2, w2-ternary, w1-binary
                   non-uniform weights only, per output channel: 16 k-means centroids, additive
                   powers of two, powers of two, TWN ternary, XNOR-Net binary (±mean|w|)
@@ -25,6 +28,7 @@ from __future__ import annotations
 
 import fnmatch
 import json
+import re
 from dataclasses import dataclass, field, replace
 from typing import Optional
 
@@ -315,15 +319,31 @@ def with_weight_bits_at_most(recipe: Recipe, bits: int) -> Recipe:
                    by_name=tuple((p, cap(lr)) for p, lr in recipe.by_name))
 
 
+_GROUPED = re.compile(r"w(\d+)-g(\d+)(-asym)?")
+
+
+def grouped_recipe(bits: int, group: int, symmetric: bool = True) -> Recipe:
+    """Weights only, ``bits`` wide in groups of ``group`` along the input (the ``wB-gN`` names)."""
+    if not 2 <= bits <= 8 or group < 2:
+        raise ValueError(f"grouped weights need 2 to 8 bits and groups of at least 2, got {bits} bits, group {group}")
+    name = f"w{bits}-g{group}" + ("" if symmetric else "-asym")
+    spec = QuantSpec(bits=bits, granularity=PerGroup(group, axis=1), symmetric=symmetric)
+    return Recipe(name, _conv_linear(TensorRecipe(spec), None), _KEEP_FLOAT_TABLES)
+
+
 def get_recipe(recipe) -> Recipe:
-    """A :class:`Recipe` from itself, a built-in name, or a JSON file path."""
+    """A :class:`Recipe` from itself, a built-in name (or a ``wB-gN[-asym]`` name), or a JSON file path."""
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, str) and recipe in BUILTIN_RECIPES:
         return BUILTIN_RECIPES[recipe]
+    match = _GROUPED.fullmatch(recipe) if isinstance(recipe, str) else None
+    if match:
+        return grouped_recipe(int(match[1]), int(match[2]), symmetric=not match[3])
     if isinstance(recipe, str) and recipe.endswith((".json", ".yaml", ".yml")):
         return _read_recipe_file(recipe)
-    raise ValueError(f"unknown recipe {recipe!r}; built-ins: {sorted(BUILTIN_RECIPES)} or a .json/.yaml recipe file")
+    raise ValueError(f"unknown recipe {recipe!r}; built-ins: {sorted(BUILTIN_RECIPES)}, wB-gN[-asym] "
+                     "(grouped weights) or a .json/.yaml recipe file")
 
 
 def _read_recipe_file(name: str) -> Recipe:

@@ -76,3 +76,16 @@ def test_recipe_file_with_steps(tmp_path):
     path.write_text(yaml.safe_dump({**data, "steps": [{"name": "smoothquant", "alfa": 1}]}))
     with pytest.raises(ValueError, match=r"r.yaml: step 'smoothquant': unknown keys \['alfa'\]"):
         get_recipe(str(path))
+
+
+def test_grouped_weight_names_build_the_family():
+    r = get_recipe("w3-g64-asym")
+    spec = dict(r.by_type)["Linear"].weight.spec
+    assert (spec.bits, spec.symmetric, spec.granularity) == (3, False, PerGroup(64, axis=1))
+    assert dict(r.by_type)["Linear"].input is None  # weights only
+    assert get_recipe("w4-g128") is BUILTIN_RECIPES["w4-g128"]
+    assert dict(get_recipe("w4-g32").by_type)["Linear"].weight.spec.granularity == PerGroup(32, axis=1)
+    with pytest.raises(ValueError, match="grouped weights need 2 to 8 bits and groups of at least 2, got 9 bits"):
+        get_recipe("w9-g32")
+    with pytest.raises(ValueError, match="unknown recipe 'w4-g'"):
+        get_recipe("w4-g")

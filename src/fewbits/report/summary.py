@@ -22,8 +22,8 @@ def result_json(name: str, recipe, report, lower_is_better: bool = False) -> dic
     m = report.metric
     return {
         "schema_version": CLI_SCHEMA, "task": name, "recipe": recipe.name, "calib": calib_label(recipe),
-        "metric": {"name": m, "fp32": report.fp32.get(m), "quantized": report.quantized.get(m),
-                   "lower_is_better": lower_is_better} if m else None,
+        "metric": {"name": m, "fp32": report.fp32.get(m), "quantized": report.quantized.get(m)} if m else None,
+        "lower_is_better": lower_is_better,
         "metrics": {"fp32": report.fp32, "quantized": report.quantized},
         "size_bytes": report.size_bytes, "seconds": report.seconds,
         "left_float": [{"name": x.name, "type": x.type, "reason": x.reason} for x in report.left_float],

@@ -73,33 +73,43 @@ def _agreement(tokens: torch.Tensor, reference: torch.Tensor) -> float:
     return 1.0 if not len(differ) else int(differ[0]) / len(reference)
 
 
-def causal_lm_task(name: str, description: str, model: nn.Module, calibration: list, corpora: dict,
-                   prompts: list, new_tokens: int = 16, batch: int = 4) -> Task:
-    """``corpora``: ``{name: windows [n, length]}``, the first scored as ``perplexity``;
-    ``prompts``: 1-d token id tensors for the greedy continuations."""
-    if not corpora:
-        raise ValueError(f"task {name}: give at least one evaluation corpus")
-    first = next(iter(corpora))
-    reference: dict = {}
+class CausalLMScores:
+    """A causal LM task's ``evaluate``: every metric of a model (module docstring); the fp32
+    reference (its next tokens and continuations) is computed once, on the first call.
+    ``corpora`` and ``prompts`` are what it scores, for callers that run the same text elsewhere."""
 
-    def evaluate(m) -> dict:
+    def __init__(self, model: nn.Module, corpora: dict, prompts: list, new_tokens: int, batch: int) -> None:
+        if not corpora:
+            raise ValueError("a causal LM task needs at least one evaluation corpus")
+        self.model, self.corpora, self.prompts = model, corpora, prompts
+        self.new_tokens, self.batch = new_tokens, batch
+        self.first = next(iter(corpora))
+        self.reference: dict = {}
+
+    def __call__(self, m) -> dict:
         scores, tops = {}, None
-        for corpus, wins in corpora.items():
-            nll, count, top = next_token_scores(m, wins, batch)
-            scores["perplexity" if corpus == first else f"perplexity_{corpus}"] = math.exp(nll / count)
-            tops = top if corpus == first else tops
-        continuations = greedy(m, prompts, new_tokens)
-        if not reference:
-            if m is model:
-                reference.update(top=tops, continuations=continuations)
+        for corpus, wins in self.corpora.items():
+            nll, count, top = next_token_scores(m, wins, self.batch)
+            scores["perplexity" if corpus == self.first else f"perplexity_{corpus}"] = math.exp(nll / count)
+            tops = top if corpus == self.first else tops
+        continuations = greedy(m, self.prompts, self.new_tokens)
+        if not self.reference:
+            if m is self.model:
+                self.reference.update(top=tops, continuations=continuations)
             else:
-                reference.update(top=next_token_scores(model, corpora[first], batch)[2],
-                                 continuations=greedy(model, prompts, new_tokens))
-        scores["top1_agreement"] = 100.0 * (tops == reference["top"]).double().mean().item()
-        if prompts:
-            shares = [_agreement(c, r) for c, r in zip(continuations, reference["continuations"])]
+                self.reference.update(top=next_token_scores(self.model, self.corpora[self.first], self.batch)[2],
+                                      continuations=greedy(self.model, self.prompts, self.new_tokens))
+        scores["top1_agreement"] = 100.0 * (tops == self.reference["top"]).double().mean().item()
+        if self.prompts:
+            shares = [_agreement(c, r) for c, r in zip(continuations, self.reference["continuations"])]
             scores["generation_agreement"] = 100.0 * sum(shares) / len(shares)
             scores["generation_exact"] = 100.0 * sum(s == 1.0 for s in shares) / len(shares)
         return scores
 
-    return Task(name, description, model, calibration, "perplexity", evaluate, lower_is_better=True)
+
+def causal_lm_task(name: str, description: str, model: nn.Module, calibration: list, corpora: dict,
+                   prompts: list, new_tokens: int = 16, batch: int = 4) -> Task:
+    """``corpora``: ``{name: windows [n, length]}``, the first scored as ``perplexity``;
+    ``prompts``: 1-d token id tensors for the greedy continuations."""
+    scores = CausalLMScores(model, corpora, prompts, new_tokens, batch)
+    return Task(name, description, model, calibration, "perplexity", scores, lower_is_better=True)
