@@ -104,3 +104,26 @@ def test_int4_packing_round_trips_and_refuses_wider_values():
                                               [numpy_helper.from_array(np.array([9], dtype=np.int8), "w")]))
     with pytest.raises(ValueError, match=r"initializer 'w' holds values outside 4 bits \[9, 9\]"):
         pack_int4_initializers(bad)
+
+
+def test_strict_export_refuses_group_weights_the_runtime_did_not_fuse(tmp_path, monkeypatch):
+    """With ONNX Runtime's graph optimizations off (as an older runtime without the 4-bit fusion
+    would), the blocked DequantizeLinear + MatMul stays float: strict raises naming the layers,
+    otherwise it warns."""
+    import onnxruntime as ort
+
+    class Unoptimized(ort.SessionOptions):
+        def __init__(self):
+            super().__init__()
+            self.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8)).eval()
+    batches = [torch.randn(2, 5, 64)]
+    q = fewbits.prepare(model, "w4-g32")
+    fewbits.calibrate(q, batches)
+    monkeypatch.setattr(ort, "SessionOptions", Unoptimized)
+    with pytest.raises(ValueError, match=r"2 layer\(s\) did not fuse into ONNX Runtime's integer kernels .*\['0', '2'\]"):
+        export_onnx(q, batches[0], tmp_path / "s.onnx", verify=False, strict=True)
+    with pytest.warns(UserWarning, match=r"2 integer layer\(s\) did not fuse"):
+        export_onnx(q, batches[0], tmp_path / "w.onnx", verify=False)
