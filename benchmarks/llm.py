@@ -15,6 +15,7 @@ cache yet, so a real decode step after 256 tokens is not measured).
 
     .venv/bin/python benchmarks/llm.py                       # both sections, ~60 min on 2 cores
     .venv/bin/python benchmarks/llm.py --sections quality --configs gptq-w4-g128
+    .venv/bin/python benchmarks/llm.py --sections sizes      # recount the rows' bytes (prepare only)
     .venv/bin/python benchmarks/llm.py --tables              # reprint from the JSON
 """
 from __future__ import annotations
@@ -55,7 +56,7 @@ CONFIGS = {
     "w8a8-per-token": ("w8a8-per-token", None, HEAD),
     "w8a8-dynamic": ("w8a8-dynamic", None, HEAD),
 }
-DEPLOY = "gptq-w4-g128-actorder"
+DEPLOY = "gptq-w4-g128-asym"  # the best 4-bit row of the quality section
 
 
 class PeakMemory:
@@ -124,6 +125,17 @@ def quality(task, configs: list, rows: dict, force: bool, save) -> None:
                         "peak_mb_above_model": round(memory.above_start_mb), "quantized_layers": len(q.quantized_layers()),
                         "left_float": len(q.left_float), "bytes": fewbits.evaluate(q, task.model).size_bytes["quantized"]}
         save()
+
+
+def sizes(task, rows: dict) -> None:
+    """Each row's deployed bytes again from its recipe (prepare only: the size does not depend on
+    the calibration or the rounding an algorithm chose)."""
+    for config, row in rows.items():
+        if config in CONFIGS:
+            recipe_name, _, keep = CONFIGS[config]
+            recipe = get_recipe(recipe_name)
+            q = fewbits.prepare(task.model, replace(recipe, exclude=tuple(recipe.exclude) + keep))
+            row["bytes"] = fewbits.evaluate(q, task.model).size_bytes["quantized"]
 
 
 def _ort_quantize(fp32: Path, out: Path, algorithm: str) -> float:
@@ -232,6 +244,9 @@ def main() -> None:
     sections = args.sections.split(",")
     if "quality" in sections:
         quality(task, configs, data["quality"], args.force, save)
+    if "sizes" in sections:
+        sizes(task, data["quality"])
+        save()
     if "deploy" in sections:
         with tempfile.TemporaryDirectory() as tmp:
             deploy(task, data, Path(tmp))

@@ -221,9 +221,11 @@ def test_layout_regions_and_siblings_are_found_measured_and_priced(tmp_path):
                                    "float_op": False}]
     assert r.siblings == [["q", "k", "v"]]
     lat = latency_table(model, x, ["float", "w8a8"], path=tmp_path / "lat.json", seconds=0.05)
-    # alone, an integer convolution has a uint8 transpose on each side, a float one a reorder
+    # alone, an integer convolution has a uint8 transpose on each side, a float one a reorder; each
+    # side is timed (never negative: the empty call is subtracted and clamped). Not asserted > 0: a
+    # transpose of 432 bytes costs less than the empty call's noise, and a CI run measured 0.0
     for n in ("stem", "p1", "p2", "head"):
-        assert set(lat.layout[n]["w8a8"]) == {"layout_in", "layout_out"} and min(lat.layout[n]["w8a8"].values()) > 0
+        assert set(lat.layout[n]["w8a8"]) == {"layout_in", "layout_out"} and min(lat.layout[n]["w8a8"].values()) >= 0
     region = {"stem": ["integer"], "p1": ["integer"], "p2": ["integer"], "head": ["integer"]}
     (integer,) = [g for g in lat.groups if g["why"] == "layout region" and g["members"] == region]
     assert integer["latency_s"] == pytest.approx(

@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import torch
 from torch import nn
@@ -58,3 +59,28 @@ def test_evaluate_on_a_task():
     report = fewbits.evaluate(q, task)
     assert report.metric == "accuracy" and report.size_bytes["quantized"] < report.size_bytes["fp32"] / 3
     assert all(r.output_sqnr_db is not None and r.output_sqnr_db > 15 for r in report.layers)
+
+
+class _Tied(nn.Module):
+    """An embedding table shared with the output head, as language models tie them."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(50, 32), nn.Linear(32, 50, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, ids):
+        return self.head(self.embed(ids))
+
+
+def test_a_tied_weight_counts_once_per_form_it_is_stored_in():
+    ids = torch.randint(0, 50, (2, 7))
+    assert model_bytes(_Tied()) == 50 * 32 * 4  # one fp32 array
+    q = fewbits.prepare(_Tied(), "w4-g32")  # embedding rows at 8 bits, the head at 4 bits in groups of 32
+    fewbits.calibrate(q, [ids])
+    rows_int8 = 50 * 32 + 50 * 4  # int8 levels, one float32 scale per row
+    head_int4 = 50 * 32 // 2 + 50 * 4  # packed int4 levels, one float32 scale per group
+    assert quantized_bytes(q) == rows_int8 + head_int4
+    kept = fewbits.prepare(_Tied(), replace(fewbits.get_recipe("w4-g32"), exclude=("head",)))
+    fewbits.calibrate(kept, [ids])
+    assert quantized_bytes(kept) == rows_int8 + 50 * 32 * 4  # the head reads the table in float: a copy

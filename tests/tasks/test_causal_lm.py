@@ -85,4 +85,4 @@ def test_smollm2_loads_answers_and_survives_8_bit_weights():
     q = fewbits.prepare(task.model, "w8")
     fewbits.calibrate(q, task.calibration)
     w8 = task.evaluate(q)
-    assert w8["perplexity"] < 1.03 * fp32["perplexity"]  # measured +0.9% on the full task
+    assert w8["perplexity"] < 1.03 * fp32["perplexity"]  # +0.2% on the full task (benchmarks/llm.py)

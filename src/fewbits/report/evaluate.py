@@ -58,7 +58,7 @@ def quantized_bytes(qmodel: QuantizedModel) -> int:
     """Deployed size: quantized weights at their packed bit width plus their scales and zero
     points (:meth:`fewbits.lower.LayerRecord.weight_bytes`); every other parameter and buffer
     (biases, float layers) at its own dtype, an activation's scale in float32 and zero point in
-    one byte."""
+    one byte. A tensor shared by layers counts once per form it is stored in."""
     from ..lower import lower
     from ..wrap.quantizer import TensorQuantizer
 
@@ -69,10 +69,16 @@ def quantized_bytes(qmodel: QuantizedModel) -> int:
         if isinstance(module, TensorQuantizer) and module.role == "weight":
             continue  # its scales are counted with the weight
         for key, tensor in list(module.named_parameters(recurse=False)) + list(module.named_buffers(recurse=False)):
-            if id(tensor) in counted or tensor is None:
+            if tensor is None:
                 continue
-            counted.add(id(tensor))
-            if key == "weight" and record is not None and record.qweight is not None:
+            # a tensor shared by layers is stored once per form it deploys in: a tied embedding
+            # quantized and the LM head reading it in float are two arrays
+            quantized = key == "weight" and record is not None and record.qweight is not None
+            form = (id(tensor), repr(record.weight_spec) if quantized else "float")
+            if form in counted:
+                continue
+            counted.add(form)
+            if quantized:
                 total += record.weight_bytes()
             elif isinstance(module, TensorQuantizer):
                 total += tensor.numel() * (4 if key == "scale" else 1)
